@@ -1,0 +1,206 @@
+"""The merge engine: keeps the base and the task vectors resident on one device and writes each candidate
+recipe straight into a target model's parameters, with no disk I/O and no new model per candidate.
+`write_merged` is the streaming counterpart for `evomerge merge`: one tensor at a time, to disk.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError, check_compatible, check_finite, write_model_dir
+from .layers import infer_num_layers
+from .methods import get_method, kernels, merge_deltas
+from .recipe import Recipe, RecipeError, TensorPlan
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise RecipeError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}") from None
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RecipeError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def _key(path: str) -> str:
+    return os.path.realpath(path)
+
+
+class Engine:
+    """Resident base + task vectors δᵢ = θᵢ − θ_base for a fixed set of sources.
+
+    Memory: base + one δ per source (δ may be kept in bf16 with `delta_dtype` to halve it, at the cost of
+    rounding the task vectors) + the target model: (sources + 2) × model size."""
+
+    def __init__(
+        self,
+        base_path: str | os.PathLike,
+        source_paths: Sequence[str | os.PathLike],
+        device: str | None = "cpu",
+        dtype: str | torch.dtype = torch.float32,
+        delta_dtype: str | torch.dtype | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = parse_dtype(dtype)
+        self.delta_dtype = parse_dtype(delta_dtype) if delta_dtype else self.dtype
+        self.base_ckpt = Checkpoint.open(base_path, allow_pickle=allow_pickle)
+        self.source_ckpts = [Checkpoint.open(p, allow_pickle=allow_pickle) for p in source_paths]
+        check_compatible(self.base_ckpt, self.source_ckpts)
+        self.base_path = str(base_path)
+        self.source_paths = [str(p) for p in source_paths]
+        self.names = self.base_ckpt.tensor_names()
+        self.num_layers = self.base_ckpt.num_layers or infer_num_layers(self.names)
+        self.base: dict[str, torch.Tensor] = {}
+        self.deltas: dict[str, list[torch.Tensor]] = {}
+        for name in self.names:
+            base = _load(self.base_ckpt, name, self.device, self.dtype)
+            self.base[name] = base
+            self.deltas[name] = [(_load(c, name, self.device, self.dtype) - base).to(self.delta_dtype) for c in self.source_ckpts]
+        self._plans: dict[tuple, list[TensorPlan]] = {}
+
+    def source_index(self, recipe: Recipe) -> list[int]:
+        """Positions of the recipe's sources among the engine's resident ones."""
+        if recipe.base_model is not None and _key(recipe.base_model) != _key(self.base_path):
+            raise RecipeError(f"recipe base_model {recipe.base_model} is not the engine's base {self.base_path}")
+        keys = [_key(p) for p in self.source_paths]
+        index = []
+        for entry in recipe.source_entries():
+            try:
+                index.append(keys.index(_key(entry.model)))
+            except ValueError:
+                raise RecipeError(f"recipe model {entry.model} is not among the engine's sources {self.source_paths}") from None
+        return index
+
+    def materialize(self, recipe: Recipe, target: Mapping[str, torch.Tensor]) -> None:
+        """Write the recipe's merge of every tensor into `target` (e.g. from `bind`) in place."""
+        index = self.source_index(recipe)
+        for name in self.names:
+            plan = recipe.plan(name, self.num_layers)
+            deltas = [self.deltas[name][i] for i in index]
+            out = target[name]
+            with torch.no_grad():
+                merge_deltas(plan.method, self.base[name], deltas, plan.source_params, plan.global_params, seed=recipe.seed, key=name, out=out, base_weight=plan.base_weight)
+
+    def merged(self, recipe: Recipe) -> dict[str, torch.Tensor]:
+        """Fresh tensors for every name (tests and one-off use; the search uses `materialize`)."""
+        target = {n: torch.empty_like(t) for n, t in self.base.items()}
+        self.materialize(recipe, target)
+        return target
+
+    def bind(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Map checkpoint tensor names to the model's parameter storage, for in-place writes."""
+        state = model.state_dict(keep_vars=True)
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise CheckpointError(f"{type(model).__name__} has no parameter(s) {missing[:3]} from {self.base_ckpt.path}")
+        target = {}
+        for n in self.names:
+            t = state[n].data if isinstance(state[n], torch.nn.Parameter) else state[n]
+            if tuple(t.shape) != tuple(self.base[n].shape):
+                raise CheckpointError(f"model parameter {n} has shape {list(t.shape)}, checkpoint {list(self.base[n].shape)}")
+            target[n] = t
+        return target
+
+    def load_target_model(self, dtype: str | torch.dtype | None = None) -> torch.nn.Module:
+        """One resident model to write candidates into (the base's architecture and config)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=parse_dtype(dtype or self.dtype))
+        return model.to(self.device).eval()
+
+
+def _load(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    t = ckpt.get(name)
+    check_finite(name, t, ckpt.weight_map[name])
+    if t.is_floating_point():
+        return t.to(device=device, dtype=dtype)
+    return t.to(device)
+
+
+def model_card(recipe: Recipe, extra: str = "") -> str:
+    sources = [m.model for m in recipe.models]
+    base = f"base_model:\n" + "".join(f"- {s}\n" for s in ([recipe.base_model] if recipe.base_model else []) + [s for s in sources if s != recipe.base_model])
+    return (
+        "---\nlibrary_name: transformers\ntags:\n- merge\n- evomerge\n"
+        + base
+        + "---\n\n"
+        + f"# {recipe.name or 'Merged model'}\n\nMerged with evomerge using `{recipe.merge_method}`"
+        + (f" (per-group methods: {sorted({r.method for r in recipe.method_rules})})" if recipe.method_rules else "")
+        + ".\n\n"
+        + extra
+        + "## Recipe\n\n```yaml\n"
+        + recipe.to_yaml()
+        + "```\n"
+    )
+
+
+def write_merged(
+    recipe: Recipe,
+    out_dir: str | os.PathLike,
+    device: str | None = "cpu",
+    out_dtype: str | None = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+    card_extra: str = "",
+) -> Path:
+    """Merge a recipe tensor by tensor (peak memory ~ one tensor per model + one shard) into an HF model dir."""
+    dev = resolve_device(device)
+    work = parse_dtype(recipe.dtype)
+    final = parse_dtype(out_dtype or recipe.out_dtype or recipe.dtype)
+    sources = [Checkpoint.open(m.model, allow_pickle=allow_pickle) for m in recipe.source_entries()]
+    base = Checkpoint.open(recipe.base_model, allow_pickle=allow_pickle) if recipe.base_model else None
+    reference = base or sources[0]
+    check_compatible(reference, [s for s in sources if s is not reference])
+    names = reference.tensor_names()
+    num_layers = reference.num_layers or infer_num_layers(names)
+
+    def produce(name: str) -> torch.Tensor:
+        plan = recipe.plan(name, num_layers)
+        tensors = [_load(s, name, dev, work) for s in sources]
+        if not tensors[0].is_floating_point():
+            return tensors[0]
+        with torch.no_grad():
+            if base is None:
+                spec = get_method(plan.method)
+                if spec.family != "linear":
+                    raise RecipeError(f"{plan.method} needs base_model")
+                weights = [p.get("weight", plan.global_params.get("weight")) for p in plan.source_params]
+                if any(w is None for w in weights):
+                    raise RecipeError(f"linear: every model needs a weight (tensor {name})")
+                return kernels.linear(tensors, weights, normalize=bool(plan.global_params.get("normalize", True)))
+            b = _load(base, name, dev, work)
+            deltas = [t - b for t in tensors]
+            return merge_deltas(plan.method, b, deltas, plan.source_params, plan.global_params, seed=recipe.seed, key=name, base_weight=plan.base_weight)
+
+    floats = {n: reference.get(n).is_floating_point() for n in names}
+    shapes = {n: (reference.shape(n), final if floats[n] else reference.get(n).dtype) for n in names}
+    config = dict(reference.config)
+    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}[final]
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = dtype_name
+    if "torch_dtype" not in config and "dtype" not in config:
+        config["torch_dtype"] = dtype_name
+    tok_src = reference.path
+    if recipe.tokenizer_source not in (None, "base"):
+        tok_src = Path(recipe.tokenizer_source)
+    log.info("merging %d tensors (%s) into %s", len(names), recipe.merge_method, out_dir)
+    return write_model_dir(out_dir, shapes, produce, config, copy_from=tok_src, model_card=model_card(recipe, card_extra), max_shard_bytes=max_shard_bytes, overwrite=overwrite)

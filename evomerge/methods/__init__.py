@@ -1,0 +1,82 @@
+"""Merge methods: one registry, two entry points.
+
+- `merge_deltas`: what the engine calls, on resident task vectors, writing into a preallocated output.
+- `merge_tensors`: mergekit-shaped (raw model tensors, base first), used for parity with mergekit.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any, Sequence
+
+import torch
+
+from . import kernels
+from .registry import METHODS, MethodError, MethodSpec, get_method, resolve_params
+
+__all__ = ["METHODS", "MethodError", "MethodSpec", "get_method", "resolve_params", "merge_deltas", "merge_tensors", "source_generators"]
+
+
+def source_generators(seed: int, key: str, n: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per source, seeded from (seed, tensor name, source index): a DARE mask does not depend
+    on the order tensors are visited, so runs reproduce exactly."""
+    gens = []
+    for i in range(n):
+        g = torch.Generator(device=device)
+        g.manual_seed((int(seed) * 1_000_003 + zlib.crc32(key.encode()) * 31 + i) % (2**63 - 1))
+        gens.append(g)
+    return gens
+
+
+def merge_deltas(
+    method: str,
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    source_params: Sequence[dict[str, Any]],
+    global_params: dict[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    key: str = "",
+    out: torch.Tensor | None = None,
+    base_weight: float = 0.0,
+) -> torch.Tensor:
+    """Merge one tensor from its base and task vectors δᵢ = θᵢ − base. `base_weight` is the base model's own
+    weight in a linear merge where it is listed among the models (mergekit allows that)."""
+    spec = get_method(method)
+    params, g = resolve_params(spec, len(deltas), list(source_params), dict(global_params or {}))
+    if spec.family == "task_arithmetic":
+        gens: list[torch.Generator | None] = [None] * len(deltas)
+        if spec.sparsification in ("random", "rank_magnitude"):
+            gens = list(source_generators(seed, key, len(deltas), base.device))
+        return kernels.task_arithmetic(spec, base, deltas, params, g, gens, out=out)
+    if spec.family == "linear":
+        return kernels.linear_deltas(base, deltas, [p["weight"] for p in params], normalize=bool(g["normalize"]), out=out, base_weight=base_weight)
+    if spec.family == "slerp":
+        return kernels.slerp(float(g["t"]), base, base + deltas[0].to(base.dtype), out=out)
+    if spec.family == "model_stock":
+        return kernels.model_stock(base, deltas, filter_wise=bool(g["filter_wise"]), out=out)
+    raise MethodError(f"no kernel for family {spec.family}")
+
+
+def merge_tensors(
+    method: str,
+    tensors: Sequence[torch.Tensor],
+    source_params: Sequence[dict[str, Any]] | None = None,
+    global_params: dict[str, Any] | None = None,
+    *,
+    base: torch.Tensor | None = None,
+    seed: int = 0,
+    key: str = "",
+) -> torch.Tensor:
+    """mergekit-shaped entry: `tensors` are the non-base models, `base` the base model's tensor."""
+    spec = get_method(method)
+    source_params = list(source_params or [{} for _ in tensors])
+    if spec.family == "linear" and base is None:
+        params, g = resolve_params(spec, len(tensors), source_params, dict(global_params or {}))
+        return kernels.linear(tensors, [p["weight"] for p in params], normalize=bool(g["normalize"]))
+    if base is None:
+        raise MethodError(f"{method} needs a base model tensor")
+    if spec.family == "slerp":
+        _, g = resolve_params(spec, len(tensors), source_params, dict(global_params or {}))
+        return kernels.slerp(float(g["t"]), base, tensors[0])
+    deltas = [t - base for t in tensors]
+    return merge_deltas(method, base, deltas, source_params, global_params, seed=seed, key=key)

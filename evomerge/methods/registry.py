@@ -1,0 +1,115 @@
+"""Merge-method declarations: which parameters each method takes and their mergekit 0.1.5 defaults.
+
+Kept apart from the kernels so the recipe, the search space and the mergekit exporter can validate
+parameters without touching tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    family: str  # "task_arithmetic" (sparsify → weight → consensus → sum), "linear", "slerp", "model_stock"
+    sparsification: str | None = None  # magnitude | random | magnitude_outliers | rank_magnitude
+    consensus: str | None = None  # "sum" sign election, or None
+    needs_base: bool = True
+    # per-source ("tensor") parameters: name -> default (None = required)
+    source_params: dict[str, Any] = field(default_factory=dict)
+    # merge-wide parameters: name -> default
+    global_params: dict[str, Any] = field(default_factory=dict)
+    min_sources: int = 1
+    max_sources: int | None = None
+
+
+def _gta(name: str, sparsification: str | None, consensus: str | None, normalize: bool, rescale: bool) -> MethodSpec:
+    source_params: dict[str, Any] = {"weight": None, "density": 1.0}
+    if sparsification == "magnitude_outliers":
+        source_params["gamma"] = 0.01
+    if sparsification == "rank_magnitude":
+        source_params["epsilon"] = 0.15
+    return MethodSpec(
+        name=name,
+        family="task_arithmetic",
+        sparsification=sparsification,
+        consensus=consensus,
+        source_params=source_params,
+        global_params={"normalize": normalize, "rescale": rescale, "lambda": 1.0, "rescale_mode": "l1"},
+    )
+
+
+METHODS: dict[str, MethodSpec] = {
+    m.name: m
+    for m in [
+        MethodSpec("linear", "linear", needs_base=False, source_params={"weight": None}, global_params={"normalize": True}),
+        _gta("task_arithmetic", None, None, normalize=False, rescale=False),
+        _gta("ties", "magnitude", "sum", normalize=True, rescale=False),
+        _gta("dare_ties", "random", "sum", normalize=False, rescale=True),
+        _gta("dare_linear", "random", None, normalize=False, rescale=True),
+        _gta("breadcrumbs", "magnitude_outliers", None, normalize=False, rescale=False),
+        _gta("breadcrumbs_ties", "magnitude_outliers", "sum", normalize=False, rescale=False),
+        _gta("della", "rank_magnitude", "sum", normalize=True, rescale=True),
+        _gta("della_linear", "rank_magnitude", None, normalize=False, rescale=True),
+        MethodSpec("slerp", "slerp", global_params={"t": None}, min_sources=1, max_sources=1),
+        MethodSpec("model_stock", "model_stock", global_params={"filter_wise": False}, min_sources=2),
+    ]
+}
+
+RESCALE_MODES = ("l1", "inverse_density")
+
+
+class MethodError(ValueError):
+    """A merge method or one of its parameters is unknown or out of range."""
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MethodError(f"unknown merge method {name!r}; known: {', '.join(METHODS)}") from None
+
+
+def resolve_params(spec: MethodSpec, n_sources: int, source_params: list[dict[str, Any]], global_params: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Fill defaults and validate; returns (per-source params, global params) ready for a kernel.
+
+    As in mergekit, a per-source parameter given merge-wide (e.g. `density: 0.5` under `parameters:`)
+    is the default for every source that does not set its own."""
+    shared = {k: v for k, v in global_params.items() if k in spec.source_params}
+    global_params = {k: v for k, v in global_params.items() if k not in spec.source_params}
+    if n_sources < spec.min_sources or (spec.max_sources is not None and n_sources > spec.max_sources):
+        want = f"{spec.min_sources}" + (f"..{spec.max_sources}" if spec.max_sources != spec.min_sources else "")
+        raise MethodError(f"{spec.name} takes {want} non-base source(s), got {n_sources}")
+    per_source = []
+    for i, given in enumerate(source_params):
+        unknown = set(given) - set(spec.source_params)
+        if unknown:
+            raise MethodError(f"{spec.name}: unknown per-source parameter(s) {sorted(unknown)} for source {i}; known: {sorted(spec.source_params)}")
+        p = {}
+        for name, default in spec.source_params.items():
+            value = given.get(name, shared.get(name, default))
+            if value is None:
+                raise MethodError(f"{spec.name}: source {i} needs parameter {name!r}")
+            p[name] = value
+        if "density" in p and not (0.0 < float(p["density"]) <= 1.0):
+            raise MethodError(f"{spec.name}: density must be in (0, 1], got {p['density']} for source {i}")
+        if "gamma" in p and not (0.0 <= float(p["gamma"]) < 1.0):
+            raise MethodError(f"{spec.name}: gamma must be in [0, 1), got {p['gamma']} for source {i}")
+        if "epsilon" in p and p["density"] < 1.0 and not (0.0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1.0):
+            raise MethodError(f"{spec.name}: density ± epsilon must lie in (0, 1), got density={p['density']} epsilon={p['epsilon']} for source {i}")
+        per_source.append(p)
+    unknown = set(global_params) - set(spec.global_params)
+    if unknown:
+        raise MethodError(f"{spec.name}: unknown parameter(s) {sorted(unknown)}; known: {sorted(spec.global_params)}")
+    g = {}
+    for name, default in spec.global_params.items():
+        value = global_params.get(name, default)
+        if value is None:
+            raise MethodError(f"{spec.name} needs parameter {name!r}")
+        g[name] = value
+    if "rescale_mode" in g and g["rescale_mode"] not in RESCALE_MODES:
+        raise MethodError(f"{spec.name}: rescale_mode must be one of {RESCALE_MODES}, got {g['rescale_mode']!r}")
+    if "t" in g and not (0.0 <= float(g["t"]) <= 1.0):
+        raise MethodError(f"slerp: t must be in [0, 1], got {g['t']}")
+    return per_source, g

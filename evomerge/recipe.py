@@ -1,0 +1,268 @@
+"""Recipe: which sources, base, method and parameters to use for each tensor.
+
+The schema is mergekit's (`merge_method`, `base_model`, `models[].parameters`, `parameters`, `dtype`,
+`tokenizer_source`) so a mergekit config loads as a recipe. A parameter value is
+- a scalar,
+- a gradient list, interpolated over depth as mergekit does (pre-layer tensors t=0, layer i t=i/(L−1),
+  post-layer t=1; a list of length L gives each layer its own value exactly), or
+- a list of rules `{filter, layers, value}` tried in order; `filter` matches a layer group
+  (embed, attn, mlp, norm, head) or a substring of the tensor name, `layers` an explicit index list
+  (an evomerge extension mergekit cannot express).
+evomerge adds `method_rules` (a merge method per group) and `seed` (DARE/DELLA masks).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .layers import GROUPS, TensorInfo, classify
+from .methods import METHODS, get_method
+
+Scalar = Union[bool, int, float, str]
+
+
+class RecipeError(ValueError):
+    """A recipe file is malformed or asks for something evomerge or mergekit cannot do."""
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    layers: list[int] | None = None
+    value: Union[Scalar, list[float]]
+
+    def matches(self, info: TensorInfo) -> bool:
+        if self.filter is not None and not (self.filter == info.group or self.filter in info.name):
+            return False
+        if self.layers is not None and info.layer not in self.layers:
+            return False
+        return True
+
+
+ParamValue = Union[Scalar, list[Rule], list[float]]
+
+
+class MethodRule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    layers: list[int] | None = None
+    method: str
+
+    def matches(self, info: TensorInfo) -> bool:
+        return Rule(filter=self.filter, layers=self.layers, value=0).matches(info)
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        get_method(v)
+        return v
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    method_rules: list[MethodRule] = Field(default_factory=list)
+    dtype: str = "float32"
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    seed: int = 0
+    name: str | None = None
+
+    @field_validator("merge_method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        get_method(v)
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        methods = {self.merge_method} | {r.method for r in self.method_rules}
+        known = set()
+        for m in methods:
+            spec = METHODS[m]
+            known |= set(spec.source_params) | set(spec.global_params)
+            if spec.needs_base and self.base_model is None:
+                raise ValueError(f"merge method {m} needs base_model")
+        known |= {"int8_mask"}  # accepted for mergekit compatibility; a no-op here
+        for where, params in [("parameters", self.parameters)] + [(f"models[{i}] ({m.model})", m.parameters) for i, m in enumerate(self.models)]:
+            unknown = set(params) - known
+            if unknown:
+                raise ValueError(f"{where}: parameter(s) {sorted(unknown)} are not used by {sorted(methods)}; known: {sorted(known)}")
+        if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in [m.model for m in self.models]:
+            raise ValueError(f"tokenizer_source must be 'base' or one of the models, got {self.tokenizer_source!r}")
+        return self
+
+    # ---- sources ------------------------------------------------------------------------------
+    def source_entries(self) -> list[ModelEntry]:
+        """The models that contribute task vectors: every listed model except the base itself."""
+        return [m for m in self.models if not _same_path(m.model, self.base_model)]
+
+    def base_entry(self) -> ModelEntry | None:
+        return next((m for m in self.models if _same_path(m.model, self.base_model)), None)
+
+    # ---- per-tensor resolution -----------------------------------------------------------------
+    def method_for(self, info: TensorInfo) -> str:
+        for rule in self.method_rules:
+            if rule.matches(info):
+                return rule.method
+        return self.merge_method
+
+    def plan(self, name: str, num_layers: int | None) -> "TensorPlan":
+        """Resolve method and parameters for one tensor."""
+        info = classify(name)
+        method = self.method_for(info)
+        spec = METHODS[method]
+        t = info.t(num_layers)
+        accepted = set(spec.source_params) | set(spec.global_params)
+        global_params = {}
+        for k, v in self.parameters.items():
+            if k in accepted:
+                value = evaluate(v, info, t)
+                if value is not None:
+                    global_params[k] = value
+        source_params = []
+        for entry in self.source_entries():
+            p = {}
+            for k, v in entry.parameters.items():
+                if k in spec.source_params:
+                    value = evaluate(v, info, t)
+                    if value is not None:
+                        p[k] = value
+            source_params.append(p)
+        base_weight = 0.0
+        base = self.base_entry()
+        if spec.family == "linear" and base is not None:
+            value = evaluate(base.parameters.get("weight", self.parameters.get("weight", 1.0)), info, t)
+            base_weight = float(value if value is not None else 0.0)
+        return TensorPlan(name, method, source_params, global_params, base_weight)
+
+    # ---- files --------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Recipe":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise RecipeError(f"{path}: cannot read recipe ({e})") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe is a YAML mapping with merge_method and models")
+        return cls.from_dict(data, where=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
+        data = dict(data)
+        if "slices" in data:
+            raise RecipeError(f"{where}: mergekit 'slices' (frankenmerges, layer stacking) are not supported; use models: with per-layer gradient values")
+        for m in data.get("models") or []:
+            if isinstance(m, dict) and isinstance(m.get("model"), str) and "+" in m["model"] and not Path(m["model"]).exists():
+                raise RecipeError(f"{where}: model {m['model']!r} applies a LoRA ('+'); merge the LoRA into the model first")
+            if isinstance(m, dict) and m.get("parameters") is None:
+                m["parameters"] = {}
+        for key in ("chat_template",):
+            data.pop(key, None)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise RecipeError(f"{where}: invalid recipe:\n{e}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(exclude_none=True, exclude_defaults=False), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(Path(path), self.to_yaml())
+
+    def to_mergekit(self) -> dict[str, Any]:
+        """A mergekit 0.1.5 config. Raises RecipeError for what mergekit cannot express."""
+        methods = {r.method for r in self.method_rules}
+        if methods - {self.merge_method}:
+            raise RecipeError(f"mergekit takes one merge_method per config; this recipe picks {sorted(methods | {self.merge_method})} per group")
+        if self.parameters.get("rescale_mode", "l1") != "l1":
+            raise RecipeError("mergekit only rescales by the L1 norm (rescale_mode: l1)")
+
+        def export(v: ParamValue) -> Any:
+            if isinstance(v, list) and v and isinstance(v[0], Rule):
+                out = []
+                for r in v:
+                    if r.layers is not None:
+                        raise RecipeError(f"rule {r.model_dump(exclude_none=True)} selects layers by index; mergekit cannot; use a gradient list instead")
+                    out.append({"filter": r.filter, "value": r.value} if r.filter is not None else {"value": r.value})
+                return out
+            return v
+
+        cfg: dict[str, Any] = {"merge_method": self.merge_method}
+        if self.base_model:
+            cfg["base_model"] = self.base_model
+        cfg["models"] = []
+        for m in self.models:
+            entry: dict[str, Any] = {"model": m.model}
+            if m.parameters:
+                entry["parameters"] = {k: export(v) for k, v in m.parameters.items()}
+            cfg["models"].append(entry)
+        params = {k: export(v) for k, v in self.parameters.items() if k != "rescale_mode"}
+        if params:
+            cfg["parameters"] = params
+        cfg["dtype"] = self.dtype
+        if self.out_dtype:
+            cfg["out_dtype"] = self.out_dtype
+        if self.tokenizer_source:
+            cfg["tokenizer_source"] = self.tokenizer_source
+        return cfg
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    method: str
+    source_params: list[dict[str, Any]]
+    global_params: dict[str, Any]
+    base_weight: float = 0.0
+
+
+def evaluate(value: ParamValue, info: TensorInfo, t: float) -> Any:
+    """mergekit's setting evaluation: scalar as is, numeric list interpolated at t, rules first match."""
+    if isinstance(value, list):
+        if not value:
+            return None
+        if isinstance(value[0], Rule):
+            for rule in value:
+                if rule.matches(info):
+                    return evaluate(rule.value, info, t)
+            return None
+        scaled = t * (len(value) - 1)
+        i0 = int(math.floor(scaled))
+        i1 = min(len(value) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * value[i0] + frac * value[i1]
+    return value
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return False
+    return a == b or os.path.abspath(a) == os.path.abspath(b)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text via a temp file and rename, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+__all__ = ["Recipe", "RecipeError", "ModelEntry", "Rule", "MethodRule", "TensorPlan", "evaluate", "GROUPS", "atomic_write_text"]

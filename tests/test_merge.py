@@ -1,0 +1,121 @@
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from evomerge.checkpoint import Checkpoint
+from evomerge.cli import main
+from evomerge.engine import Engine
+from evomerge.recipe import Recipe
+
+
+def recipe_dict(base, fts, method="dare_ties", **params):
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(d), "parameters": {"weight": [0.3, 0.7], "density": 0.6}} for d in fts],
+        "parameters": params,
+        "dtype": "float32",
+        "seed": 7,
+    }
+
+
+def write_yaml(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_merge_cli_output_loads_in_transformers_and_matches_engine(tmp_path, llama_family):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, fts = llama_family
+    rpath = write_yaml(tmp_path / "r.yaml", recipe_dict(base, fts))
+    out = tmp_path / "merged"
+    assert main(["merge", str(rpath), "--out", str(out), "--max-shard-size", "0.00002"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("12+3=", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, ids.shape[1] + 4)
+    assert "dare_ties" in (out / "README.md").read_text()
+    # the streaming writer and the resident engine produce the same weights
+    engine = Engine(base, fts)
+    merged = engine.merged(Recipe.load(rpath))
+    written = Checkpoint.open(out)
+    for name in engine.names:
+        assert torch.allclose(written.get(name), merged[name], atol=1e-6), name
+
+
+def test_engine_writes_candidates_in_place_into_one_model(llama_family):
+    base, fts = llama_family
+    engine = Engine(base, fts)
+    model = engine.load_target_model()
+    target = engine.bind(model)
+    ptrs = {n: t.data_ptr() for n, t in target.items()}
+    r1 = Recipe.from_dict(recipe_dict(base, fts, method="ties"))
+    r2 = Recipe.from_dict(recipe_dict(base, fts, method="task_arithmetic"))
+    engine.materialize(r1, target)
+    first = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    engine.materialize(r2, target)
+    assert {n: t.data_ptr() for n, t in target.items()} == ptrs
+    assert not torch.equal(first, model.model.layers[0].mlp.up_proj.weight)
+    expected = engine.merged(r2)["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, expected)
+
+
+def test_non_finite_source_fails_with_tensor_name_and_writes_nothing(tmp_path, llama_family, capsys):
+    base, fts = llama_family
+    bad = tmp_path / "bad"
+    shutil.copytree(fts[0], bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    rpath = write_yaml(tmp_path / "r.yaml", recipe_dict(base, [bad, fts[1]]))
+    out = tmp_path / "out"
+    assert main(["merge", str(rpath), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.1.mlp.up_proj.weight" in err and "non-finite" in err and "bad" in err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "r.yaml"]
+
+
+def test_merge_cli_reports_shape_mismatch_and_exits_nonzero(tmp_path, llama_family, capsys):
+    base, fts = llama_family
+    bad = tmp_path / "bad"
+    shutil.copytree(fts[0], bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["lm_head.weight"][:-1].clone()
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    rpath = write_yaml(tmp_path / "r.yaml", recipe_dict(base, [bad]))
+    assert main(["merge", str(rpath), "--out", str(tmp_path / "out")]) == 2
+    assert "lm_head.weight" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_linear_without_base_and_bf16_output(tmp_path, llama_family):
+    base, fts = llama_family
+    data = {"merge_method": "linear", "models": [{"model": str(d), "parameters": {"weight": 1.0}} for d in fts[:2]], "dtype": "float32"}
+    rpath = write_yaml(tmp_path / "r.yaml", data)
+    out = tmp_path / "soup"
+    assert main(["merge", str(rpath), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    got = Checkpoint.open(out).get("model.norm.weight")
+    a, b = (Checkpoint.open(d).get("model.norm.weight") for d in fts[:2])
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), (a + b) / 2, atol=1e-2)
+
+
+def test_export_mergekit_cli(tmp_path, llama_family, capsys):
+    base, fts = llama_family
+    rpath = write_yaml(tmp_path / "r.yaml", recipe_dict(base, fts, method="ties"))
+    assert main(["export-mergekit", str(rpath)]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["merge_method"] == "ties" and cfg["base_model"] == str(base)
+    assert cfg["models"][0]["parameters"]["density"] == 0.6
+    assert Recipe.from_dict(cfg).plan("model.layers.1.mlp.up_proj.weight", 2) == Recipe.load(rpath).plan("model.layers.1.mlp.up_proj.weight", 2)
+
+
+def test_missing_recipe_file_is_a_clean_error(tmp_path, capsys):
+    assert main(["merge", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err

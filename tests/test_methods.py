@@ -1,0 +1,154 @@
+import pytest
+import torch
+
+from evomerge.methods import MethodError, merge_deltas, merge_tensors
+from evomerge.methods.sparsify import magnitude, magnitude_outliers, random as dare_random
+
+
+def t(*v):
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def test_task_arithmetic_negative_weight_negates_the_task_vector():
+    base = t(1.0, 1.0, 1.0)
+    a = t(2.0, 1.0, 0.0)  # δ = (1, 0, -1)
+    out = merge_tensors("task_arithmetic", [a], [{"weight": -1.0}], base=base)
+    assert torch.equal(out, t(0.0, 1.0, 2.0))
+
+
+def test_task_arithmetic_lambda_scales_the_summed_change():
+    base = torch.zeros(3)
+    out = merge_tensors("task_arithmetic", [t(1, 2, 3), t(1, 0, 0)], [{"weight": 1.0}, {"weight": 2.0}], {"lambda": 0.5}, base=base)
+    assert torch.allclose(out, t(1.5, 1.0, 1.5))
+
+
+def test_ties_keeps_only_majority_sign():
+    base = torch.zeros(4)
+    d1 = t(1.0, -2.0, 3.0, 0.0)
+    d2 = t(-3.0, -1.0, 1.0, 0.0)
+    out = merge_tensors("ties", [d1, d2], [{"weight": 1.0, "density": 1.0}] * 2, base=base)
+    # elem0: sum -2 → negative elected → only d2 (-3), divisor 1; elem1: both negative → (-2-1)/2
+    # elem2: both positive → (3+1)/2; elem3: all zero → 0
+    assert torch.allclose(out, t(-3.0, -1.5, 2.0, 0.0))
+
+
+def test_ties_without_normalize_sums_agreeing_contributions():
+    base = torch.zeros(2)
+    out = merge_tensors("ties", [t(1.0, -1.0), t(2.0, 3.0)], [{"weight": 1.0, "density": 1.0}] * 2, {"normalize": False}, base=base)
+    assert torch.allclose(out, t(3.0, 3.0))
+
+
+def test_ties_trims_to_exactly_density_of_entries():
+    delta = torch.arange(1, 11, dtype=torch.float32) * torch.tensor([1, -1] * 5)
+    kept = magnitude(delta, 0.3)
+    assert int((kept != 0).sum()) == 3
+    assert set(kept.abs()[kept != 0].tolist()) == {8.0, 9.0, 10.0}
+
+
+def test_magnitude_trim_with_ties_keeps_exactly_k():
+    kept = magnitude(torch.ones(10), 0.4)
+    assert int((kept != 0).sum()) == 4
+
+
+def test_dare_rescale_l1_preserves_l1_norm_and_inverse_density_scales():
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(10_000, generator=g)
+    kept = dare_random(delta, 0.3, rescale_mode="l1", generator=torch.Generator().manual_seed(1))
+    assert kept.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-5)
+    kept2 = dare_random(delta, 0.3, rescale_mode="inverse_density", generator=torch.Generator().manual_seed(1))
+    nz = kept2 != 0
+    assert torch.allclose(kept2[nz], delta[nz] / 0.3)
+    assert 0.27 < nz.float().mean().item() < 0.33
+
+
+def test_dare_is_reproducible_for_a_seed_and_differs_across_seeds():
+    base = torch.zeros(1000)
+    deltas = [torch.randn(1000, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    p = [{"weight": 0.5, "density": 0.5}] * 2
+    a = merge_deltas("dare_ties", base, deltas, p, seed=3, key="w")
+    b = merge_deltas("dare_ties", base, deltas, p, seed=3, key="w")
+    c = merge_deltas("dare_ties", base, deltas, p, seed=4, key="w")
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_breadcrumbs_drops_top_outliers_and_smallest():
+    delta = torch.arange(1, 21, dtype=torch.float32)  # 20 entries
+    kept = magnitude_outliers(delta, density=0.5, gamma=0.1)  # keep 10: drop top 2 and bottom 8
+    assert (kept != 0).nonzero().view(-1).tolist() == list(range(8, 18))
+
+
+def test_breadcrumbs_with_no_outliers_to_drop_keeps_the_largest():
+    # gamma·n < 1: mergekit 0.1.5 slices indices[n_bot:-0] and zeroes everything; we keep the top entries
+    kept = magnitude_outliers(torch.arange(1, 11, dtype=torch.float32), density=0.5, gamma=0.01)
+    assert (kept != 0).nonzero().view(-1).tolist() == [5, 6, 7, 8, 9]
+
+
+def test_della_keeps_larger_entries_more_often():
+    delta = torch.linspace(0.01, 1.0, 1000).repeat(50, 1)
+    base = torch.zeros_like(delta)
+    out = merge_deltas("della_linear", base, [delta], [{"weight": 1.0, "density": 0.5, "epsilon": 0.4}], {"rescale": False}, seed=0, key="x")
+    keep = (out != 0).float().mean(dim=0)
+    assert keep[:100].mean() < 0.2 and keep[-100:].mean() > 0.8
+
+
+def test_della_rejects_density_epsilon_outside_unit_interval():
+    with pytest.raises(MethodError, match="epsilon"):
+        merge_deltas("della", torch.zeros(4), [torch.ones(4)], [{"weight": 1.0, "density": 0.1, "epsilon": 0.2}])
+
+
+def test_slerp_endpoints_and_near_parallel_lerp():
+    v0, v1 = t(1.0, 0.0), t(0.0, 2.0)
+    assert torch.allclose(merge_tensors("slerp", [v1], global_params={"t": 0.0}, base=v0), v0)
+    assert torch.allclose(merge_tensors("slerp", [v1], global_params={"t": 1.0}, base=v0), v1)
+    mid = merge_tensors("slerp", [v1], global_params={"t": 0.5}, base=v0)
+    # angle 90°: weights sin(45°)/sin(90°) on the un-normalized tensors
+    assert torch.allclose(mid, t(2**-0.5, 2 * 2**-0.5), atol=1e-6)
+    a, b = t(1.0, 1.0), t(1.0, 1.0001)
+    assert torch.allclose(merge_tensors("slerp", [b], global_params={"t": 0.25}, base=a), 0.75 * a + 0.25 * b)
+
+
+def test_model_stock_interpolation_ratio_follows_offset_angle():
+    base = torch.zeros(2)
+    same = merge_tensors("model_stock", [t(1.0, 0.0), t(1.0, 0.0)], base=base)
+    assert torch.allclose(same, t(1.0, 0.0))  # cos=1 → t=1 → the average
+    orth = merge_tensors("model_stock", [t(1.0, 0.0), t(0.0, 1.0)], base=base)
+    assert torch.allclose(orth, torch.zeros(2))  # cos=0 → t=0 → the base
+    base3 = torch.zeros(3)
+    # cos = 0.5 between each pair, N=2: t = 2·0.5/(1+0.5) = 2/3
+    out = merge_tensors("model_stock", [t(1.0, 1.0, 0.0), t(0.0, 1.0, 1.0)], base=base3)
+    assert torch.allclose(out, (2 / 3) * t(0.5, 1.0, 0.5))
+
+
+def test_linear_is_the_weighted_average():
+    out = merge_tensors("linear", [t(0.0, 2.0), t(4.0, 6.0)], [{"weight": 1.0}, {"weight": 3.0}])
+    assert torch.allclose(out, t(3.0, 5.0))
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock"])
+def test_every_method_writes_into_a_preallocated_output(method):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(16, 8, generator=g)
+    deltas = [torch.randn(16, 8, generator=g) * 0.1 for _ in range(1 if method == "slerp" else 2)]
+    params = [] if method in ("slerp", "model_stock") else [{"weight": 0.6, "density": 0.5}] * len(deltas)
+    if method in ("linear", "task_arithmetic"):
+        params = [{"weight": 0.6}] * len(deltas)
+    if method in ("della", "della_linear"):
+        params = [{"weight": 0.6, "density": 0.5, "epsilon": 0.1}] * len(deltas)
+    gp = {"t": 0.3} if method == "slerp" else {}
+    out = torch.empty_like(base)
+    ptr = out.data_ptr()
+    res = merge_deltas(method, base, deltas, params, gp, seed=1, key="k", out=out)
+    fresh = merge_deltas(method, base, deltas, params, gp, seed=1, key="k")
+    assert res.data_ptr() == ptr
+    assert torch.allclose(out, fresh, atol=1e-6)
+    assert not torch.allclose(out, base)
+
+
+def test_unknown_method_and_parameter_are_named():
+    with pytest.raises(MethodError, match="unknown merge method 'tie'"):
+        merge_deltas("tie", torch.zeros(1), [torch.zeros(1)], [{"weight": 1}])
+    with pytest.raises(MethodError, match="densty"):
+        merge_deltas("ties", torch.zeros(1), [torch.zeros(1)], [{"weight": 1, "densty": 0.5}])
+    with pytest.raises(MethodError, match="needs parameter 'weight'"):
+        merge_deltas("ties", torch.zeros(1), [torch.zeros(1)], [{}])
