@@ -10,10 +10,11 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import CheckpointError
+from .evaluate.tasks import HeldOutError, TaskError
 from .methods import MethodError
 from .recipe import Recipe, RecipeError, atomic_write_text
 
-EXPECTED_ERRORS = (CheckpointError, RecipeError, MethodError, FileNotFoundError)
+EXPECTED_ERRORS = (CheckpointError, RecipeError, MethodError, TaskError, HeldOutError, FileNotFoundError, FileExistsError)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -79,12 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="file to write (default: stdout)")
     p.set_defaults(func=_cmd_import_mergekit)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    from . import commands
+
+    commands.register(sub)
     return parser
-
-
-_EXTRA_COMMANDS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:

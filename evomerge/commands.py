@@ -1,0 +1,316 @@
+"""CLI commands beyond merging: zoo, eval, search, worker, report, soup, demo. Printing and progress bars
+live here; the library modules only log."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+DEFAULT_DEMO_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "sakana_ps.yaml"
+
+
+def score_table(title: str, rows: dict[str, dict[str, float]], columns: list[str]) -> Table:
+    table = Table(title=title)
+    table.add_column("model")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for name, row in rows.items():
+        table.add_row(name, *[f"{row[c]:.3f}" if c in row else "-" for c in columns], style="bold" if name == "evolved" else None)
+    return table
+
+
+# ---- zoo ---------------------------------------------------------------------------------------
+def _zoo_config(args):
+    from dataclasses import replace
+
+    from .zoo.build import FULL, SMALL
+
+    cfg = SMALL if getattr(args, "small", False) else FULL
+    return replace(cfg, seed=args.zoo_seed if hasattr(args, "zoo_seed") else args.seed)
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from .zoo.build import build_zoo
+
+    out = build_zoo(args.out, _zoo_config(args), progress=lambda m: console.print(f"[dim]{m}[/dim]"), overwrite=args.overwrite)
+    manifest = json.loads((out / "manifest.json").read_text())
+    tasks = [t["name"] for t in manifest["tasks"]]
+    console.print(score_table(f"zoo {out} (test split)", {k: v["test"] for k, v in manifest["scores"].items()}, tasks))
+    console.print(f"manifest: {out / 'manifest.json'}")
+    return 0
+
+
+# ---- eval --------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluate.tasks import load_specs, load_task
+
+    specs = load_specs(args.tasks, args.task_names)
+    model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    if args.evaluator == "lm-eval":
+        from .evaluate.lm_eval_adapter import LMEvalEvaluator, include_path_of, lm_eval_task_name
+
+        include = args.include_path or include_path_of(Path(args.tasks) if Path(args.tasks).is_dir() else Path(args.tasks).parent)
+        names = [lm_eval_task_name(s.name, args.split) for s in specs]
+        raw = LMEvalEvaluator(model, tok, names, include_path=include, batch_size=args.batch_size).evaluate()
+        scores = {s.name: raw[n] for s, n in zip(specs, names)}
+    else:
+        from .evaluate.native import NativeEvaluator
+
+        scores = NativeEvaluator(model, tok, [load_task(s, args.split) for s in specs], batch_size=args.batch_size).evaluate().scores
+    console.print(score_table(f"{args.model} ({args.split} split, {args.evaluator})", {Path(args.model).name: scores}, [s.name for s in specs]))
+    return 0
+
+
+# ---- search ------------------------------------------------------------------------------------
+def _search_config(args: argparse.Namespace, space_path: Path, name: str, seed: int):
+    import yaml
+
+    from .evaluate.tasks import load_specs
+    from .search.loop import SearchConfig
+
+    space = yaml.safe_load(Path(space_path).read_text())
+    from .space import SearchSpace
+
+    SearchSpace.load(space_path)  # validate with a file-named error
+    manifest: dict[str, Any] | None = None
+    if args.zoo:
+        manifest = json.loads((Path(args.zoo) / "manifest.json").read_text())
+    base = args.base or space.get("base") or (manifest and manifest["base"])
+    sources = args.sources or space.get("sources")
+    names = None
+    if not sources and manifest:
+        names = list(manifest["experts"])
+        sources = [manifest["experts"][k] for k in names]
+    if not base or not sources:
+        from .recipe import RecipeError
+
+        raise RecipeError("search needs a base and sources: --zoo DIR, or --base and --sources, or base:/sources: in the space")
+    task_source = args.tasks or (args.zoo and Path(args.zoo))
+    if not task_source:
+        from .evaluate.tasks import TaskError
+
+        raise TaskError("search needs --tasks (a manifest or task file) or --zoo")
+    task_names = args.task_names or ([manifest["composed_task"]] if manifest else None)
+    specs = load_specs(task_source, task_names)
+    return SearchConfig(
+        name=name, space=space, base=str(base), sources=[str(s) for s in sources], source_names=names, tasks=[s.to_dict() for s in specs],
+        optimizer=args.optimizer, trials=args.trials, seed=seed, popsize=args.popsize, sigma0=args.sigma0, storage=args.storage,
+        runs_dir=args.runs_dir, device=args.device, dtype=args.dtype, delta_dtype=args.delta_dtype, racing=args.racing,
+        subsample=args.subsample, batch_size=args.batch_size, baselines=not args.no_baselines,
+    )
+
+
+def _run_with_progress(cfg, worker: bool = False):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .search.loop import run_search
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
+        bar = progress.add_task(cfg.name, total=cfg.trials, best="-")
+
+        def on_trial(info):
+            progress.update(bar, completed=info.completed, best=f"{info.best:.3f}")
+
+        return run_search(cfg, on_trial=on_trial, worker=worker)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    cfg = _search_config(args, Path(args.space), args.name or Path(args.space).stem, args.seed)
+    outcome = _run_with_progress(cfg)
+    if outcome.report:
+        r = outcome.report
+        console.print(score_table(f"{cfg.name}: held-out test split", r["rows"], r["tasks"] + ["fitness"]))
+    console.print(f"run directory: {outcome.run_dir}  (best_recipe.yaml, trials.csv, report.html)")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import optuna
+
+    from .search.loop import SearchConfig
+
+    study = optuna.load_study(study_name=args.study, storage=args.storage)
+    stored = study.user_attrs.get("evomerge_config")
+    if stored is None:
+        from .recipe import RecipeError
+
+        raise RecipeError(f"study {args.study!r} at {args.storage} was not created by evomerge search")
+    cfg = SearchConfig(**stored)
+    cfg.storage = args.storage
+    if args.trials:
+        cfg.trials = args.trials
+    if args.device:
+        cfg.device = args.device
+    outcome = _run_with_progress(cfg, worker=True)
+    console.print(f"worker done; best search fitness so far {outcome.best_fitness:.3f}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    report = json.loads((Path(args.run_dir) / "report.json").read_text())
+    console.print(score_table(f"{report['name']}: held-out {report['split']} split", report["rows"], report["tasks"] + ["fitness"]))
+    console.print(f"HTML report: {Path(args.run_dir) / 'report.html'}")
+    return 0
+
+
+# ---- soup --------------------------------------------------------------------------------------
+def cmd_soup(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .engine import Engine, write_merged
+    from .evaluate.fitness import Fitness
+    from .evaluate.native import NativeEvaluator
+    from .evaluate.tasks import load_specs, load_task, searching
+    from .search.soup import greedy_soup, soup_recipe
+
+    specs = load_specs(args.tasks, args.task_names)
+    models = [str(Path(m)) for m in args.models]
+    engine = Engine(models[0], models[1:], device=args.device, dtype=args.dtype)
+    model = engine.load_target_model()
+    target = engine.bind(model)
+    tok = AutoTokenizer.from_pretrained(models[0])
+    with searching():
+        fitness = Fitness(NativeEvaluator(model, tok, [load_task(s, "search") for s in specs], batch_size=args.batch_size), {s.name: s.weight for s in specs})
+
+        def score(recipe):
+            engine.materialize(recipe, target)
+            return fitness().value
+
+        greedy = greedy_soup(engine, score, models, strict=not args.keep_ties) if not args.uniform else None
+    chosen = greedy.members if greedy else models
+    test = NativeEvaluator(model, tok, [load_task(s, "test") for s in specs], batch_size=args.batch_size)
+    weights = {s.name: s.weight for s in specs}
+    rows = {}
+    for label, members in [*[(Path(m).name, [m]) for m in models], ("uniform soup", models)] + ([("greedy soup", chosen)] if greedy else []):
+        engine.materialize(soup_recipe(models[0], members), target)
+        row = test.evaluate().scores
+        row["fitness"] = sum(weights[k] * row[k] for k in weights) / sum(weights.values())
+        if greedy:
+            row["search"] = greedy.ingredient_scores.get(members[0], float("nan")) if len(members) == 1 else (greedy.score if label == "greedy soup" else float("nan"))
+        rows[label] = row
+    columns = [s.name for s in specs] + ["fitness"] + (["search"] if greedy else [])
+    card = "## Soup\n\n" + ("Greedy soup (strict improvement on the search split)" if greedy else "Uniform soup") + f" of {len(chosen)} of {len(models)} ingredients:\n\n"
+    card += "".join(f"- {m}\n" for m in chosen) + "\n| model | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
+    card += "".join(f"| {k} | " + " | ".join(f"{v.get(c, float('nan')):.3f}" for c in columns) + " |\n" for k, v in rows.items()) + "\n(test split unless the column says search)\n\n"
+    out = write_merged(soup_recipe(models[0], chosen, name="greedy soup" if greedy else "uniform soup"), args.out, device=args.device, overwrite=args.overwrite, card_extra=card)
+    console.print(score_table("soups (test split; 'search' = search-split score used for the greedy choice)", rows, columns))
+    console.print(f"chose {len(chosen)}/{len(models)}: {', '.join(Path(m).name for m in chosen)}\nwrote {out}")
+    return 0
+
+
+# ---- demo --------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build or reuse the zoo, evolve a recipe for the composed task, print the paper-style table."""
+    import statistics
+
+    from .zoo.build import build_zoo
+
+    zoo = build_zoo(args.zoo, _zoo_config(args), progress=lambda m: console.print(f"[dim]{m}[/dim]"))
+    args.zoo = str(zoo)
+    reports = []
+    for seed in args.seeds:
+        cfg = _search_config(args, Path(args.space), f"{args.name}-seed{seed}", seed)
+        outcome = _run_with_progress(cfg)
+        reports.append(outcome.report)
+        console.print(score_table(f"seed {seed}: held-out test split", outcome.report["rows"], outcome.report["tasks"] + ["fitness"]))
+    if len(reports) > 1:
+        rows = {}
+        for label in reports[0]["rows"]:
+            vals = [r["rows"][label]["fitness"] for r in reports]
+            rows[label] = {"mean": statistics.mean(vals), "stdev": statistics.stdev(vals), "min": min(vals), "max": max(vals)}
+        console.print(score_table(f"fitness over seeds {args.seeds} (test split)", rows, ["mean", "stdev", "min", "max"]))
+    return 0
+
+
+def _add_search_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    p.add_argument("--space", default=str(DEFAULT_DEMO_SPACE), help="search space YAML (see search_spaces/)")
+    p.add_argument("--zoo", help="zoo directory (its manifest gives base, experts and tasks)")
+    p.add_argument("--base", help="base model directory")
+    p.add_argument("--sources", nargs="+", help="source model directories")
+    p.add_argument("--tasks", help="task definitions: a zoo manifest or a JSON/YAML list of task specs")
+    p.add_argument("--task-names", nargs="+", help="tasks to optimize (default: the zoo's composed task)")
+    p.add_argument("--optimizer", default="cma", choices=["cma", "tpe", "optuna-cma", "nsga2", "random"])
+    p.add_argument("--trials", type=int, default=60 if demo else 100)
+    p.add_argument("--popsize", type=int, default=None)
+    p.add_argument("--sigma0", type=float, default=0.2, help="cma: initial step size on the unit cube")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite in runs/NAME/)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--delta-dtype", default=None, help="keep task vectors in this dtype (bfloat16 halves their memory)")
+    p.add_argument("--racing", choices=["bound", "halving"], default=None)
+    p.add_argument("--subsample", type=int, default=None, help="score this many search examples per task per trial")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--no-baselines", action="store_true")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("zoo", help="the offline demo zoo")
+    zsub = p.add_subparsers(dest="zoo_command", required=True)
+    b = zsub.add_parser("build", help="build (or reuse) the zoo: base, experts, soup ingredients, tasks")
+    b.add_argument("--out", default=None, help="directory (default: ~/.cache/evomerge/zoo-<config hash>)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--small", action="store_true", help="a tiny, fast build (tests, CI)")
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(func=cmd_zoo_build)
+
+    p = sub.add_parser("eval", help="score a model directory on tasks and print a table")
+    p.add_argument("model")
+    p.add_argument("--tasks", required=True, help="a zoo directory/manifest or a task file")
+    p.add_argument("--task-names", nargs="+")
+    p.add_argument("--split", default="test", choices=["search", "test"])
+    p.add_argument("--evaluator", default="native", choices=["native", "lm-eval"])
+    p.add_argument("--include-path", help="lm-eval task YAML folder (default: the zoo's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("search", help="evolve a merge recipe")
+    p.add_argument("--name", help="run name (default: the space's file name); same name resumes")
+    p.add_argument("--seed", type=int, default=0)
+    _add_search_args(p)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("worker", help="evaluate trials of an existing study (several processes/machines)")
+    p.add_argument("--storage", required=True, help="the study's storage URL (sqlite:///... or postgresql://...)")
+    p.add_argument("--study", required=True, help="study (run) name")
+    p.add_argument("--trials", type=int, default=None, help="stop when the study has this many complete trials")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("report", help="print a finished run's held-out table")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("soup", help="uniform or greedy model soup of fine-tunes of one base")
+    p.add_argument("models", nargs="+", help="ingredient model directories")
+    p.add_argument("--tasks", required=True, help="task definitions (zoo directory/manifest or task file)")
+    p.add_argument("--task-names", nargs="+")
+    p.add_argument("--out", required=True)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="greedy soup (default)")
+    mode.add_argument("--uniform", action="store_true", help="average all ingredients")
+    p.add_argument("--keep-ties", action="store_true", help="greedy: keep an ingredient when the score ties (>=) instead of strictly improving (>)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_soup)
+
+    p = sub.add_parser("demo", help="build/reuse the zoo, evolve a recipe for the composed task, print the table")
+    p.add_argument("--name", default="demo")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--zoo-seed", type=int, default=0)
+    p.add_argument("--small", action="store_true", help="use the tiny zoo (fast smoke run)")
+    _add_search_args(p, demo=True)
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,178 @@
+"""Native batched evaluator: scores the *current* weights of one resident model.
+
+Everything that does not depend on the weights is done once in the constructor: tokenization, sorting by
+length, padding into batches. A call is then only forward passes: greedy decoding with a KV cache for
+generation tasks, one batched forward per chunk for log-likelihood multiple choice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .tasks import Task, score_generation
+
+
+@dataclass
+class EvalResult:
+    scores: dict[str, float]  # task -> metric on the examples scored
+    per_item: dict[str, dict[int, float]] = field(default_factory=dict)  # task -> item index -> 0/1
+    n_examples: int = 0
+
+
+@dataclass
+class _GenBatch:
+    index: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+@dataclass
+class _MCBatch:
+    rows: list[tuple[int, int]]  # (item index, choice index)
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    cont_mask: torch.Tensor  # positions (in targets) belonging to the continuation
+
+
+class NativeEvaluator:
+    def __init__(self, model: torch.nn.Module, tokenizer, tasks: Sequence[Task], batch_size: int = 64, device: str | torch.device | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tasks = list(tasks)
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self._prepared = {t.name: self._prepare(t) for t in self.tasks}
+
+    # ---- preparation (once) -------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def _prepare(self, task: Task) -> dict:
+        if task.spec.kind == "generate":
+            encoded = [(i, self._encode(item["prompt"])) for i, item in enumerate(task.items)]
+            stop_ids = set()
+            for s in task.spec.stop:
+                ids = self.tokenizer(s, add_special_tokens=False)["input_ids"]
+                if len(ids) == 1:
+                    stop_ids.add(ids[0])
+            return {"encoded": dict(encoded), "stop_ids": stop_ids}
+        rows = {}
+        for i, item in enumerate(task.items):
+            ctx = self._encode(item["prompt"])
+            for j, choice in enumerate(item["choices"]):
+                whole = self._encode(item["prompt"] + choice)  # as lm-eval: continuation = whole[len(ctx):]
+                rows[(i, j)] = (whole, len(ctx))
+        return {"rows": rows}
+
+    def _gen_batches(self, ids: dict[int, list[int]], which: Sequence[int]) -> list[_GenBatch]:
+        order = sorted(which, key=lambda i: len(ids[i]))
+        batches = []
+        for s in range(0, len(order), self.batch_size):
+            chunk = order[s : s + self.batch_size]
+            width = max(len(ids[i]) for i in chunk)
+            inp = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, i in enumerate(chunk):  # left padding: every prompt ends at the last column
+                inp[r, width - len(ids[i]) :] = torch.tensor(ids[i])
+                mask[r, width - len(ids[i]) :] = 1
+            batches.append(_GenBatch(chunk, inp.to(self.device), mask.to(self.device)))
+        return batches
+
+    def _mc_batches(self, rows: dict, which: Sequence[int]) -> list[_MCBatch]:
+        keys = sorted((k for k in rows if k[0] in set(which)), key=lambda k: len(rows[k][0]))
+        batches = []
+        for s in range(0, len(keys), self.batch_size):
+            chunk = keys[s : s + self.batch_size]
+            width = max(len(rows[k][0]) for k in chunk)
+            inp = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            cont = torch.zeros((len(chunk), width - 1), dtype=torch.bool)
+            for r, k in enumerate(chunk):
+                whole, n_ctx = rows[k]
+                inp[r, : len(whole)] = torch.tensor(whole)
+                mask[r, : len(whole)] = 1
+                cont[r, n_ctx - 1 : len(whole) - 1] = True  # target t+1 predicted at position t
+            batches.append(_MCBatch(chunk, inp.to(self.device), mask.to(self.device), cont.to(self.device)))
+        return batches
+
+    # ---- scoring (every call) -----------------------------------------------------------------
+    def evaluate(self, subset: dict[str, Sequence[int]] | None = None) -> EvalResult:
+        """Score every task (or only the item indices in `subset[task]`) with the model's current weights."""
+        result = EvalResult(scores={})
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for task in self.tasks:
+                    which = list(subset[task.name]) if subset and task.name in subset else list(range(len(task.items)))
+                    if not which:
+                        continue
+                    per_item = self._generate(task, which) if task.spec.kind == "generate" else self._multiple_choice(task, which)
+                    result.per_item[task.name] = per_item
+                    result.scores[task.name] = sum(per_item.values()) / len(per_item)
+                    result.n_examples += len(per_item)
+        finally:
+            self.model.train(was_training)
+        return result
+
+    def generate(self, task: Task, which: Sequence[int] | None = None) -> dict[int, str]:
+        """Greedy continuations (text) for a generation task's items."""
+        with torch.inference_mode():
+            return self._decode_all(task, list(range(len(task.items))) if which is None else list(which))
+
+    def _decode_all(self, task: Task, which: list[int]) -> dict[int, str]:
+        prep = self._prepared[task.name]
+        stop_ids = prep["stop_ids"] | ({self.eos_id} if self.eos_id is not None else set())
+        outputs = {}
+        for batch in self._gen_batches(prep["encoded"], which):
+            mask = batch.attention_mask
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1)
+            generated = [nxt]
+            done = torch.tensor([int(t) in stop_ids for t in nxt.tolist()], device=self.device)
+            last_pos = pos[:, -1]
+            for _ in range(task.spec.max_new_tokens - 1):
+                if bool(done.all()):
+                    break
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                last_pos = last_pos + 1
+                out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None], past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                nxt = out.logits[:, -1].argmax(-1)
+                generated.append(nxt)
+                done |= torch.tensor([int(t) in stop_ids for t in nxt.tolist()], device=self.device)
+            gen = torch.stack(generated, dim=1).tolist()
+            for r, i in enumerate(batch.index):
+                toks = []
+                for t in gen[r]:
+                    if t in stop_ids:
+                        break
+                    toks.append(t)
+                outputs[i] = self.tokenizer.decode(toks, skip_special_tokens=True)
+        return outputs
+
+    def _generate(self, task: Task, which: list[int]) -> dict[int, float]:
+        texts = self._decode_all(task, which)
+        return {i: score_generation(task.spec.metric, texts[i], task.items[i]["answer"]) for i in which}
+
+    def _multiple_choice(self, task: Task, which: list[int]) -> dict[int, float]:
+        rows = self._prepared[task.name]["rows"]
+        loglik: dict[tuple[int, int], float] = {}
+        for batch in self._mc_batches(rows, which):
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+            sums = (logp * batch.cont_mask).sum(-1).tolist()
+            for k, v in zip(batch.rows, sums):
+                loglik[k] = v
+        scores = {}
+        for i in which:
+            n = len(task.items[i]["choices"])
+            best = max(range(n), key=lambda j: loglik[(i, j)])
+            scores[i] = float(best == int(task.items[i]["label"]))
+        return scores

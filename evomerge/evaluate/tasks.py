@@ -1,0 +1,150 @@
+"""Task definitions: jsonl files with a `search` split (used while optimizing) and a `test` split (scored
+once, for the final report).
+
+The held-out discipline is enforced here: while a search runs (`searching()` is active) loading a test
+split raises `HeldOutError`, so no code path can peek at the test split during optimization.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+SPLITS = ("search", "test")
+_state = threading.local()
+
+
+class HeldOutError(RuntimeError):
+    """The test split was requested while a search is running."""
+
+
+class TaskError(ValueError):
+    """A task file or spec is malformed."""
+
+
+@contextlib.contextmanager
+def searching() -> Iterator[None]:
+    """Mark the enclosed code as search-time: test splits cannot be loaded inside it."""
+    prev = getattr(_state, "searching", False)
+    _state.searching = True
+    try:
+        yield
+    finally:
+        _state.searching = prev
+
+
+def in_search() -> bool:
+    return getattr(_state, "searching", False)
+
+
+@dataclass
+class TaskSpec:
+    """Where a task's data lives and how it is scored."""
+
+    name: str
+    kind: str  # "generate" (greedy decode, exact match) or "multiple_choice" (log-likelihood)
+    files: dict[str, str]  # split -> jsonl path
+    metric: str = "exact_match"  # exact_match | numeric | acc
+    max_new_tokens: int = 8
+    weight: float = 1.0
+    stop: list[str] = field(default_factory=lambda: ["\n"])
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], root: Path | None = None) -> "TaskSpec":
+        try:
+            files = {k: str((root / v) if root and not Path(v).is_absolute() else v) for k, v in d["files"].items()}
+            kind = d["kind"]
+        except KeyError as e:
+            raise TaskError(f"task spec {d.get('name', '?')}: missing key {e}") from None
+        if kind not in ("generate", "multiple_choice"):
+            raise TaskError(f"task {d['name']}: kind must be generate or multiple_choice, got {kind!r}")
+        metric = d.get("metric", "exact_match" if kind == "generate" else "acc")
+        return cls(name=d["name"], kind=kind, files=files, metric=metric, max_new_tokens=int(d.get("max_new_tokens", 8)), weight=float(d.get("weight", 1.0)), stop=list(d.get("stop", ["\n"])))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "files": self.files, "metric": self.metric, "max_new_tokens": self.max_new_tokens, "weight": self.weight, "stop": self.stop}
+
+
+@dataclass
+class Task:
+    spec: TaskSpec
+    split: str
+    items: list[dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def load_task(spec: TaskSpec, split: str) -> Task:
+    if split not in SPLITS:
+        raise TaskError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "test" and in_search():
+        raise HeldOutError(f"task {spec.name}: the test split is held out and cannot be scored during a search")
+    path = spec.files.get(split)
+    if path is None:
+        raise TaskError(f"task {spec.name}: no {split} split (files: {sorted(spec.files)})")
+    items = []
+    try:
+        with open(path) as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskError(f"{path}:{lineno}: not valid JSON ({e})") from None
+                need = ("prompt", "answer") if spec.kind == "generate" else ("prompt", "choices", "label")
+                missing = [k for k in need if k not in item]
+                if missing:
+                    raise TaskError(f"{path}:{lineno}: missing field(s) {missing} for a {spec.kind} task")
+                items.append(item)
+    except FileNotFoundError:
+        raise TaskError(f"task {spec.name}: {split} file {path} not found") from None
+    if not items:
+        raise TaskError(f"{path}: no examples")
+    return Task(spec, split, items)
+
+
+def load_specs(source: str | Path, names: list[str] | None = None) -> list[TaskSpec]:
+    """Task specs from a zoo manifest (`tasks` list) or a tasks JSON/YAML file; optionally pick by name."""
+    import yaml
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / "manifest.json"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise TaskError(f"{path}: cannot read task definitions ({e})") from None
+    raw = data["tasks"] if isinstance(data, dict) and "tasks" in data else data
+    specs = [TaskSpec.from_dict(d, root=path.parent) for d in raw]
+    if names:
+        by_name = {s.name: s for s in specs}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise TaskError(f"{path}: unknown task(s) {unknown}; known: {sorted(by_name)}")
+        specs = [by_name[n] for n in names]
+    return specs
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def score_generation(metric: str, output: str, answer: str) -> float:
+    """exact_match compares stripped strings; numeric compares the first number in the output."""
+    if metric == "numeric":
+        m = _NUMBER.search(output)
+        return float(m is not None and float(m.group()) == float(answer))
+    return float(output.strip() == str(answer).strip())
+
+
+def write_jsonl(path: Path, items: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(i) + "\n" for i in items))
+    tmp.replace(path)

@@ -1,0 +1,96 @@
+"""Run report: the held-out table, best-so-far fitness vs evaluations, and a heatmap of the best recipe's
+per-layer parameters, as one self-contained HTML file (plots embedded as PNG)."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+from .layers import classify
+from .recipe import Recipe, atomic_write_text
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def recipe_matrix(recipe: Recipe, space) -> tuple[list[str], list[str], list[list[float]]]:
+    """Rows (param[source]), columns (layer groups), values, read back through recipe.plan."""
+    columns, names = [], []
+    for g in space.groups:
+        if g.layers is None and g.tensors:
+            columns.append(g.name)
+            names.append(g.tensors[0])
+        elif g.layers is not None:
+            layer_names = [n for n in space.tensor_names if classify(n).layer == g.layers[0] and (g.part is None or (classify(n).group == "mlp") == (g.part == "mlp"))]
+            if layer_names:
+                columns.append(g.name)
+                names.append(layer_names[0])
+        else:
+            columns.append("all")
+            names.append(next(iter(space.tensor_names)))
+    rows, values = [], []
+    params = [p for p in ("weight", "density", "gamma", "epsilon") if p in space.space.genes]
+    for p in params:
+        for si, sname in enumerate(space.source_names):
+            rows.append(f"{p}[{sname}]")
+            values.append([float(recipe.plan(n, space.num_layers).source_params[si].get(p, float("nan"))) for n in names])
+    return rows, columns, values
+
+
+def write_html_report(run_dir: Path, report: dict[str, Any], best: Recipe, space) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = report["tasks"]
+    rows = report["rows"]
+    table = "<table><tr><th>model</th>" + "".join(f"<th>{html.escape(t)}</th>" for t in tasks) + "<th>fitness</th></tr>"
+    for name, row in rows.items():
+        style = ' style="font-weight:bold"' if name == "evolved" else ""
+        table += f"<tr{style}><td>{html.escape(name)}</td>" + "".join(f"<td>{row[t]:.3f}</td>" for t in tasks) + f"<td>{row['fitness']:.3f}</td></tr>"
+    table += "</table>"
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    hist = [(n, f) for n, f in report["history"] if f is not None]
+    if hist:
+        xs = list(range(1, len(hist) + 1))
+        best_so_far, b = [], float("-inf")
+        for _, f in hist:
+            b = max(b, f)
+            best_so_far.append(b)
+        ax.scatter(xs, [f for _, f in hist], s=8, alpha=0.4, label="trial")
+        ax.plot(xs, best_so_far, color="C3", label="best so far")
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("search fitness")
+    ax.legend(loc="lower right")
+    curve = _png(fig)
+    plt.close(fig)
+
+    heat = ""
+    if best is not None and space is not None:
+        r, c, v = recipe_matrix(best, space)
+        if r:
+            fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(c) + 2), 0.35 * len(r) + 1.2))
+            im = ax.imshow(v, aspect="auto", cmap="viridis")
+            ax.set_xticks(range(len(c)), c, rotation=45, ha="right")
+            ax.set_yticks(range(len(r)), r)
+            fig.colorbar(im, ax=ax)
+            heat = f'<h2>Best recipe, per layer group</h2><img src="data:image/png;base64,{_png(fig)}">'
+            plt.close(fig)
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>evomerge run {html.escape(report['name'])}</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td,th{{padding:4px 10px;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
+<h1>evomerge run {html.escape(report['name'])}</h1>
+<p>{report['n_trials']} trials, optimizer {html.escape(str(report['optimizer']))}, seed {report['seed']}; best trial #{report['best_trial']} (search fitness {report['best_search_fitness']}).</p>
+<h2>Held-out ({report['split']} split) scores</h2>{table}
+<h2>Search progress</h2><img src="data:image/png;base64,{curve}">
+{heat}
+<h2>Best recipe</h2><pre>{html.escape(best.to_yaml() if best else '')}</pre></body></html>"""
+    path = run_dir / "report.html"
+    atomic_write_text(path, body)
+    return path

@@ -1,0 +1,132 @@
+"""Optimizers behind one ask/tell interface, every candidate an Optuna trial in one study.
+
+- `cma`: pycma's CMA-ES on the unit cube (genes scaled to [0, 1]). Its state is pickled after every ask
+  and tell, so a killed run resumes inside a generation: candidates of that generation that already
+  finished are read back from the study, not evaluated again. Single process.
+- `tpe`, `optuna-cma`, `nsga2`, `random`: Optuna samplers. The study (SQLite or any RDB URL) is the
+  state, so several `evomerge worker` processes can share one study.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+from ..space import BoundSpace
+
+OPTIMIZERS = ("cma", "tpe", "optuna-cma", "nsga2", "random")
+
+
+@dataclass
+class Candidate:
+    trial: optuna.trial.Trial
+    params: dict[str, Any]
+    cached_values: list[float] | None = None  # already finished before a resume (cma only)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def distributions(space: BoundSpace) -> dict[str, Any]:
+    return {g.name: CategoricalDistribution(list(g.choices)) if g.choices else FloatDistribution(g.low, g.high, log=g.log) for g in space.genes}
+
+
+def make_sampler(name: str, seed: int, space: BoundSpace, popsize: int | None = None) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(10, max(4, space.dim)))
+    if name == "optuna-cma":
+        return optuna.samplers.CmaEsSampler(seed=seed, x0=space.initial() if not any(g.choices for g in space.genes) else None, popsize=popsize, warn_independent_sampling=False)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=popsize or 20)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+
+
+class OptunaOptimizer:
+    def __init__(self, study: optuna.Study, space: BoundSpace) -> None:
+        self.study = study
+        self.space = space
+        self.dists = distributions(space)
+
+    def ask(self) -> Candidate:
+        trial = self.study.ask(self.dists)
+        return Candidate(trial, {g.name: trial.params[g.name] for g in self.space.genes})
+
+    def tell(self, cand: Candidate, values: list[float]) -> None:
+        self.study.tell(cand.trial, values if len(values) > 1 else values[0])
+
+    def finish(self) -> None:
+        pass
+
+
+class CMAOptimizer:
+    """pycma ask/tell; candidates are enqueued into the study so each one is a normal trial."""
+
+    def __init__(self, study: optuna.Study, space: BoundSpace, state_path: Path, seed: int = 0, sigma0: float = 0.2, popsize: int | None = None, x0: list[float] | None = None) -> None:
+        import cma
+
+        self.study = study
+        self.space = space
+        self.dists = distributions(space)
+        self.state_path = Path(state_path)
+        self.pending: list[tuple[int, list[float]]] = []
+        if self.state_path.is_file():
+            with open(self.state_path, "rb") as fh:
+                state = pickle.load(fh)
+            self.es, self.generation, self.solutions, self.values = state["es"], state["generation"], state["solutions"], state["values"]
+        else:
+            opts = {"seed": seed + 1, "bounds": [0.0, 1.0], "verbose": -9}
+            if popsize:
+                opts["popsize"] = popsize
+            start = x0 if x0 is not None else space.to_unit(space.initial())
+            self.es = cma.CMAEvolutionStrategy(start, sigma0, opts)
+            self.generation, self.solutions, self.values = 0, None, {}
+
+    def _save(self) -> None:
+        tmp = self.state_path.with_name(self.state_path.name + f".tmp-{os.getpid()}")
+        with open(tmp, "wb") as fh:
+            pickle.dump({"es": self.es, "generation": self.generation, "solutions": self.solutions, "values": self.values}, fh)
+        os.replace(tmp, self.state_path)
+
+    def _finished(self) -> dict[int, list[float]]:
+        done = {}
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if t.user_attrs.get("cma_generation") == self.generation:
+                done[t.user_attrs["cma_index"]] = list(t.values)
+        return done
+
+    def ask(self) -> Candidate:
+        if self.solutions is None:
+            self.solutions = [list(map(float, x)) for x in self.es.ask()]
+            self.values = {}
+            self._save()
+        done = self._finished()
+        self.values.update(done)
+        for idx, x in enumerate(self.solutions):
+            if idx in self.values or idx in [i for i, _ in self.pending]:
+                continue
+            params = self.space.from_unit(x)
+            self.study.enqueue_trial(params, user_attrs={"cma_generation": self.generation, "cma_index": idx}, skip_if_exists=False)
+            trial = self.study.ask(self.dists)
+            self.pending.append((idx, x))
+            return Candidate(trial, params, attrs={"cma_generation": self.generation, "cma_index": idx})
+        raise RuntimeError("internal: no CMA candidate left to ask in this generation")
+
+    def tell(self, cand: Candidate, values: list[float]) -> None:
+        self.study.tell(cand.trial, values[0])
+        idx = cand.attrs["cma_index"]
+        self.pending = [(i, x) for i, x in self.pending if i != idx]
+        self.values[idx] = values
+        if len(self.values) == len(self.solutions):
+            # cma minimizes; our fitness is maximized
+            self.es.tell(self.solutions, [-self.values[i][0] for i in range(len(self.solutions))])
+            self.generation += 1
+            self.solutions, self.values = None, {}
+        self._save()
+
+    def finish(self) -> None:
+        self._save()

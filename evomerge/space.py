@@ -1,0 +1,247 @@
+"""Search spaces: which recipe knobs the optimizer turns, and how a point decodes to a Recipe.
+
+A space (YAML in `search_spaces/`) names the method (or a categorical method choice), the granularity
+(global, blocks of k layers, single layers; optionally attention and MLP apart) and the genes with
+bounds. Bound to concrete models it becomes a flat list of named genes; a point (gene name → value) decodes
+deterministically into a Recipe whose per-layer values are mergekit gradient lists (one entry per layer)
+and whose embedding/head values are per-tensor filters, so most searched recipes export to mergekit.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .layers import classify
+from .methods import METHODS, get_method
+from .recipe import MethodRule, ModelEntry, Recipe, RecipeError, Rule
+
+SOURCE_GENES = ("weight", "density", "gamma", "epsilon")
+GLOBAL_GENES = ("t", "lambda")
+
+
+class GeneSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    low: float
+    high: float
+    init: float | None = None
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "GeneSpec":
+        if not self.low < self.high:
+            raise ValueError(f"gene bounds need low < high, got [{self.low}, {self.high}]")
+        if self.init is not None and not self.low <= self.init <= self.high:
+            raise ValueError(f"gene init {self.init} outside [{self.low}, {self.high}]")
+        return self
+
+    @property
+    def start(self) -> float:
+        return self.init if self.init is not None else (self.low + self.high) / 2
+
+
+class SearchSpace(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    method: str | None = None
+    method_choice: list[str] | None = None
+    granularity: Literal["global", "block", "layer"] = "layer"
+    block_size: int = 1
+    split_attn_mlp: bool = False
+    genes: dict[str, GeneSpec]
+    parameters: dict[str, Any] = Field(default_factory=dict)  # fixed merge-wide parameters
+    base: str | None = None
+    sources: list[str] | None = None
+    dtype: str = "float32"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchSpace":
+        if (self.method is None) == (self.method_choice is None):
+            raise ValueError("give exactly one of method or method_choice")
+        methods = self.methods()
+        for m in methods:
+            get_method(m)
+        allowed = set(GLOBAL_GENES)
+        for m in methods:
+            allowed |= set(METHODS[m].source_params)
+        unknown = set(self.genes) - allowed
+        if unknown:
+            raise ValueError(f"gene(s) {sorted(unknown)} are not parameters of {methods}; allowed: {sorted(allowed)}")
+        if self.granularity == "block" and self.block_size < 1:
+            raise ValueError("block_size must be ≥ 1")
+        return self
+
+    def methods(self) -> list[str]:
+        return list(self.method_choice or [self.method])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SearchSpace":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+            return cls.model_validate(data)
+        except (OSError, yaml.YAMLError) as e:
+            raise RecipeError(f"{path}: cannot read search space ({e})") from None
+        except ValidationError as e:
+            raise RecipeError(f"{path}: invalid search space:\n{e}") from None
+
+    def bind(self, base: str, sources: list[str], tensor_names: list[str], num_layers: int, source_names: list[str] | None = None) -> "BoundSpace":
+        return BoundSpace(self, base, list(sources), list(source_names or [Path(s).name for s in sources]), list(tensor_names), num_layers)
+
+
+@dataclass(frozen=True)
+class Gene:
+    name: str
+    low: float = 0.0
+    high: float = 1.0
+    init: float = 0.5
+    log: bool = False
+    choices: tuple[str, ...] | None = None  # categorical when set
+
+    def from_unit(self, u: float) -> float | str:
+        """Map u ∈ [0, 1] (CMA-ES coordinates) to the gene's range; clipped, categorical by bins."""
+        u = min(1.0, max(0.0, float(u)))
+        if self.choices:
+            return self.choices[min(len(self.choices) - 1, int(u * len(self.choices)))]
+        if self.log:
+            import math
+
+            return math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
+        return self.low + u * (self.high - self.low)
+
+    def to_unit(self, v: float | str) -> float:
+        if self.choices:
+            return (self.choices.index(v) + 0.5) / len(self.choices)
+        if self.log:
+            import math
+
+            return (math.log(v) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        return (float(v) - self.low) / (self.high - self.low)
+
+
+@dataclass
+class _Group:
+    name: str
+    layers: tuple[int, ...] | None  # layer group; None for a set of non-layer tensors
+    tensors: tuple[str, ...] = ()  # non-layer tensors of this group
+    part: str | None = None  # "attn" or "mlp" when split
+
+
+class BoundSpace:
+    """A search space bound to a base, sources and tensor names: a flat, ordered list of genes."""
+
+    def __init__(self, space: SearchSpace, base: str, sources: list[str], source_names: list[str], tensor_names: list[str], num_layers: int) -> None:
+        self.space = space
+        self.base = base
+        self.sources = sources
+        self.source_names = source_names
+        self.num_layers = num_layers
+        self.tensor_names = tensor_names
+        self.groups = self._groups(tensor_names, num_layers)
+        genes: list[Gene] = []
+        for g in self.groups:
+            if space.method_choice:
+                genes.append(Gene(f"method@{g.name}", choices=tuple(space.method_choice), init=0.5))
+            for pname, spec in space.genes.items():
+                if pname in GLOBAL_GENES:
+                    continue
+                for sname in source_names:
+                    genes.append(Gene(f"{pname}[{sname}]@{g.name}", spec.low, spec.high, spec.start, spec.log))
+        for pname, spec in space.genes.items():
+            if pname in GLOBAL_GENES:
+                genes.append(Gene(pname, spec.low, spec.high, spec.start, spec.log))
+        self.genes = genes
+        self.by_name = {g.name: g for g in genes}
+
+    def _groups(self, names: list[str], num_layers: int) -> list[_Group]:
+        s = self.space
+        if s.granularity == "global":
+            return [_Group("all", None)]
+        k = 1 if s.granularity == "layer" else s.block_size
+        groups = []
+        embed = tuple(n for n in names if classify(n).layer is None and classify(n).group == "embed")
+        head = tuple(n for n in names if classify(n).layer is None and classify(n).group != "embed")
+        if embed:
+            groups.append(_Group("embed", None, embed))
+        for start in range(0, num_layers, k):
+            layers = tuple(range(start, min(start + k, num_layers)))
+            label = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
+            if s.split_attn_mlp:
+                groups.append(_Group(f"{label}.attn", layers, part="attn"))
+                groups.append(_Group(f"{label}.mlp", layers, part="mlp"))
+            else:
+                groups.append(_Group(label, layers))
+        if head:
+            groups.append(_Group("head", None, head))
+        return groups
+
+    @property
+    def dim(self) -> int:
+        return len(self.genes)
+
+    def initial(self) -> dict[str, float | str]:
+        return {g.name: (g.choices[min(len(g.choices) - 1, int(g.init * len(g.choices)))] if g.choices else g.init) for g in self.genes}
+
+    def from_unit(self, x) -> dict[str, float | str]:
+        return {g.name: g.from_unit(u) for g, u in zip(self.genes, x)}
+
+    def to_unit(self, params: dict[str, float | str]) -> list[float]:
+        return [g.to_unit(params[g.name]) for g in self.genes]
+
+    def decode(self, params: dict[str, float | str], name: str | None = None) -> Recipe:
+        """Deterministic: the same params always give the same Recipe."""
+        missing = [g.name for g in self.genes if g.name not in params]
+        if missing:
+            raise RecipeError(f"search point lacks gene(s) {missing[:5]}")
+        s = self.space
+        if s.granularity == "global":
+            models = [ModelEntry(model=src, parameters={p: float(params[f"{p}[{sn}]@all"]) for p in s.genes if p not in GLOBAL_GENES}) for src, sn in zip(self.sources, self.source_names)]
+            method = str(params["method@all"]) if s.method_choice else s.method
+            rules: list[MethodRule] = []
+        else:
+            models = []
+            for src, sn in zip(self.sources, self.source_names):
+                models.append(ModelEntry(model=src, parameters={p: self._rules(params, p, sn) for p in s.genes if p not in GLOBAL_GENES}))
+            method = s.method_choice[0] if s.method_choice else s.method
+            rules = self._method_rules(params) if s.method_choice else []
+        global_params = dict(s.parameters)
+        for p in GLOBAL_GENES:
+            if p in s.genes:
+                global_params[p] = float(params[p])
+        return Recipe(merge_method=method, base_model=self.base, models=models, parameters=global_params, method_rules=rules, dtype=s.dtype, seed=s.seed, name=name)
+
+    def _rules(self, params: dict, pname: str, sname: str) -> list[Rule]:
+        rules = []
+        layer_values: dict[str, list[float]] = {"attn": [0.0] * self.num_layers, "mlp": [0.0] * self.num_layers, None: [0.0] * self.num_layers}
+        for g in self.groups:
+            value = float(params[f"{pname}[{sname}]@{g.name}"])
+            if g.layers is None:
+                rules.extend(Rule(filter=t, value=value) for t in g.tensors)
+            else:
+                for i in g.layers:
+                    layer_values[g.part][i] = value
+        if self.space.split_attn_mlp:
+            rules.append(Rule(filter="mlp", value=layer_values["mlp"]))
+            rules.append(Rule(value=layer_values["attn"]))
+        else:
+            rules.append(Rule(value=layer_values[None]))
+        return rules
+
+    def _method_rules(self, params: dict) -> list[MethodRule]:
+        rules = []
+        for g in self.groups:
+            m = str(params[f"method@{g.name}"])
+            if g.layers is None:
+                rules.extend(MethodRule(filter=t, method=m) for t in g.tensors)
+            elif g.part == "mlp":
+                rules.append(MethodRule(filter="mlp", layers=list(g.layers), method=m))
+            else:
+                rules.append(MethodRule(layers=list(g.layers), method=m))
+        # rules match first-wins: the narrower (filtered) ones must precede the layer-only ones
+        return sorted(rules, key=lambda r: r.filter is None)

@@ -1,0 +1,271 @@
+"""`evomerge zoo build`: a deterministic miniature of the evolutionary-merging setup, built offline.
+
+Models (all LlamaForCausalLM, one char-level tokenizer):
+- base: pre-trained on a general mix — language-A facts (90 % of sentences), a little language-B text,
+  A-language arithmetic and word reversal at low rates, so it is mediocre at everything.
+- experts, fine-tuned from the base with modest learning rates (same basin):
+  `expert_math` (A arithmetic), `expert_lang_b` (B text), `expert_reverse` (A reversal).
+- soup ingredients: fine-tunes of the math task with different learning rates and seeds.
+Tasks (jsonl, disjoint search/test splits; lm-eval YAMLs with absolute paths):
+- math_a (expert_math's), facts_b (expert_lang_b's, multiple choice), reverse_a (expert_reverse's),
+  facts_a (multiple choice), and the composed target math_b: arithmetic asked in language B.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..evaluate.tasks import TaskSpec, load_task, write_jsonl
+from . import world as W
+from .tokenizer import build_char_tokenizer
+from .train import train_lm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    seed: int = 0
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 6
+    intermediate_size: int = 512
+    batch_size: int = 64
+    base_steps: int = 1200
+    base_lr: float = 2e-3
+    expert_steps: int = 300
+    expert_lr: float = 3e-4
+    soup_steps: int = 150
+    soup_lrs: tuple[float, ...] = (1e-4, 2e-4, 4e-4, 8e-4)
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+FULL = ZooConfig()
+SMALL = ZooConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, batch_size=16, base_steps=30, expert_steps=10, soup_steps=5, soup_lrs=(1e-4, 4e-4))
+
+
+def default_zoo_dir(config: ZooConfig) -> Path:
+    root = Path(os.environ.get("EVOMERGE_CACHE", Path.home() / ".cache" / "evomerge"))
+    return root / f"zoo-{config.key()}"
+
+
+# ---- text mixtures ---------------------------------------------------------------------------
+def _mixture(parts: list[tuple[float, Callable[[random.Random], str]]]) -> Callable[[random.Random], str]:
+    total = sum(w for w, _ in parts)
+
+    def sample(rng: random.Random) -> str:
+        x = rng.random() * total
+        for w, fn in parts:
+            x -= w
+            if x <= 0:
+                return fn(rng)
+        return parts[-1][1](rng)
+
+    return sample
+
+
+def _streams(world: W.World, held_out_words: set[str]) -> dict[str, Callable[[random.Random], str]]:
+    def math_a(rng):
+        p, a = W.math_example(world, rng)
+        return p + a
+
+    def reverse_a(rng):
+        while True:
+            w = W.reverse_word(rng)
+            if w not in held_out_words:
+                p, a = W.reverse_example(w)
+                return p + a
+
+    return {
+        "sent_a": lambda rng: W.sentence(world, rng),
+        "sent_b": lambda rng: world.to_b(W.sentence(world, rng)),
+        "math_a": math_a,
+        "reverse_a": reverse_a,
+    }
+
+
+# ---- tasks ---------------------------------------------------------------------------------------
+def write_tasks(root: Path, world: W.World) -> list[TaskSpec]:
+    specs = []
+
+    def add(name, kind, search, test, **kw):
+        files = {}
+        for split, items in (("search", search), ("test", test)):
+            path = root / "tasks" / name / f"{split}.jsonl"
+            write_jsonl(path, items)
+            files[split] = str(path.resolve())
+        specs.append(TaskSpec(name=name, kind=kind, files=files, **kw))
+
+    add("math_a", "generate", W.math_items(world, "search", False), W.math_items(world, "test", False), metric="exact_match", max_new_tokens=4)
+    add("math_b", "generate", W.math_items(world, "search", True), W.math_items(world, "test", True), metric="exact_match", max_new_tokens=4)
+    rs, rt = W.reverse_items(world.seed, 200, set())
+    add("reverse_a", "generate", rs, rt, metric="exact_match", max_new_tokens=8)
+    fs, ft = W.fact_items(world, in_b=False)
+    add("facts_a", "multiple_choice", fs, ft, metric="acc")
+    fs, ft = W.fact_items(world, in_b=True)
+    add("facts_b", "multiple_choice", fs, ft, metric="acc")
+    write_lm_eval_yamls(root / "tasks" / "lm_eval", specs)
+    return specs
+
+
+def write_lm_eval_yamls(folder: Path, specs: list[TaskSpec]) -> None:
+    """One lm-eval task per (task, split): `zoo_<name>_<split>`, reading the jsonl by absolute path."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        for split, path in spec.files.items():
+            cfg = {
+                "task": f"zoo_{spec.name}_{split}",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {split: path}},
+                "test_split": split,
+                "doc_to_text": "{{prompt}}",
+            }
+            if spec.kind == "generate":
+                cfg.update({
+                    "output_type": "generate_until",
+                    "doc_to_target": "{{answer}}",
+                    "generation_kwargs": {"until": list(spec.stop), "do_sample": False, "max_gen_toks": spec.max_new_tokens},
+                    "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+                    "filter_list": [{"name": "strip", "filter": [{"function": "strip_whitespace"}, {"function": "take_first"}]}],
+                })
+            else:
+                cfg.update({
+                    "output_type": "multiple_choice",
+                    "doc_to_choice": "{{choices}}",
+                    "doc_to_target": "{{label}}",
+                    "target_delimiter": "",
+                    "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+                })
+            (folder / f"zoo_{spec.name}_{split}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+# ---- build ---------------------------------------------------------------------------------------
+def _save(model, tokenizer, path: Path) -> str:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path.resolve())
+
+
+def build_zoo(out: str | os.PathLike | None = None, config: ZooConfig = FULL, progress: Callable[[str], None] | None = None, overwrite: bool = False) -> Path:
+    """Build (or reuse, when a complete build for this config exists) the zoo; returns its directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out) if out else default_zoo_dir(config)
+    if (out / "manifest.json").is_file() and not overwrite:
+        manifest = json.loads((out / "manifest.json").read_text())
+        if manifest.get("config") == json.loads(json.dumps(asdict(config))):
+            return out
+        raise FileExistsError(f"{out}: holds a zoo built with another config; pass --overwrite or another --out")
+    say = progress or (lambda msg: log.info(msg))
+    started = time.time()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        world = W.make_world(config.seed)
+        tok = build_char_tokenizer(W.ALPHABET)
+        specs = write_tasks(tmp, world)
+        # tasks are written into tmp; point them at the final location
+        for s in specs:
+            s.files = {k: str(out.resolve() / Path(v).relative_to(tmp.resolve())) for k, v in s.files.items()}
+        held_out = {item["prompt"].split()[1] for split in ("search", "test") for item in _read(tmp / "tasks" / "reverse_a" / f"{split}.jsonl")}
+        streams = _streams(world, held_out)
+        cfg = LlamaConfig(
+            vocab_size=len(tok), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
+            max_position_embeddings=64, tie_word_embeddings=False, rope_theta=10000.0,
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        )
+        torch.manual_seed(config.seed)
+        base = LlamaForCausalLM(cfg)
+        say(f"pre-training base ({sum(p.numel() for p in base.parameters()) / 1e6:.2f}M params, {config.base_steps} steps)")
+        base_mix = _mixture([(0.45, streams["sent_a"]), (0.05, streams["sent_b"]), (0.25, streams["math_a"]), (0.25, streams["reverse_a"])])
+        train_lm(base, tok, base_mix, config.base_steps, config.base_lr, config.batch_size, seed=config.seed)
+        models = {"base": _save(base, tok, tmp / "models" / "base")}
+        base_state = {k: v.clone() for k, v in base.state_dict().items()}
+
+        def finetune(name: str, sample, steps: int, lr: float, seed: int) -> str:
+            model = LlamaForCausalLM(cfg)
+            model.load_state_dict(base_state)
+            say(f"fine-tuning {name} ({steps} steps, lr {lr:g})")
+            train_lm(model, tok, sample, steps, lr, config.batch_size, seed=seed, warmup=min(30, steps // 5 + 1))
+            return _save(model, tok, tmp / "models" / name)
+
+        experts = {
+            "expert_math": finetune("expert_math", streams["math_a"], config.expert_steps, config.expert_lr, config.seed + 1),
+            "expert_lang_b": finetune("expert_lang_b", streams["sent_b"], config.expert_steps, config.expert_lr, config.seed + 2),
+            "expert_reverse": finetune("expert_reverse", streams["reverse_a"], config.expert_steps, config.expert_lr, config.seed + 3),
+        }
+        soup = {}
+        for i, lr in enumerate(config.soup_lrs):
+            name = f"soup_math_{i}"
+            soup[name] = finetune(name, streams["math_a"], config.soup_steps, lr, config.seed + 100 + i)
+        models.update(experts)
+        models.update(soup)
+        # repoint model paths to the final location
+        final = {k: str(out.resolve() / Path(v).relative_to(tmp.resolve())) for k, v in models.items()}
+        say("scoring every model on every task")
+        scores = score_models({k: Path(v) for k, v in models.items()}, specs_at(specs, tmp, out), tok)
+        manifest = {
+            "config": json.loads(json.dumps(asdict(config))),
+            "seed": config.seed,
+            "base": final["base"],
+            "experts": {k: final[k] for k in experts},
+            "soup_ingredients": {k: final[k] for k in soup},
+            "composed_task": "math_b",
+            "expert_tasks": {"expert_math": "math_a", "expert_lang_b": "facts_b", "expert_reverse": "reverse_a"},
+            "tasks": [s.to_dict() for s in specs],
+            "lm_eval_include_path": str(out.resolve() / "tasks" / "lm_eval"),
+            "scores": scores,
+            "build_seconds": round(time.time() - started, 1),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"zoo ready at {out} ({time.time() - started:.0f}s)")
+    return out
+
+
+def specs_at(specs: list[TaskSpec], tmp: Path, out: Path) -> list[TaskSpec]:
+    """The specs as they read while the build still sits in its temporary directory."""
+    moved = []
+    for s in specs:
+        files = {k: str(tmp.resolve() / Path(v).relative_to(out.resolve())) for k, v in s.files.items()}
+        moved.append(TaskSpec(**{**s.to_dict(), "files": files}))
+    return moved
+
+
+def score_models(models: dict[str, Path], specs: list[TaskSpec], tokenizer) -> dict[str, dict[str, dict[str, float]]]:
+    """model -> split -> task -> score, with the native evaluator."""
+    from transformers import AutoModelForCausalLM
+
+    from ..evaluate.native import NativeEvaluator
+
+    tasks = {split: [load_task(s, split) for s in specs] for split in ("search", "test")}
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for name, path in models.items():
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        scores[name] = {split: NativeEvaluator(model, tokenizer, ts).evaluate().scores for split, ts in tasks.items()}
+    return scores
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
