@@ -174,9 +174,11 @@ def write_merged(
 
     def produce(name: str) -> torch.Tensor:
         plan = recipe.plan(name, num_layers)
+        b = _load(base, name, dev, work) if base is not None else None
         tensors = [_load(s, name, dev, work) for s in sources]
-        if not tensors[0].is_floating_point():
-            return tensors[0]
+        first = b if b is not None else tensors[0]
+        if not first.is_floating_point():
+            return first
         with torch.no_grad():
             if base is None:
                 spec = get_method(plan.method)
@@ -186,7 +188,6 @@ def write_merged(
                 if any(w is None for w in weights):
                     raise RecipeError(f"linear: every model needs a weight (tensor {name})")
                 return kernels.linear(tensors, weights, normalize=bool(plan.global_params.get("normalize", True)))
-            b = _load(base, name, dev, work)
             deltas = [t - b for t in tensors]
             return merge_deltas(plan.method, b, deltas, plan.source_params, plan.global_params, seed=recipe.seed, key=name, base_weight=plan.base_weight)
 

@@ -9,6 +9,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
+
+transformers.utils.logging.disable_progress_bar()
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -47,3 +50,11 @@ def make_llama_family(root: Path, n_sources: int = 3, seed: int = 0, scale: floa
 def llama_family(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")
     return make_llama_family(root)
+
+
+@pytest.fixture(scope="session")
+def small_zoo(tmp_path_factory):
+    """The reduced zoo build (tiny model, few steps) — what CI can afford."""
+    from evomerge.zoo.build import SMALL, build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo") / "zoo", SMALL)

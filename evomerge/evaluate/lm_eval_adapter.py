@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +30,9 @@ class LMEvalEvaluator:
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=True)
         manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_path is None)
         self.task_names = list(tasks)
-        self.task_dict = get_task_dict(self.task_names, manager)
+        with warnings.catch_warnings():  # get_task_dict is deprecated in newer lm-eval but works in all 0.4.x
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.task_dict = get_task_dict(self.task_names, manager)
 
     def evaluate(self, limit: int | None = None) -> dict[str, float]:
         """task -> primary metric, for the model's current weights."""

@@ -101,14 +101,16 @@ class NativeEvaluator:
 
     # ---- scoring (every call) -----------------------------------------------------------------
     def evaluate(self, subset: dict[str, Sequence[int]] | None = None) -> EvalResult:
-        """Score every task (or only the item indices in `subset[task]`) with the model's current weights."""
+        """Score every task, or only the tasks and item indices given in `subset`, with the current weights."""
         result = EvalResult(scores={})
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
                 for task in self.tasks:
-                    which = list(subset[task.name]) if subset and task.name in subset else list(range(len(task.items)))
+                    if subset is not None and task.name not in subset:
+                        continue
+                    which = list(subset[task.name]) if subset is not None else list(range(len(task.items)))
                     if not which:
                         continue
                     per_item = self._generate(task, which) if task.spec.kind == "generate" else self._multiple_choice(task, which)

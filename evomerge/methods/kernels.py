@@ -74,7 +74,10 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
     for t, w in zip(tensors, weights):
         res.add_(t.to(work), alpha=float(w))
     if normalize:
-        res.div_(sum(float(w) for w in weights))
+        total = sum(float(w) for w in weights)
+        if abs(total) < 1e-12:
+            raise ValueError("linear merge: the weights sum to zero, so they cannot be normalized")
+        res.div_(total)
     if out is None:
         return res.to(tensors[0].dtype)
     return out.copy_(res)
@@ -84,6 +87,8 @@ def linear_deltas(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: S
     """Linear merge of base+δᵢ (and the base itself with `base_weight`) from resident task vectors."""
     work = _work_dtype(base)
     total = sum(float(w) for w in weights) + base_weight
+    if normalize and abs(total) < 1e-12:
+        raise ValueError("linear merge: the weights sum to zero, so they cannot be normalized")
     scale = 1.0 / total if normalize else 1.0
     change = torch.zeros(base.shape, dtype=work, device=base.device)
     for d, w in zip(deltas, weights):

@@ -43,7 +43,8 @@ def _gta(name: str, sparsification: str | None, consensus: str | None, normalize
 METHODS: dict[str, MethodSpec] = {
     m.name: m
     for m in [
-        MethodSpec("linear", "linear", needs_base=False, source_params={"weight": None}, global_params={"normalize": True}),
+        # min 0: a linear merge may consist of the base model alone (listed among the models)
+        MethodSpec("linear", "linear", needs_base=False, source_params={"weight": None}, global_params={"normalize": True}, min_sources=0),
         _gta("task_arithmetic", None, None, normalize=False, rescale=False),
         _gta("ties", "magnitude", "sum", normalize=True, rescale=False),
         _gta("dare_ties", "random", "sum", normalize=False, rescale=True),
@@ -79,7 +80,10 @@ def resolve_params(spec: MethodSpec, n_sources: int, source_params: list[dict[st
     shared = {k: v for k, v in global_params.items() if k in spec.source_params}
     global_params = {k: v for k, v in global_params.items() if k not in spec.source_params}
     if n_sources < spec.min_sources or (spec.max_sources is not None and n_sources > spec.max_sources):
-        want = f"{spec.min_sources}" + (f"..{spec.max_sources}" if spec.max_sources != spec.min_sources else "")
+        if spec.max_sources is None:
+            want = f"at least {spec.min_sources}"
+        else:
+            want = f"{spec.min_sources}" + (f"..{spec.max_sources}" if spec.max_sources != spec.min_sources else "")
         raise MethodError(f"{spec.name} takes {want} non-base source(s), got {n_sources}")
     per_source = []
     for i, given in enumerate(source_params):

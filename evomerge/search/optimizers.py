@@ -38,7 +38,7 @@ def make_sampler(name: str, seed: int, space: BoundSpace, popsize: int | None = 
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(10, max(4, space.dim)))
     if name == "optuna-cma":
-        return optuna.samplers.CmaEsSampler(seed=seed, x0=space.initial() if not any(g.choices for g in space.genes) else None, popsize=popsize, warn_independent_sampling=False)
+        return optuna.samplers.CmaEsSampler(seed=seed, popsize=popsize, warn_independent_sampling=False)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=popsize or 20)
     if name == "random":

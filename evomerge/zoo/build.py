@@ -1,10 +1,11 @@
 """`evomerge zoo build`: a deterministic miniature of the evolutionary-merging setup, built offline.
 
 Models (all LlamaForCausalLM, one char-level tokenizer):
-- base: pre-trained on a general mix — language-A facts (90 % of sentences), a little language-B text,
-  A-language arithmetic and word reversal at low rates, so it is mediocre at everything.
+- base: pre-trained on a lopsided bilingual mix — mostly language-A text, some A arithmetic, a little
+  language-B text and B arithmetic, a little word reversal — so it is mediocre at everything.
 - experts, fine-tuned from the base with modest learning rates (same basin):
-  `expert_math` (A arithmetic), `expert_lang_b` (B text), `expert_reverse` (A reversal).
+  `expert_math` (A arithmetic only), `expert_lang_b` (B text, with B arithmetic at a fifth of it, as a
+  language model of B would see), `expert_reverse` (A reversal).
 - soup ingredients: fine-tunes of the math task with different learning rates and seeds.
 Tasks (jsonl, disjoint search/test splits; lm-eval YAMLs with absolute paths):
 - math_a (expert_math's), facts_b (expert_lang_b's, multiple choice), reverse_a (expert_reverse's),
@@ -93,20 +94,23 @@ def _streams(world: W.World, held_out_words: set[str]) -> dict[str, Callable[[ra
         "sent_a": lambda rng: W.sentence(world, rng),
         "sent_b": lambda rng: world.to_b(W.sentence(world, rng)),
         "math_a": math_a,
+        "math_b": lambda rng: world.to_b(math_a(rng)),
         "reverse_a": reverse_a,
     }
 
 
 # ---- tasks ---------------------------------------------------------------------------------------
-def write_tasks(root: Path, world: W.World) -> list[TaskSpec]:
+def write_tasks(root: Path, world: W.World, final_root: Path | None = None) -> list[TaskSpec]:
+    """Write every task's splits under `root`; the specs (and lm-eval YAMLs) name them under
+    `final_root`, where the build is renamed to once complete."""
     specs = []
+    final_root = (final_root or root).resolve()
 
     def add(name, kind, search, test, **kw):
         files = {}
         for split, items in (("search", search), ("test", test)):
-            path = root / "tasks" / name / f"{split}.jsonl"
-            write_jsonl(path, items)
-            files[split] = str(path.resolve())
+            write_jsonl(root / "tasks" / name / f"{split}.jsonl", items)
+            files[split] = str(final_root / "tasks" / name / f"{split}.jsonl")
         specs.append(TaskSpec(name=name, kind=kind, files=files, **kw))
 
     add("math_a", "generate", W.math_items(world, "search", False), W.math_items(world, "test", False), metric="exact_match", max_new_tokens=4)
@@ -140,8 +144,8 @@ def write_lm_eval_yamls(folder: Path, specs: list[TaskSpec]) -> None:
                     "output_type": "generate_until",
                     "doc_to_target": "{{answer}}",
                     "generation_kwargs": {"until": list(spec.stop), "do_sample": False, "max_gen_toks": spec.max_new_tokens},
-                    "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
-                    "filter_list": [{"name": "strip", "filter": [{"function": "strip_whitespace"}, {"function": "take_first"}]}],
+                    # compare stripped strings, as the native evaluator does
+                    "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "regexes_to_ignore": ["^\\s+", "\\s+$"]}],
                 })
             else:
                 cfg.update({
@@ -178,10 +182,7 @@ def build_zoo(out: str | os.PathLike | None = None, config: ZooConfig = FULL, pr
     try:
         world = W.make_world(config.seed)
         tok = build_char_tokenizer(W.ALPHABET)
-        specs = write_tasks(tmp, world)
-        # tasks are written into tmp; point them at the final location
-        for s in specs:
-            s.files = {k: str(out.resolve() / Path(v).relative_to(tmp.resolve())) for k, v in s.files.items()}
+        specs = write_tasks(tmp, world, final_root=out)
         held_out = {item["prompt"].split()[1] for split in ("search", "test") for item in _read(tmp / "tasks" / "reverse_a" / f"{split}.jsonl")}
         streams = _streams(world, held_out)
         cfg = LlamaConfig(
@@ -193,7 +194,8 @@ def build_zoo(out: str | os.PathLike | None = None, config: ZooConfig = FULL, pr
         torch.manual_seed(config.seed)
         base = LlamaForCausalLM(cfg)
         say(f"pre-training base ({sum(p.numel() for p in base.parameters()) / 1e6:.2f}M params, {config.base_steps} steps)")
-        base_mix = _mixture([(0.45, streams["sent_a"]), (0.05, streams["sent_b"]), (0.25, streams["math_a"]), (0.25, streams["reverse_a"])])
+        # lopsided bilingual base: mostly A, a little B (text and math), A math, a little reversal
+        base_mix = _mixture([(0.50, streams["sent_a"]), (0.10, streams["sent_b"]), (0.05, streams["math_b"]), (0.25, streams["math_a"]), (0.05, streams["reverse_a"])])
         train_lm(base, tok, base_mix, config.base_steps, config.base_lr, config.batch_size, seed=config.seed)
         models = {"base": _save(base, tok, tmp / "models" / "base")}
         base_state = {k: v.clone() for k, v in base.state_dict().items()}
@@ -207,7 +209,8 @@ def build_zoo(out: str | os.PathLike | None = None, config: ZooConfig = FULL, pr
 
         experts = {
             "expert_math": finetune("expert_math", streams["math_a"], config.expert_steps, config.expert_lr, config.seed + 1),
-            "expert_lang_b": finetune("expert_lang_b", streams["sent_b"], config.expert_steps, config.expert_lr, config.seed + 2),
+            # fluent in B: B text with B math at its natural share, like a language model of B
+            "expert_lang_b": finetune("expert_lang_b", _mixture([(0.8, streams["sent_b"]), (0.2, streams["math_b"])]), config.expert_steps, config.expert_lr, config.seed + 2),
             "expert_reverse": finetune("expert_reverse", streams["reverse_a"], config.expert_steps, config.expert_lr, config.seed + 3),
         }
         soup = {}

@@ -38,10 +38,21 @@ def make_world(seed: int) -> World:
     rng.shuffle(places)
     upper = list(string.ascii_uppercase)
     rng.shuffle(upper)
-    pairs = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
-    rng.shuffle(pairs)
+    # split unordered pairs, so (a, b) and (b, a) — which `sub` turns into the same prompt — never
+    # land in different splits
+    unordered = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(a, MAX_OPERAND + 1)]
+    rng.shuffle(unordered)
     n_eval = 250
-    split = {"search": pairs[:n_eval], "test": pairs[n_eval : 2 * n_eval], "train": pairs[2 * n_eval :]}
+
+    def both(pairs):
+        out = []
+        for a, b in pairs:
+            out.append((a, b) if rng.random() < 0.5 else (b, a))
+        return out
+
+    split = {"search": both(unordered[:n_eval]), "test": both(unordered[n_eval : 2 * n_eval])}
+    split["train"] = [p for a, b in unordered[2 * n_eval :] for p in {(a, b), (b, a)}]
+    split["train"].sort()
     return World(seed, dict(zip(ANIMALS, foods)), dict(zip(ANIMALS, places)), dict(zip(string.ascii_lowercase, upper)), split)
 
 

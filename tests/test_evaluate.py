@@ -1,0 +1,124 @@
+import json
+
+import pytest
+import torch
+
+from evomerge.evaluate.fitness import Fitness
+from evomerge.evaluate.native import EvalResult, NativeEvaluator
+from evomerge.evaluate.tasks import HeldOutError, TaskSpec, load_specs, load_task, searching, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def zoo_model(small_zoo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = json.loads((small_zoo / "manifest.json").read_text())
+    path = m["experts"]["expert_math"]
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path), small_zoo
+
+
+def test_test_split_cannot_be_loaded_during_a_search(small_zoo):
+    spec = load_specs(small_zoo, ["math_b"])[0]
+    with searching():
+        assert load_task(spec, "search").items
+        with pytest.raises(HeldOutError, match="held out"):
+            load_task(spec, "test")
+    assert load_task(spec, "test").items  # fine once the search is over
+
+
+def test_native_evaluator_is_deterministic_and_subsets_work(zoo_model):
+    model, tok, zoo = zoo_model
+    tasks = [load_task(s, "search") for s in load_specs(zoo)]
+    ev = NativeEvaluator(model, tok, tasks, batch_size=16)
+    a, b = ev.evaluate(), ev.evaluate()
+    assert a.scores == b.scores and a.per_item == b.per_item
+    sub = ev.evaluate({"facts_a": [0, 1, 2], "math_a": [5]})
+    assert set(sub.per_item) == {"facts_a", "math_a"} and len(sub.per_item["facts_a"]) == 3
+    assert all(sub.per_item["facts_a"][i] == a.per_item["facts_a"][i] for i in (0, 1, 2))
+
+
+def test_batch_size_does_not_change_results(zoo_model):
+    model, tok, zoo = zoo_model
+    tasks = [load_task(s, "search") for s in load_specs(zoo, ["math_a", "facts_b"])]
+    assert NativeEvaluator(model, tok, tasks, batch_size=7).evaluate().per_item == NativeEvaluator(model, tok, tasks, batch_size=64).evaluate().per_item
+
+
+def test_lm_eval_agrees_with_native_evaluator(zoo_model, tmp_path):
+    """Multiple choice: same accuracy. Generation: a task whose answers are the native greedy outputs must
+    score 1.0 under lm-eval too, i.e. both decode the same text."""
+    from evomerge.evaluate.lm_eval_adapter import LMEvalEvaluator
+    from evomerge.zoo.build import write_lm_eval_yamls
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _, tok, zoo = zoo_model
+    torch.manual_seed(0)  # a random-init model emits varied text: a demanding check of identical decoding
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(zoo / "models" / "base")).eval()
+    specs = {s.name: s for s in load_specs(zoo)}
+    mc = load_task(specs["facts_a"], "search")
+    gen_src = load_task(specs["math_b"], "search")
+    native_gen = NativeEvaluator(model, tok, [gen_src]).generate(gen_src)
+    items = [{"prompt": it["prompt"], "answer": native_gen[i]} for i, it in enumerate(gen_src.items) if native_gen[i].strip()]
+    assert len(items) > 20
+    write_jsonl(tmp_path / "echo.jsonl", items)
+    echo = TaskSpec("echo", "generate", {"search": str(tmp_path / "echo.jsonl")}, max_new_tokens=gen_src.spec.max_new_tokens)
+    write_lm_eval_yamls(tmp_path / "yaml", [echo, specs["facts_a"]])
+    lm = LMEvalEvaluator(model, tok, ["zoo_echo_search", "zoo_facts_a_search"], include_path=tmp_path / "yaml", batch_size=32)
+    got = lm.evaluate()
+    native = NativeEvaluator(model, tok, [load_task(echo, "search"), mc]).evaluate().scores
+    assert native["echo"] == 1.0
+    assert got["zoo_echo_search"] == pytest.approx(1.0)
+    assert got["zoo_facts_a_search"] == pytest.approx(native["facts_a"])
+    assert lm.evaluate() == got  # task objects are reusable across calls
+
+
+class FakeEvaluator:
+    """Items are correct per a fixed table: lets racing be tested exactly."""
+
+    def __init__(self, correct):
+        from types import SimpleNamespace
+
+        self.correct = correct
+        self.tasks = [SimpleNamespace(name="t", items=list(range(len(correct))), spec=SimpleNamespace(weight=1.0))]
+        self.calls = []
+
+    def evaluate(self, subset=None):
+        idx = subset["t"] if subset else range(len(self.correct))
+        self.calls.append(list(idx))
+        per = {i: float(self.correct[i]) for i in idx}
+        return EvalResult({"t": sum(per.values()) / len(per)}, {"t": per}, len(per))
+
+
+def test_racing_bound_prunes_only_hopeless_candidates():
+    ev = FakeEvaluator([1] * 80 + [0] * 20)
+    fit = Fitness(ev, racing="bound", rungs=(0.25, 0.5, 1.0))
+    assert fit().value == pytest.approx(0.8)
+    ev.correct = [0] * 100  # can't reach 0.8 once more than 20 items are wrong
+    res = fit()
+    assert res.pruned and res.n_examples < 100
+    ev.correct = [0] * 15 + [1] * 85  # starts badly but ends at 0.85 > 0.8: must not be pruned
+    res = fit()
+    assert not res.pruned and res.value == pytest.approx(0.85)
+
+
+def test_halving_compares_to_best_at_the_same_rung():
+    ev = FakeEvaluator([1] * 50 + [0] * 50)
+    fit = Fitness(ev, racing="halving", rungs=(0.25, 1.0), seed=1)
+    fit()
+    ev.correct = [0] * 100
+    res = fit()
+    assert res.pruned and res.rung == 0 and res.n_examples == 25
+
+
+def test_subsample_is_seeded_per_call():
+    ev = FakeEvaluator([1, 0] * 50)
+    fit = Fitness(ev, subsample=10, seed=3)
+    fit(call=1)
+    fit(call=1)
+    fit(call=2)
+    assert ev.calls[0] == ev.calls[1] and ev.calls[0] != ev.calls[2] and len(ev.calls[0]) == 10
+
+
+def test_fitness_rejects_unknown_task_weights():
+    with pytest.raises(ValueError, match="unknown task"):
+        Fitness(FakeEvaluator([1]), weights={"nope": 1.0})

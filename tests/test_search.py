@@ -1,0 +1,125 @@
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge.cli import main
+from evomerge.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = ROOT / "search_spaces" / "sakana_ps.yaml"
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_WAIT_POLICY"] = "PASSIVE"
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def complete_trials(db):
+    if not Path(db).exists():
+        return []
+    with sqlite3.connect(db, timeout=30) as c:
+        try:
+            rows = c.execute("select t.number, v.value from trials t join trial_values v on v.trial_id = t.trial_id where t.state = 'COMPLETE' and v.objective = 0 order by t.number").fetchall()
+        except sqlite3.OperationalError:
+            return []
+    return rows
+
+
+def test_search_writes_run_outputs_and_held_out_report(small_zoo, tmp_path):
+    assert main(["search", "--zoo", str(small_zoo), "--space", str(SPACE), "--trials", "8", "--popsize", "4", "--runs-dir", str(tmp_path), "--name", "r", "--seed", "1"]) == 0
+    run = tmp_path / "r"
+    for f in ("study.db", "trials.csv", "best_recipe.yaml", "best_mergekit.yaml", "report.json", "report.html", "cma_state.pkl", "config.json"):
+        assert (run / f).is_file(), f
+    report = json.loads((run / "report.json").read_text())
+    assert report["split"] == "test" and report["n_trials"] == 8
+    assert {"base", "expert_math", "expert_lang_b", "expert_reverse", "uniform soup", "task arithmetic", "TIES", "DARE-TIES", "evolved"} <= set(report["rows"])
+    assert len((run / "trials.csv").read_text().splitlines()) == 9
+    recipe = Recipe.load(run / "best_recipe.yaml")
+    assert recipe.merge_method == "dare_ties"
+    assert yaml.safe_load((run / "best_mergekit.yaml").read_text())["merge_method"] == "dare_ties"
+    assert "data:image/png;base64" in (run / "report.html").read_text()
+    # the best recipe is a normal recipe: it merges to a model directory
+    assert main(["merge", str(run / "best_recipe.yaml"), "--out", str(tmp_path / "merged")]) == 0
+    assert main(["report", str(run)]) == 0
+
+
+def test_same_seed_reproduces_the_same_trials(small_zoo, tmp_path):
+    for name in ("a", "b"):
+        assert main(["search", "--zoo", str(small_zoo), "--space", str(SPACE), "--trials", "5", "--popsize", "5", "--runs-dir", str(tmp_path), "--name", name, "--no-baselines"]) == 0
+    a = (tmp_path / "a" / "trials.csv").read_text().splitlines()
+    b = (tmp_path / "b" / "trials.csv").read_text().splitlines()
+    strip = lambda rows: [r.split(",")[:4] + r.split(",")[7:] for r in rows]  # noqa: E731  (drop timing columns)
+    assert strip(a) == strip(b)
+
+
+@pytest.mark.parametrize("optimizer", ["tpe", "optuna-cma", "nsga2", "random"])
+def test_optuna_optimizers_run(small_zoo, tmp_path, optimizer):
+    space = ROOT / "search_spaces" / "global_task_arithmetic.yaml"
+    args = ["search", "--zoo", str(small_zoo), "--space", str(space), "--trials", "5", "--runs-dir", str(tmp_path), "--name", optimizer, "--optimizer", optimizer, "--no-baselines", "--popsize", "4"]
+    if optimizer == "nsga2":
+        args += ["--task-names", "math_b", "facts_b"]
+    assert main(args) == 0
+    assert len(complete_trials(tmp_path / optimizer / "study.db")) == 5
+
+
+def test_resuming_with_different_settings_is_refused(small_zoo, tmp_path, capsys):
+    base = ["search", "--zoo", str(small_zoo), "--space", str(SPACE), "--trials", "2", "--popsize", "2", "--runs-dir", str(tmp_path), "--name", "r", "--no-baselines"]
+    assert main(base) == 0
+    assert main(base[:-1] + ["--seed", "5", "--no-baselines"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigkill_mid_search_then_resume_loses_and_repeats_nothing(small_zoo, tmp_path):
+    cmd = [sys.executable, "-m", "evomerge", "search", "--zoo", str(small_zoo), "--space", str(SPACE), "--trials", "14", "--popsize", "5", "--runs-dir", str(tmp_path), "--name", "k", "--no-baselines"]
+    db = tmp_path / "k" / "study.db"
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while len(complete_trials(db)) < 7 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = complete_trials(db)
+    assert 7 <= len(before) < 14
+    out = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    after = complete_trials(db)
+    assert len(after) == 14
+    assert after[: len(before)] == before  # finished trials kept, with their values
+    import optuna
+
+    study = optuna.load_study(study_name="k", storage=f"sqlite:///{db}")
+    keys = [(t.user_attrs["cma_generation"], t.user_attrs["cma_index"]) for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(keys) == len(set(keys)) == 14  # no candidate evaluated twice
+    assert (tmp_path / "k" / "report.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_sqlite_study(small_zoo, tmp_path):
+    space = ROOT / "search_spaces" / "global_task_arithmetic.yaml"
+    assert main(["search", "--zoo", str(small_zoo), "--space", str(space), "--trials", "2", "--runs-dir", str(tmp_path), "--name", "w", "--optimizer", "tpe", "--no-baselines"]) == 0
+    db = tmp_path / "w" / "study.db"
+    url = f"sqlite:///{db}"
+    cmd = [sys.executable, "-m", "evomerge", "worker", "--storage", url, "--study", "w", "--trials", "12"]
+    procs = [subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    import optuna
+
+    study = optuna.load_study(study_name="w", storage=url)
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert 12 <= len(done) <= 13  # each worker checks the count before asking; at most one overshoots
+    pids = {t.user_attrs["pid"] for t in done[2:]}
+    assert len(pids) == 2  # both workers evaluated trials

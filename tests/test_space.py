@@ -1,0 +1,80 @@
+import pytest
+import yaml
+
+from evomerge.recipe import Recipe, RecipeError
+from evomerge.space import SearchSpace
+
+NAMES = ["model.embed_tokens.weight"] + [f"model.layers.{i}.{p}" for i in range(4) for p in ("self_attn.q_proj.weight", "mlp.up_proj.weight", "input_layernorm.weight")] + ["model.norm.weight", "lm_head.weight"]
+SPACES = ["sakana_ps", "layerwise_ties", "method_choice", "mergekit_evolve_like", "global_task_arithmetic"]
+
+
+def bound(name, **over):
+    from pathlib import Path
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces" / f"{name}.yaml").read_text())
+    data.update(over)
+    return SearchSpace.model_validate(data).bind("/b", ["/s/a", "/s/b"], NAMES, 4)
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_shipped_spaces_decode_deterministically_to_valid_recipes(name):
+    space = bound(name)
+    x = [((i * 37) % 100) / 100 for i in range(space.dim)]
+    r1, r2 = space.decode(space.from_unit(x)), space.decode(space.from_unit(x))
+    assert r1 == r2
+    assert Recipe.from_dict(yaml.safe_load(r1.to_yaml())) == r1
+    for n in NAMES:
+        r1.plan(n, 4)
+
+
+def test_layer_granularity_gives_each_layer_and_io_group_its_own_genes():
+    space = bound("sakana_ps")
+    assert space.dim == 6 * 2 * 2  # (embed, L0..L3, head) × sources × (weight, density)
+    params = {g.name: 0.1 for g in space.genes}
+    params["weight[b]@L2"] = 0.9
+    params["weight[a]@embed"] = 0.7
+    r = space.decode(params)
+    assert r.plan("model.layers.2.mlp.up_proj.weight", 4).source_params[1]["weight"] == pytest.approx(0.9)
+    assert r.plan("model.layers.1.mlp.up_proj.weight", 4).source_params[1]["weight"] == pytest.approx(0.1)
+    assert r.plan("model.embed_tokens.weight", 4).source_params[0]["weight"] == pytest.approx(0.7)
+    assert Recipe.from_dict(r.to_mergekit()).plan("model.layers.2.self_attn.q_proj.weight", 4) == r.plan("model.layers.2.self_attn.q_proj.weight", 4)
+
+
+def test_split_attention_and_mlp():
+    space = bound("layerwise_ties")
+    params = {g.name: 0.5 for g in space.genes}
+    params["density[a]@L1.mlp"] = 0.2
+    params["density[a]@L1.attn"] = 0.9
+    r = space.decode(params)
+    assert r.plan("model.layers.1.mlp.up_proj.weight", 4).source_params[0]["density"] == pytest.approx(0.2)
+    assert r.plan("model.layers.1.self_attn.q_proj.weight", 4).source_params[0]["density"] == pytest.approx(0.9)
+
+
+def test_method_choice_picks_a_method_per_block():
+    space = bound("method_choice")
+    params = {g.name: (g.choices[0] if g.choices else 0.5) for g in space.genes}
+    params["method@L2-3"] = "breadcrumbs_ties"
+    r = space.decode(params)
+    assert r.plan("model.layers.3.mlp.up_proj.weight", 4).method == "breadcrumbs_ties"
+    assert r.plan("model.layers.0.mlp.up_proj.weight", 4).method == "ties"
+    with pytest.raises(RecipeError, match="one merge_method"):
+        r.to_mergekit()
+
+
+def test_unit_cube_mapping_round_trips_and_clips():
+    space = bound("method_choice")
+    params = space.from_unit([0.3] * space.dim)
+    assert space.from_unit(space.to_unit(params)) == params
+    assert all(g.low <= g.from_unit(5.0) <= g.high for g in space.genes if not g.choices)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"method": "ties", "method_choice": ["ties"]}, "exactly one"),
+    ({"genes": {"wieght": {"low": 0, "high": 1}}}, "wieght"),
+    ({"genes": {"weight": {"low": 1, "high": 0}}}, "low < high"),
+])
+def test_invalid_spaces_are_explained(bad, match):
+    data = {"name": "x", "method": "ties", "genes": {"weight": {"low": 0, "high": 1}}}
+    data.update(bad)
+    with pytest.raises(ValueError, match=match):
+        SearchSpace.model_validate(data)

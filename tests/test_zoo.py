@@ -1,0 +1,75 @@
+import hashlib
+import json
+
+import pytest
+
+from evomerge.zoo.build import SMALL, build_zoo
+from evomerge.zoo.world import make_world
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".jsonl"):
+            h.update(f.relative_to(root).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def test_small_build_loads_with_transformers_and_has_manifest(small_zoo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = json.loads((small_zoo / "manifest.json").read_text())
+    assert set(m["experts"]) == {"expert_math", "expert_lang_b", "expert_reverse"}
+    assert len(m["soup_ingredients"]) >= 2
+    assert m["composed_task"] == "math_b"
+    for path in [m["base"], *m["experts"].values(), *m["soup_ingredients"].values()]:
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        ids = tok("add 1 and 2 =", return_tensors="pt").input_ids
+        assert ids[0, 0].item() == tok.bos_token_id
+        assert model(ids).logits.shape[-1] == len(tok)
+    for name, per_split in m["scores"].items():
+        assert set(per_split["test"]) == {t["name"] for t in m["tasks"]}
+    for split_file in (small_zoo / "tasks" / "lm_eval").glob("*.yaml"):
+        assert str(small_zoo.resolve()) in split_file.read_text()
+
+
+def test_task_splits_are_disjoint(small_zoo):
+    m = json.loads((small_zoo / "manifest.json").read_text())
+    for t in m["tasks"]:
+        search = {line for line in open(t["files"]["search"])}
+        test = {line for line in open(t["files"]["test"])}
+        assert search and test and not (search & test), t["name"]
+        prompts = lambda f: {json.loads(l)["prompt"] for l in open(f)}  # noqa: E731
+        if t["kind"] == "generate":
+            assert not prompts(t["files"]["search"]) & prompts(t["files"]["test"])
+
+
+def test_math_training_pairs_exclude_held_out_pairs():
+    w = make_world(0)
+    unordered = {k: {tuple(sorted(p)) for p in w.pair_split[k]} for k in ("train", "search", "test")}
+    assert not unordered["train"] & unordered["search"] and not unordered["train"] & unordered["test"]
+    assert not unordered["search"] & unordered["test"]
+
+
+def test_language_b_is_a_cipher_into_new_tokens():
+    w = make_world(0)
+    b = w.to_b("add 12 and 30 =")
+    assert b.split()[1:] == ["12", w.to_b("and"), "30", "="]
+    assert all(c.isupper() for c in b.split()[0]) and b != "add 12 and 30 ="
+
+
+@pytest.mark.slow
+def test_build_is_deterministic_for_a_seed(tmp_path, small_zoo):
+    again = build_zoo(tmp_path / "again", SMALL)
+    assert _digest(again) == _digest(small_zoo)
+    m1 = json.loads((small_zoo / "manifest.json").read_text())
+    m2 = json.loads((again / "manifest.json").read_text())
+    assert m1["scores"] == m2["scores"]
+
+
+def test_reuses_a_complete_build(small_zoo):
+    before = (small_zoo / "manifest.json").stat().st_mtime_ns
+    assert build_zoo(small_zoo, SMALL) == small_zoo
+    assert (small_zoo / "manifest.json").stat().st_mtime_ns == before
