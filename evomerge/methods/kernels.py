@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import fast
 from .registry import MethodSpec
 from .sparsify import SPARSIFIERS
 
@@ -36,35 +37,79 @@ def task_arithmetic(
     work = _work_dtype(base)
     mode = global_params["rescale_mode"] if global_params["rescale"] else None
     weights = [float(p["weight"]) for p in source_params]
-    weighted = []
-    for delta, p, gen, w in zip(deltas, source_params, generators, weights):
-        d = delta.to(work)
-        if spec.sparsification is not None:
-            extra = {k: p[k] for k in ("gamma", "epsilon") if k in p}
-            d = SPARSIFIERS[spec.sparsification](d, float(p["density"]), rescale_mode=mode, generator=gen, **extra)
-        weighted.append(d * w)
-
-    if spec.consensus == "sum":
-        total = torch.stack(weighted).sum(dim=0)
-        elected_positive = total >= 0
-        mixed = torch.zeros_like(total)
-        divisor = torch.zeros_like(total)
-        for wd, w in zip(weighted, weights):
-            keep = torch.where(elected_positive, wd > 0, wd < 0)
-            mixed.addcmul_(wd, keep)
-            divisor.add_(keep, alpha=w)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = torch.stack(weighted).sum(dim=0)
-        divisor = sum(weights)
-        if abs(divisor) < 1e-8:
-            divisor = 1.0
-    if global_params["normalize"]:
-        mixed = mixed.div_(divisor)
     lam = float(global_params["lambda"])
-    if lam != 1.0:
-        mixed.mul_(lam)
-    return _finish(base, mixed, out)
+    normalize = bool(global_params["normalize"])
+    out = torch.empty_like(base) if out is None else out
+    if spec.sparsification is None and spec.consensus is None:
+        divisor = sum(weights) if normalize else 1.0
+        divisor = 1.0 if abs(divisor) < 1e-8 else divisor
+        return fast.weighted_sum_into(out, base, deltas, [w * lam / divisor for w in weights])
+    kept = []
+    for i, (delta, p, gen, w) in enumerate(zip(deltas, source_params, generators, weights)):
+        buf = fast.scratch(delta.numel(), work, delta.device, slot=i).view(delta.shape)
+        kept.append(sparsify_weighted_into(buf, spec.sparsification, delta, p, w, mode, gen))
+    if spec.consensus == "sum":
+        return fast.consensus_into(out, base, kept, weights, normalize, lam)
+    divisor = sum(weights) if normalize else 1.0
+    divisor = 1.0 if abs(divisor) < 1e-8 else divisor
+    return fast.weighted_sum_into(out, base, kept, [lam / divisor] * len(kept))
+
+
+def sparsify_weighted_into(buf: torch.Tensor, method: str | None, delta: torch.Tensor, p: dict[str, Any], weight: float, mode: str | None, gen: torch.Generator | None) -> torch.Tensor:
+    """buf ← weight · rescale(sparsify(δ)), written in place into a reused buffer."""
+    density = float(p.get("density", 1.0))
+    if method is None or density >= 1.0:
+        return torch.mul(delta, weight, out=buf)
+    n = delta.numel()
+    if method == "magnitude" or method == "magnitude_outliers":
+        sample, l1 = fast.delta_stats(delta)
+        flat = buf.view(-1)
+        torch.abs(delta.reshape(-1), out=flat)
+        if method == "magnitude":
+            k = int(density * n)
+            if k <= 0:
+                raise ValueError(f"density {density} keeps no entry of a tensor with {n} elements")
+            keep_hi, drop_top = k, 0
+        else:
+            target, n_top = int(density * n), int(float(p.get("gamma", 0.01)) * n)
+            n_bottom = n - target - n_top
+            if n_bottom < 0:
+                n_top, n_bottom = n - target, 0
+            keep_hi, drop_top = n - n_bottom, n_top
+        lo = fast.kth_largest(flat, keep_hi, sample) if keep_hi < n else None
+        hi = fast.kth_largest(flat, drop_top, sample) if drop_top > 0 else None
+        exact = (lo is None or int((flat >= lo).sum()) == keep_hi) and (hi is None or int((flat >= hi).sum()) == drop_top)
+        if not exact:  # ties at a threshold: take the position-ordered exact path
+            kept = SPARSIFIERS[method](delta.to(buf.dtype), density, rescale_mode=mode, gamma=p.get("gamma", 0.01))
+            return torch.mul(kept, weight, out=buf)
+        if lo is not None and hi is not None:
+            keep = (flat >= lo) & (flat < hi)
+            flat.copy_(keep)
+        elif lo is not None:
+            flat.ge_(lo)
+        else:
+            flat.lt_(hi)
+        buf.mul_(delta)
+        scale = _rescale_factor(buf, l1, mode, density)
+        return buf.mul_(weight * scale)
+    if method == "random":
+        fast.random_keep_into(buf, density, gen)
+        buf.mul_(delta)
+        l1 = fast.delta_stats(delta)[1] if mode == "l1" else 0.0
+        return buf.mul_(weight * _rescale_factor(buf, l1, mode, density))
+    kept = SPARSIFIERS[method](delta.to(buf.dtype), density, rescale_mode=mode, generator=gen, epsilon=p.get("epsilon", 0.15))
+    return torch.mul(kept, weight, out=buf)
+
+
+def _rescale_factor(kept: torch.Tensor, l1_before: float, mode: str | None, density: float, eps: float = 1e-7) -> float:
+    if mode is None:
+        return 1.0
+    if mode == "inverse_density":
+        return 1.0 / density
+    after = float(kept.abs().sum(dtype=torch.float64))
+    if l1_before < eps or after < eps:
+        return 1.0
+    return l1_before / after
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,18 +130,12 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
 
 def linear_deltas(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True, out: torch.Tensor | None = None, base_weight: float = 0.0) -> torch.Tensor:
     """Linear merge of base+δᵢ (and the base itself with `base_weight`) from resident task vectors."""
-    work = _work_dtype(base)
     total = sum(float(w) for w in weights) + base_weight
     if normalize and abs(total) < 1e-12:
         raise ValueError("linear merge: the weights sum to zero, so they cannot be normalized")
     scale = 1.0 / total if normalize else 1.0
-    change = torch.zeros(base.shape, dtype=work, device=base.device)
-    for d, w in zip(deltas, weights):
-        change.add_(d.to(work), alpha=float(w) * scale)
-    base_coeff = 1.0 if normalize else total
-    if base_coeff != 1.0:
-        change.add_(base.to(work), alpha=base_coeff - 1.0)
-    return _finish(base, change, out)
+    out = torch.empty_like(base) if out is None else out
+    return fast.weighted_sum_into(out, base, deltas, [float(w) * scale for w in weights], base_coeff=1.0 if normalize else total)
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tensor | None = None, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:

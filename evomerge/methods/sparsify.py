@@ -50,15 +50,6 @@ def magnitude(delta: torch.Tensor, density: float, rescale_mode: str | None = No
     return rescale(delta, kept, rescale_mode, density)
 
 
-def random(delta: torch.Tensor, density: float, rescale_mode: str | None = None, generator: torch.Generator | None = None, **_: object) -> torch.Tensor:
-    """DARE: keep each entry with probability `density`."""
-    if density >= 1:
-        return delta
-    keep = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32) < density
-    kept = delta * keep
-    return rescale(delta, kept, rescale_mode, density)
-
-
 def magnitude_outliers(delta: torch.Tensor, density: float, rescale_mode: str | None = None, gamma: float = 0.01, **_: object) -> torch.Tensor:
     """Model breadcrumbs: drop the top int(gamma·n) outliers and the smallest entries so `density` remains."""
     if density >= 1:
@@ -92,7 +83,6 @@ def rank_magnitude(delta: torch.Tensor, density: float, rescale_mode: str | None
 
 SPARSIFIERS = {
     "magnitude": magnitude,
-    "random": random,
     "magnitude_outliers": magnitude_outliers,
     "rank_magnitude": rank_magnitude,
 }

@@ -195,7 +195,7 @@ def build_zoo(out: str | os.PathLike | None = None, config: ZooConfig = FULL, pr
         base = LlamaForCausalLM(cfg)
         say(f"pre-training base ({sum(p.numel() for p in base.parameters()) / 1e6:.2f}M params, {config.base_steps} steps)")
         # lopsided bilingual base: mostly A, a little B (text and math), A math, a little reversal
-        base_mix = _mixture([(0.50, streams["sent_a"]), (0.10, streams["sent_b"]), (0.05, streams["math_b"]), (0.25, streams["math_a"]), (0.05, streams["reverse_a"])])
+        base_mix = _mixture([(0.60, streams["sent_a"]), (0.05, streams["sent_b"]), (0.005, streams["math_b"]), (0.25, streams["math_a"]), (0.05, streams["reverse_a"])])
         train_lm(base, tok, base_mix, config.base_steps, config.base_lr, config.batch_size, seed=config.seed)
         models = {"base": _save(base, tok, tmp / "models" / "base")}
         base_state = {k: v.clone() for k, v in base.state_dict().items()}
