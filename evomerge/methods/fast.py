@@ -111,7 +111,7 @@ def kth_largest(absval: torch.Tensor, k: int, sample: torch.Tensor | None = None
     margin = 6.0 * math.sqrt(s * q * (1 - q)) + 16
     lo = sample[max(0, int(pos - margin))]
     hi = sample[min(s - 1, int(pos + margin))]
-    above = int((absval > hi).sum())
+    above = int(torch.count_nonzero(absval > hi))
     need = k - above
     if need <= 0:
         return torch.kthvalue(absval, n - k + 1).values
@@ -157,3 +157,21 @@ def random_keep_into(buf: torch.Tensor, density: float, generator: torch.Generat
     threshold = int(round(density * 65536)) - 32768
     torch.lt(halves, threshold, out=scratch(n, torch.bool, buf.device, slot=97).view(buf.shape))
     return buf.copy_(scratch(n, torch.bool, buf.device, slot=97).view(buf.shape))
+
+
+def top_k_mask(absval: torch.Tensor, k: int, sample: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask of exactly the k largest entries (flat). Ties at the threshold are broken by position,
+    first positions first, so exactly k survive as with a top-k."""
+    n = absval.numel()
+    flat = absval.reshape(-1)
+    if k >= n or k <= 0:
+        mask = torch.empty(n, dtype=torch.bool, device=flat.device) if out is None else out.view(-1)
+        return mask.fill_(k >= n).view(absval.shape)
+    work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    t = kth_largest(work, k, sample)
+    mask = torch.ge(work, t, out=out.view(-1) if out is not None else None)
+    extra = int(torch.count_nonzero(mask)) - k
+    if extra > 0:  # ties at the threshold: drop the last `extra` of them
+        ties = (work == t).nonzero().view(-1)
+        mask[ties[ties.numel() - extra :]] = False
+    return mask.view(absval.shape)

@@ -69,29 +69,17 @@ def sparsify_weighted_into(buf: torch.Tensor, method: str | None, delta: torch.T
             k = int(density * n)
             if k <= 0:
                 raise ValueError(f"density {density} keeps no entry of a tensor with {n} elements")
-            keep_hi, drop_top = k, 0
-        else:
+            keep = fast.top_k_mask(flat, k, sample, out=fast.scratch(n, torch.bool, buf.device, slot=80))
+        else:  # breadcrumbs: the top (n − n_bottom) minus the top n_top outliers
             target, n_top = int(density * n), int(float(p.get("gamma", 0.01)) * n)
             n_bottom = n - target - n_top
             if n_bottom < 0:
                 n_top, n_bottom = n - target, 0
-            keep_hi, drop_top = n - n_bottom, n_top
-        lo = fast.kth_largest(flat, keep_hi, sample) if keep_hi < n else None
-        hi = fast.kth_largest(flat, drop_top, sample) if drop_top > 0 else None
-        exact = (lo is None or int((flat >= lo).sum()) == keep_hi) and (hi is None or int((flat >= hi).sum()) == drop_top)
-        if not exact:  # ties at a threshold: take the position-ordered exact path
-            kept = SPARSIFIERS[method](delta.to(buf.dtype), density, rescale_mode=mode, gamma=p.get("gamma", 0.01))
-            return torch.mul(kept, weight, out=buf)
-        if lo is not None and hi is not None:
-            keep = (flat >= lo) & (flat < hi)
-            flat.copy_(keep)
-        elif lo is not None:
-            flat.ge_(lo)
-        else:
-            flat.lt_(hi)
-        buf.mul_(delta)
-        scale = _rescale_factor(buf, l1, mode, density)
-        return buf.mul_(weight * scale)
+            keep = fast.top_k_mask(flat, n - n_bottom, sample, out=fast.scratch(n, torch.bool, buf.device, slot=80))
+            if n_top > 0:
+                keep &= ~fast.top_k_mask(flat, n_top, sample, out=fast.scratch(n, torch.bool, buf.device, slot=81))
+        torch.mul(delta.reshape(-1), keep, out=flat)
+        return buf.mul_(weight * _rescale_factor(buf, l1, mode, density))
     if method == "random":
         fast.random_keep_into(buf, density, gen)
         buf.mul_(delta)

@@ -1,29 +1,13 @@
 """Sparsification of one task vector δ over the whole tensor, as mergekit 0.1.5 defines it.
 
-Top-k uses an exact k-th-value threshold (O(n) selection) instead of argsort (O(n log n)); ties at the
-threshold are broken by position so exactly k entries survive, as argsort's top-k would.
+Top-k uses an exact k-th-value threshold (O(n) selection, `fast.top_k_mask`) instead of argsort
+(O(n log n)); ties at the threshold are broken by position so exactly k entries survive.
 """
 from __future__ import annotations
 
 import torch
 
-
-def _keep_top_k(absval: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of exactly the k largest entries of `absval` (flat)."""
-    n = absval.numel()
-    if k >= n:
-        return torch.ones_like(absval, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(absval, dtype=torch.bool)
-    flat = absval.reshape(-1)
-    work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-    threshold = torch.kthvalue(work, n - k + 1).values
-    mask = work > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:  # entries equal to the threshold fill the remaining slots, first positions first
-        ties = (work == threshold).nonzero().view(-1)[:missing]
-        mask[ties] = True
-    return mask.view(absval.shape)
+from .fast import top_k_mask
 
 
 def rescale(delta: torch.Tensor, kept: torch.Tensor, mode: str | None, density: float, eps: float = 1e-7) -> torch.Tensor:
@@ -46,7 +30,7 @@ def magnitude(delta: torch.Tensor, density: float, rescale_mode: str | None = No
     k = int(density * delta.numel())
     if k <= 0:
         raise ValueError(f"density {density} keeps no entry of a tensor with {delta.numel()} elements")
-    kept = delta * _keep_top_k(delta.abs(), k)
+    kept = delta * top_k_mask(delta.abs(), k)
     return rescale(delta, kept, rescale_mode, density)
 
 
@@ -62,7 +46,7 @@ def magnitude_outliers(delta: torch.Tensor, density: float, rescale_mode: str | 
         n_top, n_bottom = n - target, 0
     absval = delta.abs()
     # keep ranks [n_bottom, n - n_top) in ascending |δ|: the top (n - n_bottom) minus the top n_top
-    keep = _keep_top_k(absval, n - n_bottom) & ~_keep_top_k(absval, n_top)
+    keep = top_k_mask(absval, n - n_bottom) & ~top_k_mask(absval, n_top)
     kept = delta * keep
     return rescale(delta, kept, rescale_mode, density)
 
