@@ -168,7 +168,7 @@ def cmd_soup(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from .engine import Engine, write_merged
-    from .evaluate.fitness import Fitness
+    from .evaluate.fitness import Fitness, weighted_mean
     from .evaluate.native import NativeEvaluator
     from .evaluate.tasks import load_specs, load_task, searching
     from .search.soup import greedy_soup, soup_recipe
@@ -194,7 +194,7 @@ def cmd_soup(args: argparse.Namespace) -> int:
     for label, members in [*[(Path(m).name, [m]) for m in models], ("uniform soup", models)] + ([("greedy soup", chosen)] if greedy else []):
         engine.materialize(soup_recipe(models[0], members), target)
         row = test.evaluate().scores
-        row["fitness"] = sum(weights[k] * row[k] for k in weights) / sum(weights.values())
+        row["fitness"] = weighted_mean(row, weights)
         if greedy:
             row["search"] = greedy.ingredient_scores.get(members[0], float("nan")) if len(members) == 1 else (greedy.score if label == "greedy soup" else float("nan"))
         rows[label] = row

@@ -16,6 +16,12 @@ from typing import Sequence
 from .native import NativeEvaluator
 
 
+def weighted_mean(scores: dict[str, float], weights: dict[str, float]) -> float:
+    """The fitness of per-task scores: their mean weighted by task weight (tasks without a score skipped)."""
+    total = sum(weights.get(k, 0.0) for k in scores)
+    return sum(weights.get(k, 0.0) * v for k, v in scores.items()) / total if total else 0.0
+
+
 @dataclass
 class FitnessResult:
     value: float  # weighted score (on the examples scored; an upper bound when pruned under "bound")
@@ -62,8 +68,7 @@ class Fitness:
         self.best_rungs: list[float] = []
 
     def combine(self, scores: dict[str, float]) -> float:
-        total = sum(self.weights.get(k, 0.0) for k in scores)
-        return sum(self.weights.get(k, 0.0) * v for k, v in scores.items()) / total if total else 0.0
+        return weighted_mean(scores, self.weights)
 
     def _pool(self, call: int) -> dict[str, list[int]]:
         """Examples this call may score, in rung order: all (fixed order) or a seeded subsample."""

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import optuna
 
 from ..engine import Engine
-from ..evaluate.fitness import Fitness
+from ..evaluate.fitness import Fitness, weighted_mean
 from ..evaluate.native import NativeEvaluator
 from ..evaluate.tasks import TaskSpec, load_task, searching
 from ..recipe import Recipe, RecipeError, atomic_write_text
@@ -281,9 +281,8 @@ def final_report(cfg: SearchConfig, session: Session, best: Recipe, study: optun
             rows[label] = score(recipe)
     rows["evolved"] = score(best)
     weights = {s.name: s.weight for s in specs}
-    total = sum(weights.values())
     for row in rows.values():
-        row["fitness"] = sum(weights[k] * row[k] for k in weights) / total
+        row["fitness"] = weighted_mean(row, weights)
     trials = completed(study)
     history = [(t.number, t.user_attrs.get("fitness")) for t in sorted(trials, key=lambda t: t.number) if "fitness" in t.user_attrs]
     bt = best_trial(study)
