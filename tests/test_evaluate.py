@@ -122,3 +122,14 @@ def test_subsample_is_seeded_per_call():
 def test_fitness_rejects_unknown_task_weights():
     with pytest.raises(ValueError, match="unknown task"):
         Fitness(FakeEvaluator([1]), weights={"nope": 1.0})
+
+
+@pytest.mark.parametrize("evaluator", ["native", "lm-eval"])
+def test_eval_cli_prints_a_table(small_zoo, evaluator, capsys):
+    from evomerge.cli import main
+
+    m = json.loads((small_zoo / "manifest.json").read_text())
+    assert main(["eval", m["experts"]["expert_math"], "--tasks", str(small_zoo), "--task-names", "facts_a", "math_a", "--split", "search", "--evaluator", evaluator]) == 0
+    out = capsys.readouterr().out
+    expected = m["scores"]["expert_math"]["search"]["facts_a"]
+    assert "facts_a" in out and "math_a" in out and f"{expected:.3f}" in out

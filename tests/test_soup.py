@@ -55,3 +55,29 @@ def test_soup_of_incompatible_models_fails_clearly(small_zoo, llama_family, tmp_
     err = capsys.readouterr().err
     assert "other" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_greedy_soup_optimizer_in_the_search_loop(small_zoo, tmp_path):
+    import optuna
+
+    from evomerge.search.loop import SearchConfig, run_search
+    from evomerge.space import SearchSpace
+
+    m = json.loads((small_zoo / "manifest.json").read_text())
+    names = list(m["soup_ingredients"]) + ["expert_math"]
+    sources = list(m["soup_ingredients"].values()) + [m["experts"]["expert_math"]]
+    from pathlib import Path
+
+    space = SearchSpace.load(Path(__file__).resolve().parents[1] / "search_spaces" / "soup.yaml").model_dump()
+    specs = [json.loads(json.dumps(t)) for t in m["tasks"] if t["name"] in ("facts_a", "facts_b")]
+    cfg = SearchConfig(name="gs", space=space, base=m["base"], sources=sources, source_names=names, tasks=specs, optimizer="greedy-soup", trials=100, runs_dir=str(tmp_path), baselines=False)
+    outcome = run_search(cfg)
+    study = optuna.load_study(study_name="gs", storage=cfg.storage_url())
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 2 * len(sources) - 1
+    singles = [t.values[0] for t in done[: len(sources)]]
+    assert outcome.best_fitness >= max(singles)
+    chosen = [e.model for e in outcome.best_recipe.models if e.parameters["weight"] == 1.0]
+    assert 1 <= len(chosen) <= len(sources)
+    best_single = sources[singles.index(max(singles))]
+    assert best_single in chosen  # the soup starts from the best ingredient

@@ -27,7 +27,7 @@ from ..evaluate.native import NativeEvaluator
 from ..evaluate.tasks import TaskSpec, load_task, searching
 from ..recipe import Recipe, RecipeError, atomic_write_text
 from ..space import BoundSpace, SearchSpace
-from .optimizers import OPTIMIZERS, CMAOptimizer, OptunaOptimizer, make_sampler
+from .optimizers import OPTIMIZERS, CMAOptimizer, GreedySoupOptimizer, OptunaOptimizer, make_sampler
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -186,6 +186,11 @@ def run_search(cfg: SearchConfig, on_trial: Callable[[TrialInfo], None] | None =
     space = session.space
     if cfg.optimizer == "cma":
         optimizer: Any = CMAOptimizer(study, space, run_dir / "cma_state.pkl", seed=cfg.seed, sigma0=cfg.sigma0, popsize=cfg.popsize)
+    elif cfg.optimizer == "greedy-soup":
+        if worker:
+            raise RecipeError("greedy-soup is sequential; run it with evomerge search, not workers")
+        optimizer = GreedySoupOptimizer(study, space)
+        cfg.trials = min(cfg.trials, optimizer.total)
     else:
         study.sampler = make_sampler(cfg.optimizer, cfg.seed, space, cfg.popsize)
         optimizer = OptunaOptimizer(study, space)
@@ -195,7 +200,10 @@ def run_search(cfg: SearchConfig, on_trial: Callable[[TrialInfo], None] | None =
     best_value = best.user_attrs["fitness"] if best else float("-inf")
     with searching():
         while len(completed(study)) < cfg.trials:
-            cand = optimizer.ask()
+            try:
+                cand = optimizer.ask()
+            except StopIteration:
+                break
             cand.trial.set_user_attr("host", socket.gethostname())
             cand.trial.set_user_attr("pid", os.getpid())
             started = time.time()

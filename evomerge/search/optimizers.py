@@ -5,6 +5,8 @@
   finished are read back from the study, not evaluated again. Single process.
 - `tpe`, `optuna-cma`, `nsga2`, `random`: Optuna samplers. The study (SQLite or any RDB URL) is the
   state, so several `evomerge worker` processes can share one study.
+- `greedy-soup`: Wortsman et al.'s greedy soup as ask/tell over a global linear space: each source alone,
+  then each next-best source added if the score strictly improves. Its state is replayed from the study.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from ..space import BoundSpace
 
-OPTIMIZERS = ("cma", "tpe", "optuna-cma", "nsga2", "random")
+OPTIMIZERS = ("cma", "tpe", "optuna-cma", "nsga2", "random", "greedy-soup")
 
 
 @dataclass
@@ -130,3 +132,62 @@ class CMAOptimizer:
 
     def finish(self) -> None:
         self._save()
+
+
+class GreedySoupOptimizer:
+    """Greedy soup over the sources of a `linear`, `granularity: global` space (weights 0/1).
+
+    Trials 0..n−1 score each source alone; then sources are tried in rank order, each kept if the soup's
+    fitness strictly improves. The chosen members are `members()`; search their coefficients next with
+    another space and `--sources` set to them. Stops asking after n + (n − 1) trials."""
+
+    def __init__(self, study: optuna.Study, space: BoundSpace) -> None:
+        s = space.space
+        if s.method != "linear" or s.granularity != "global" or set(s.genes) != {"weight"}:
+            raise ValueError("greedy-soup needs a space with method: linear, granularity: global and only a weight gene")
+        self.study = study
+        self.space = space
+        self.dists = distributions(space)
+        self.names = space.source_names
+        self.total = 2 * len(self.names) - 1
+
+    def _params(self, members: list[str]) -> dict[str, float]:
+        return {f"weight[{n}]@all": (1.0 if n in members else 0.0) for n in self.names}
+
+    def _history(self) -> list[tuple[list[str], float]]:
+        done = sorted(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.number)
+        return [([n for n in self.names if t.params.get(f"weight[{n}]@all", 0.0) > 0.5], t.values[0]) for t in done if "soup_step" in t.user_attrs]
+
+    def plan(self) -> tuple[list[str] | None, list[str]]:
+        """(next members to score or None when finished, current members)."""
+        hist = self._history()
+        singles = {m[0]: v for m, v in hist[: len(self.names)]}
+        if len(hist) < len(self.names):
+            return [self.names[len(hist)]], []
+        ranked = sorted(self.names, key=lambda n: (-singles[n], self.names.index(n)))
+        members, best = [ranked[0]], singles[ranked[0]]
+        for m, v in hist[len(self.names) :]:
+            if v > best:
+                members, best = m, v
+        tried = len(hist) - len(self.names)
+        if tried >= len(ranked) - 1:
+            return None, members
+        return members + [ranked[1 + tried]], members
+
+    def members(self) -> list[str]:
+        return self.plan()[1]
+
+    def ask(self) -> Candidate:
+        nxt, _ = self.plan()
+        if nxt is None:
+            raise StopIteration
+        params = self._params(nxt)
+        self.study.enqueue_trial(params, user_attrs={"soup_step": len(self._history())}, skip_if_exists=False)
+        trial = self.study.ask(self.dists)
+        return Candidate(trial, params)
+
+    def tell(self, cand: Candidate, values: list[float]) -> None:
+        self.study.tell(cand.trial, values[0])
+
+    def finish(self) -> None:
+        pass
