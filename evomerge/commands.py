@@ -240,7 +240,7 @@ def _add_search_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--tasks", help="task definitions: a zoo manifest or a JSON/YAML list of task specs")
     p.add_argument("--task-names", nargs="+", help="tasks to optimize (default: the zoo's composed task)")
     p.add_argument("--optimizer", default="cma", choices=["cma", "tpe", "optuna-cma", "nsga2", "random", "greedy-soup"])
-    p.add_argument("--trials", type=int, default=60 if demo else 100)
+    p.add_argument("--trials", type=int, default=200 if demo else 100)
     p.add_argument("--popsize", type=int, default=None)
     p.add_argument("--sigma0", type=float, default=0.2, help="cma: initial step size on the unit cube")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite in runs/NAME/)")

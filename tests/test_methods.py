@@ -212,3 +212,30 @@ def test_large_bf16_merge_accumulates_in_fp32():
     ref = merge_deltas("task_arithmetic", b16.float(), [d.float() for d in d16], p).bfloat16()
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, ref)
+
+
+def test_slerp_from_task_vector_equals_slerp_of_whole_tensors():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(700, 1000, generator=g)
+    other = torch.randn(700, 1000, generator=g)
+    from_delta = merge_deltas("slerp", base, [other - base], [], {"t": 0.3})
+    raw = merge_tensors("slerp", [other], global_params={"t": 0.3}, base=base)
+    assert (from_delta - raw).abs().max().item() < 1e-5
+
+
+def test_model_stock_filter_wise_uses_per_row_angles():
+    base = torch.zeros(2, 2)
+    d1 = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    d2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # row 0 parallel (t=1), row 1 orthogonal (t=0)
+    out = merge_deltas("model_stock", base, [d1, d2], [], {"filter_wise": True})
+    assert torch.allclose(out, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+
+
+def test_cached_angles_follow_in_place_changes_of_the_task_vectors():
+    g = torch.Generator().manual_seed(0)
+    base = torch.zeros(100)
+    d1, d2 = torch.randn(100, generator=g), torch.randn(100, generator=g)
+    first = merge_deltas("model_stock", base, [d1, d2], [])
+    d2.copy_(d1)  # now parallel: t = 1, the plain average
+    assert torch.allclose(merge_deltas("model_stock", base, [d1, d2], []), d1, atol=1e-6)
+    assert not torch.allclose(first, d1)

@@ -51,7 +51,7 @@ def merge_deltas(
     if spec.family == "linear":
         return kernels.linear_deltas(base, deltas, [p["weight"] for p in params], normalize=bool(g["normalize"]), out=out, base_weight=base_weight)
     if spec.family == "slerp":
-        return kernels.slerp(float(g["t"]), base, base + deltas[0].to(base.dtype), out=out)
+        return kernels.slerp_delta(float(g["t"]), base, deltas[0], out=out)
     if spec.family == "model_stock":
         return kernels.model_stock(base, deltas, filter_wise=bool(g["filter_wise"]), out=out)
     raise MethodError(f"no kernel for family {spec.family}")

@@ -175,3 +175,37 @@ def top_k_mask(absval: torch.Tensor, k: int, sample: torch.Tensor | None = None,
         ties = (work == t).nonzero().view(-1)
         mask[ties[ties.numel() - extra :]] = False
     return mask.view(absval.shape)
+
+
+def gram(tensors: Sequence[torch.Tensor]) -> list[list[float]]:
+    """All pairwise dot products ⟨xᵢ, xⱼ⟩ in one chunked pass (fp32 per chunk, fp64 across chunks)."""
+    flats = [t.reshape(-1) for t in tensors]
+    n, k = flats[0].numel(), len(flats)
+    acc = [[0.0] * k for _ in range(k)]
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        chunk = [f[s:e].float() for f in flats]
+        for i in range(k):
+            for j in range(i, k):
+                acc[i][j] += float(torch.dot(chunk[i], chunk[j]))
+    for i in range(k):
+        for j in range(i):
+            acc[i][j] = acc[j][i]
+    return acc
+
+
+_grams: dict[tuple, tuple] = {}
+
+
+def cached_gram(tensors: Sequence[torch.Tensor]) -> list[list[float]]:
+    """`gram`, remembered while the tensors live unmodified: for resident base and task vectors the
+    angles are the same for every candidate, so slerp and model stock then cost one weighted sum."""
+    key = tuple(id(t) for t in tensors)
+    versions = tuple(t._version for t in tensors)
+    hit = _grams.get(key)
+    if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], tensors)):
+        return hit[2]
+    g = gram(tensors)
+    refs = tuple(weakref.ref(t, lambda _ref, key=key: _grams.pop(key, None)) for t in tensors)
+    _grams[key] = (refs, versions, g)
+    return g

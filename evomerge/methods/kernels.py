@@ -126,43 +126,59 @@ def linear_deltas(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: S
     return fast.weighted_sum_into(out, base, deltas, [float(w) * scale for w in weights], base_coeff=1.0 if normalize else total)
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tensor | None = None, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation between whole (flattened) tensors; near-parallel falls back to lerp."""
-    work = _work_dtype(v0)
-    a, b = v0.to(work), v1.to(work)
-    n0 = float(torch.linalg.vector_norm(a, dtype=torch.float64))
-    n1 = float(torch.linalg.vector_norm(b, dtype=torch.float64))
-    dot = float((a.double() * b.double()).sum())
-    dot /= (n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0)
-    if abs(dot) > dot_threshold:
-        s0, s1 = 1.0 - t, t
-    else:
-        theta0 = math.acos(max(-1.0, min(1.0, dot)))
-        sin0 = math.sin(theta0)
-        s0 = math.sin(theta0 - theta0 * t) / sin0
-        s1 = math.sin(theta0 * t) / sin0
-    res = a * s0
-    res.add_(b, alpha=s1)
-    if out is None:
-        return res.to(v0.dtype)
-    return out.copy_(res)
+def slerp_coefficients(t: float, n0_sq: float, n1_sq: float, dot: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> tuple[float, float]:
+    """mergekit's slerp weights (s0, s1) on the un-normalized tensors, from their norms and dot product;
+    near-parallel tensors fall back to lerp."""
+    n0, n1 = math.sqrt(max(n0_sq, 0.0)), math.sqrt(max(n1_sq, 0.0))
+    cos = dot / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
+    if abs(cos) > dot_threshold:
+        return 1.0 - t, t
+    theta0 = math.acos(max(-1.0, min(1.0, cos)))
+    sin0 = math.sin(theta0)
+    return math.sin(theta0 - theta0 * t) / sin0, math.sin(theta0 * t) / sin0
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Spherical interpolation between whole (flattened) model tensors."""
+    g = fast.gram([v0, v1])
+    s0, s1 = slerp_coefficients(t, g[0][0], g[1][1], g[0][1])
+    out = torch.empty_like(v0) if out is None else out
+    return fast.weighted_sum_into(out, v0, [v1], [s1], base_coeff=s0)
+
+
+def slerp_delta(t: float, base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """slerp(base, base + δ) from the resident task vector: ‖base+δ‖² and ⟨base, base+δ⟩ follow from the
+    Gram matrix of (base, δ), and s0·base + s1·(base+δ) = (s0+s1)·base + s1·δ — one pass, no base+δ."""
+    g = fast.cached_gram([base, delta])
+    bb, bd, dd = g[0][0], g[0][1], g[1][1]
+    s0, s1 = slerp_coefficients(t, bb, bb + 2 * bd + dd, bb + bd)
+    out = torch.empty_like(base) if out is None else out
+    return fast.weighted_sum_into(out, base, [delta], [s1], base_coeff=s0 + s1)
 
 
 def model_stock(base: torch.Tensor, deltas: Sequence[torch.Tensor], filter_wise: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Model Stock: move from base towards the average by t = N·cosθ/(1+(N−1)·cosθ)."""
+    """Model Stock: move from base towards the average by t = N·cosθ/(1+(N−1)·cosθ), cosθ the mean pairwise
+    cosine of the offsets δᵢ (whole tensors; per row with filter_wise)."""
+    n = len(deltas)
+    out = torch.empty_like(base) if out is None else out
+    if not filter_wise:
+        g = fast.cached_gram(deltas)
+        cos = []
+        for i in range(n):
+            for j in range(i + 1, n):
+                norms = math.sqrt(max(g[i][i], 0.0)) * math.sqrt(max(g[j][j], 0.0))
+                cos.append(max(-1.0, min(1.0, g[i][j] / max(norms, 1e-6))))
+        c = sum(cos) / len(cos)
+        t = (n * c) / (1 + (n - 1) * c)
+        return fast.weighted_sum_into(out, base, deltas, [t / n] * n)
     work = _work_dtype(base)
-    if filter_wise:
-        offsets = [d.to(work).reshape(1, -1) if d.dim() < 2 else d.to(work).reshape(d.shape[0], -1) for d in deltas]
-    else:
-        offsets = [d.to(work).reshape(-1) for d in deltas]
-    cos = []
-    for i in range(len(offsets)):
-        for j in range(i + 1, len(offsets)):
+    offsets = [d.to(work).reshape(1, -1) if d.dim() < 2 else d.to(work).reshape(d.shape[0], -1) for d in deltas]
+    cos_rows = []
+    for i in range(n):
+        for j in range(i + 1, n):
             norms = torch.linalg.vector_norm(offsets[i], dim=-1) * torch.linalg.vector_norm(offsets[j], dim=-1)
-            cos.append(((offsets[i] * offsets[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-    cos_theta = torch.stack(cos).mean(dim=0).unsqueeze(-1)
-    n = len(offsets)
-    t = (n * cos_theta) / (1 + (n - 1) * cos_theta)
-    mean = torch.stack(offsets).mean(dim=0)
-    change = (t * mean).reshape(base.shape)
+            cos_rows.append(((offsets[i] * offsets[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos_theta = torch.stack(cos_rows).mean(dim=0).unsqueeze(-1)
+    t_rows = (n * cos_theta) / (1 + (n - 1) * cos_theta)
+    change = (t_rows * torch.stack(offsets).mean(dim=0)).reshape(base.shape)
     return _finish(base, change, out)
