@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -321,8 +321,3 @@ def _numel(shape: Iterable[int]) -> int:
     for s in shape:
         n *= int(s)
     return n
-
-
-def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in ckpt.tensor_names():
-        yield name, ckpt.get(name)

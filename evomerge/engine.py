@@ -135,20 +135,15 @@ def _load(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype)
 
 
 def model_card(recipe: Recipe, extra: str = "") -> str:
-    sources = [m.model for m in recipe.models]
-    base = f"base_model:\n" + "".join(f"- {s}\n" for s in ([recipe.base_model] if recipe.base_model else []) + [s for s in sources if s != recipe.base_model])
-    return (
-        "---\nlibrary_name: transformers\ntags:\n- merge\n- evomerge\n"
-        + base
-        + "---\n\n"
-        + f"# {recipe.name or 'Merged model'}\n\nMerged with evomerge using `{recipe.merge_method}`"
-        + (f" (per-group methods: {sorted({r.method for r in recipe.method_rules})})" if recipe.method_rules else "")
-        + ".\n\n"
-        + extra
-        + "## Recipe\n\n```yaml\n"
-        + recipe.to_yaml()
-        + "```\n"
-    )
+    """HF model card: front matter naming the merged models, then the recipe that reproduces the merge."""
+    import yaml
+
+    uses_base = any(get_method(m).needs_base for m in {recipe.merge_method} | {r.method for r in recipe.method_rules})
+    models = ([recipe.base_model] if recipe.base_model and uses_base else []) + [m.model for m in recipe.models if not (uses_base and m.model == recipe.base_model)]
+    front = yaml.safe_dump({"library_name": "transformers", "tags": ["merge", "evomerge"], "base_model": models}, sort_keys=False)
+    methods = f" (per-group methods: {sorted({r.method for r in recipe.method_rules})})" if recipe.method_rules else ""
+    title = recipe.name or "Merged model"
+    return f"---\n{front}---\n\n# {title}\n\nMerged with evomerge using `{recipe.merge_method}`{methods}.\n\n{extra}## Recipe\n\n```yaml\n{recipe.to_yaml()}```\n"
 
 
 def write_merged(

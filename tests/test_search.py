@@ -123,3 +123,11 @@ def test_two_workers_share_one_sqlite_study(small_zoo, tmp_path):
     assert 12 <= len(done) <= 13  # each worker checks the count before asking; at most one overshoots
     pids = {t.user_attrs["pid"] for t in done[2:]}
     assert len(pids) == 2  # both workers evaluated trials
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_the_small_zoo(small_zoo, tmp_path, capsys):
+    assert main(["demo", "--small", "--zoo", str(small_zoo), "--trials", "6", "--popsize", "3", "--seeds", "0", "1", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "seed 0: held-out test split" in out and "fitness over seeds [0, 1]" in out and "evolved" in out
+    assert (tmp_path / "demo-seed1" / "report.json").is_file()

@@ -12,6 +12,11 @@ def test_greedy_soup_is_at_least_the_best_ingredient_on_search(small_zoo, tmp_pa
     assert main(["soup", *ingredients, "--tasks", str(small_zoo), "--task-names", "math_a", "facts_a", "--out", str(out)]) == 0
     card = (out / "README.md").read_text()
     assert "Greedy soup" in card and "uniform soup" in card
+    import yaml
+
+    front = yaml.safe_load(card.split("---")[1])
+    chosen = [line[2:] for line in card.split("ingredients:")[1].split("\n\n")[1].splitlines()]
+    assert front["base_model"] == chosen  # the card names exactly the soup's members
     assert Checkpoint.open(out).tensor_names()
 
 

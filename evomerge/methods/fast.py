@@ -31,10 +31,6 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> 
     return buf[:numel]
 
 
-def clear_scratch() -> None:
-    _local.buffers = {}
-
-
 def weighted_sum_into(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor], coeffs: Sequence[float], base_coeff: float = 1.0) -> torch.Tensor:
     """out = base_coeff·base + Σ cᵢ·δᵢ, chunk by chunk (fp32 accumulation for half-precision outputs)."""
     o, b = out.view(-1), base.reshape(-1)
