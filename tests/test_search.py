@@ -131,3 +131,19 @@ def test_demo_runs_end_to_end_on_the_small_zoo(small_zoo, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "seed 0: held-out test split" in out and "fitness over seeds [0, 1]" in out and "evolved" in out
     assert (tmp_path / "demo-seed1" / "report.json").is_file()
+
+
+def test_racing_and_subsampling_through_the_search_loop(small_zoo, tmp_path):
+    import optuna
+
+    space = ROOT / "search_spaces" / "global_task_arithmetic.yaml"
+    args = ["search", "--zoo", str(small_zoo), "--space", str(space), "--trials", "8", "--runs-dir", str(tmp_path), "--name", "race",
+            "--optimizer", "random", "--task-names", "facts_a", "facts_b", "--racing", "halving", "--subsample", "12", "--no-baselines"]
+    assert main(args) == 0
+    study = optuna.load_study(study_name="race", storage=f"sqlite:///{tmp_path / 'race' / 'study.db'}")
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 8
+    assert all(t.user_attrs["n_examples"] <= 24 for t in done)  # 12 per task at most
+    assert all("pruned" in t.user_attrs and "rung" in t.user_attrs for t in done)
+    header = (tmp_path / "race" / "trials.csv").read_text().splitlines()[0]
+    assert "pruned" in header and "n_examples" in header
