@@ -239,3 +239,20 @@ def test_cached_angles_follow_in_place_changes_of_the_task_vectors():
     d2.copy_(d1)  # now parallel: t = 1, the plain average
     assert torch.allclose(merge_deltas("model_stock", base, [d1, d2], []), d1, atol=1e-6)
     assert not torch.allclose(first, d1)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock"])
+def test_every_method_accepts_bf16_task_vectors_and_output(method):
+    """bf16 inputs (e.g. --delta-dtype bfloat16) merge like their fp32 upcast, rounded once."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 32, generator=g).bfloat16()
+    n = 1 if method == "slerp" else 2
+    deltas = [(torch.randn(64, 32, generator=g) * 0.1).bfloat16() for _ in range(n)]
+    params = [] if method in ("slerp", "model_stock") else [{"weight": 0.6, "density": 0.5, **({"epsilon": 0.1} if "della" in method else {})} for _ in range(n)]
+    if method in ("linear", "task_arithmetic"):
+        params = [{"weight": 0.6}] * n
+    gp = {"t": 0.3} if method == "slerp" else {}
+    got = merge_deltas(method, base, deltas, params, gp, seed=1, key="k")
+    ref = merge_deltas(method, base.float(), [d.float() for d in deltas], params, gp, seed=1, key="k")
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - ref).abs().max().item() <= 2 ** -7 * ref.abs().max().item()

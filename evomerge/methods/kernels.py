@@ -64,7 +64,7 @@ def sparsify_weighted_into(buf: torch.Tensor, method: str | None, delta: torch.T
     if method == "magnitude" or method == "magnitude_outliers":
         sample, l1 = fast.delta_stats(delta)
         flat = buf.view(-1)
-        torch.abs(delta.reshape(-1), out=flat)
+        flat.copy_(delta.reshape(-1)).abs_()  # fp32 work buffer, whatever the task vectors' dtype
         if method == "magnitude":
             k = int(density * n)
             if k <= 0:
