@@ -147,3 +147,16 @@ def test_racing_and_subsampling_through_the_search_loop(small_zoo, tmp_path):
     assert all("pruned" in t.user_attrs and "rung" in t.user_attrs for t in done)
     header = (tmp_path / "race" / "trials.csv").read_text().splitlines()[0]
     assert "pruned" in header and "n_examples" in header
+
+
+def test_cma_resume_ignores_a_candidate_enqueued_but_never_started(small_zoo, tmp_path):
+    import optuna
+
+    base = ["search", "--zoo", str(small_zoo), "--space", str(SPACE), "--popsize", "3", "--runs-dir", str(tmp_path), "--name", "q", "--no-baselines"]
+    assert main(base + ["--trials", "2"]) == 0
+    study = optuna.load_study(study_name="q", storage=f"sqlite:///{tmp_path / 'q' / 'study.db'}")
+    study.enqueue_trial(study.trials[0].params, user_attrs={"cma_generation": 0, "cma_index": 0})  # as if killed right after enqueue
+    assert main(base + ["--trials", "6"]) == 0
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    keys = [(t.user_attrs["cma_generation"], t.user_attrs["cma_index"]) for t in done]
+    assert len(done) == 6 and len(set(keys)) == 6

@@ -76,6 +76,9 @@ class CMAOptimizer:
         self.dists = distributions(space)
         self.state_path = Path(state_path)
         self.pending: list[tuple[int, list[float]]] = []
+        # a kill between enqueue and ask leaves a WAITING trial; fail it so no later ask picks it up
+        for _ in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+            study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
         if self.state_path.is_file():
             with open(self.state_path, "rb") as fh:
                 state = pickle.load(fh)
@@ -114,6 +117,8 @@ class CMAOptimizer:
             params = self.space.from_unit(x)
             self.study.enqueue_trial(params, user_attrs={"cma_generation": self.generation, "cma_index": idx}, skip_if_exists=False)
             trial = self.study.ask(self.dists)
+            if trial.user_attrs.get("cma_index") != idx or trial.user_attrs.get("cma_generation") != self.generation:
+                raise RuntimeError(f"study {self.study.study_name}: asked trial {trial.number} is not the enqueued CMA candidate {self.generation}/{idx}")
             self.pending.append((idx, x))
             return Candidate(trial, params, attrs={"cma_generation": self.generation, "cma_index": idx})
         raise RuntimeError("internal: no CMA candidate left to ask in this generation")
