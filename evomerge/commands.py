@@ -73,15 +73,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---- search ------------------------------------------------------------------------------------
 def _search_config(args: argparse.Namespace, space_path: Path, name: str, seed: int):
-    import yaml
-
-    from .evaluate.tasks import load_specs
+    from .evaluate.tasks import TaskError, load_specs
+    from .recipe import RecipeError
     from .search.loop import SearchConfig
-
-    space = yaml.safe_load(Path(space_path).read_text())
     from .space import SearchSpace
 
-    SearchSpace.load(space_path)  # validate with a file-named error
+    space = SearchSpace.load(space_path).model_dump()  # validated, errors name the file
     manifest: dict[str, Any] | None = None
     if args.zoo:
         manifest = json.loads((Path(args.zoo) / "manifest.json").read_text())
@@ -92,13 +89,9 @@ def _search_config(args: argparse.Namespace, space_path: Path, name: str, seed: 
         names = list(manifest["experts"])
         sources = [manifest["experts"][k] for k in names]
     if not base or not sources:
-        from .recipe import RecipeError
-
         raise RecipeError("search needs a base and sources: --zoo DIR, or --base and --sources, or base:/sources: in the space")
     task_source = args.tasks or (args.zoo and Path(args.zoo))
     if not task_source:
-        from .evaluate.tasks import TaskError
-
         raise TaskError("search needs --tasks (a manifest or task file) or --zoo")
     task_names = args.task_names or ([manifest["composed_task"]] if manifest else None)
     specs = load_specs(task_source, task_names)

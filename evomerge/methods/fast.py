@@ -151,8 +151,8 @@ def random_keep_into(buf: torch.Tensor, density: float, generator: torch.Generat
     words.random_(-(2**63), 2**63 - 1, generator=generator)  # full range: every 16-bit lane uniform
     halves = words.view(torch.int16)[:n].view(buf.shape)
     threshold = int(round(density * 65536)) - 32768
-    torch.lt(halves, threshold, out=scratch(n, torch.bool, buf.device, slot=97).view(buf.shape))
-    return buf.copy_(scratch(n, torch.bool, buf.device, slot=97).view(buf.shape))
+    keep = torch.lt(halves, threshold, out=scratch(n, torch.bool, buf.device, slot=97).view(buf.shape))
+    return buf.copy_(keep)
 
 
 def top_k_mask(absval: torch.Tensor, k: int, sample: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

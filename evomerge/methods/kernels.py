@@ -10,7 +10,7 @@ import torch
 
 from . import fast
 from .registry import MethodSpec
-from .sparsify import SPARSIFIERS
+from .sparsify import SPARSIFIERS, breadcrumbs_window, magnitude_k, rescale_factor
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -41,18 +41,18 @@ def task_arithmetic(
     normalize = bool(global_params["normalize"])
     out = torch.empty_like(base) if out is None else out
     if spec.sparsification is None and spec.consensus is None:
-        divisor = sum(weights) if normalize else 1.0
-        divisor = 1.0 if abs(divisor) < 1e-8 else divisor
-        return fast.weighted_sum_into(out, base, deltas, [w * lam / divisor for w in weights])
-    kept = []
-    for i, (delta, p, gen, w) in enumerate(zip(deltas, source_params, generators, weights)):
-        buf = fast.scratch(delta.numel(), work, delta.device, slot=i).view(delta.shape)
-        kept.append(sparsify_weighted_into(buf, spec.sparsification, delta, p, w, mode, gen))
-    if spec.consensus == "sum":
-        return fast.consensus_into(out, base, kept, weights, normalize, lam)
+        inputs, coeffs = list(deltas), weights  # plain task arithmetic: weight inside the sum
+    else:
+        inputs = []
+        for i, (delta, p, gen, w) in enumerate(zip(deltas, source_params, generators, weights)):
+            buf = fast.scratch(delta.numel(), work, delta.device, slot=i).view(delta.shape)
+            inputs.append(sparsify_weighted_into(buf, spec.sparsification, delta, p, w, mode, gen))
+        if spec.consensus == "sum":
+            return fast.consensus_into(out, base, inputs, weights, normalize, lam)
+        coeffs = [1.0] * len(inputs)  # already weighted
     divisor = sum(weights) if normalize else 1.0
     divisor = 1.0 if abs(divisor) < 1e-8 else divisor
-    return fast.weighted_sum_into(out, base, kept, [lam / divisor] * len(kept))
+    return fast.weighted_sum_into(out, base, inputs, [c * lam / divisor for c in coeffs])
 
 
 def sparsify_weighted_into(buf: torch.Tensor, method: str | None, delta: torch.Tensor, p: dict[str, Any], weight: float, mode: str | None, gen: torch.Generator | None) -> torch.Tensor:
@@ -66,38 +66,21 @@ def sparsify_weighted_into(buf: torch.Tensor, method: str | None, delta: torch.T
         flat = buf.view(-1)
         flat.copy_(delta.reshape(-1)).abs_()  # fp32 work buffer, whatever the task vectors' dtype
         if method == "magnitude":
-            k = int(density * n)
-            if k <= 0:
-                raise ValueError(f"density {density} keeps no entry of a tensor with {n} elements")
-            keep = fast.top_k_mask(flat, k, sample, out=fast.scratch(n, torch.bool, buf.device, slot=80))
-        else:  # breadcrumbs: the top (n − n_bottom) minus the top n_top outliers
-            target, n_top = int(density * n), int(float(p.get("gamma", 0.01)) * n)
-            n_bottom = n - target - n_top
-            if n_bottom < 0:
-                n_top, n_bottom = n - target, 0
-            keep = fast.top_k_mask(flat, n - n_bottom, sample, out=fast.scratch(n, torch.bool, buf.device, slot=80))
-            if n_top > 0:
-                keep &= ~fast.top_k_mask(flat, n_top, sample, out=fast.scratch(n, torch.bool, buf.device, slot=81))
+            keep_top, drop_top = magnitude_k(n, density), 0
+        else:
+            keep_top, drop_top = breadcrumbs_window(n, density, float(p.get("gamma", 0.01)))
+        keep = fast.top_k_mask(flat, keep_top, sample, out=fast.scratch(n, torch.bool, buf.device, slot=80))
+        if drop_top > 0:
+            keep &= ~fast.top_k_mask(flat, drop_top, sample, out=fast.scratch(n, torch.bool, buf.device, slot=81))
         torch.mul(delta.reshape(-1), keep, out=flat)
-        return buf.mul_(weight * _rescale_factor(buf, l1, mode, density))
+        return buf.mul_(weight * rescale_factor(buf, l1, mode, density))
     if method == "random":
         fast.random_keep_into(buf, density, gen)
         buf.mul_(delta)
         l1 = fast.delta_stats(delta)[1] if mode == "l1" else 0.0
-        return buf.mul_(weight * _rescale_factor(buf, l1, mode, density))
+        return buf.mul_(weight * rescale_factor(buf, l1, mode, density))
     kept = SPARSIFIERS[method](delta.to(buf.dtype), density, rescale_mode=mode, generator=gen, epsilon=p.get("epsilon", 0.15))
     return torch.mul(kept, weight, out=buf)
-
-
-def _rescale_factor(kept: torch.Tensor, l1_before: float, mode: str | None, density: float, eps: float = 1e-7) -> float:
-    if mode is None:
-        return 1.0
-    if mode == "inverse_density":
-        return 1.0 / density
-    after = float(kept.abs().sum(dtype=torch.float64))
-    if l1_before < eps or after < eps:
-        return 1.0
-    return l1_before / after
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,27 +10,46 @@ import torch
 from .fast import top_k_mask
 
 
-def rescale(delta: torch.Tensor, kept: torch.Tensor, mode: str | None, density: float, eps: float = 1e-7) -> torch.Tensor:
-    """Scale the kept part back up: mergekit's ‖δ‖₁/‖kept‖₁ ('l1') or the DARE paper's 1/density."""
+def rescale_factor(kept: torch.Tensor, l1_before: float, mode: str | None, density: float, eps: float = 1e-7) -> float:
+    """How much to scale the kept part back up: mergekit's ‖δ‖₁/‖kept‖₁ ('l1') or the DARE paper's 1/density."""
+    if mode is None:
+        return 1.0
+    if mode == "inverse_density":
+        return 1.0 / density
+    after = float(kept.abs().sum(dtype=torch.float64))
+    if l1_before < eps or after < eps:
+        return 1.0
+    return l1_before / after
+
+
+def rescale(delta: torch.Tensor, kept: torch.Tensor, mode: str | None, density: float) -> torch.Tensor:
     if mode is None:
         return kept
-    if mode == "inverse_density":
-        return kept.mul_(1.0 / density)
-    before = delta.abs().sum(dtype=torch.float32)
-    after = kept.abs().sum(dtype=torch.float32)
-    if before < eps or after < eps:
-        return kept
-    return kept.mul_(before / after)
+    return kept.mul_(rescale_factor(kept, float(delta.abs().sum(dtype=torch.float64)), mode, density))
+
+
+def magnitude_k(n: int, density: float) -> int:
+    """TIES keeps int(density·n) entries; zero would erase the tensor, which is a parameter error."""
+    k = int(density * n)
+    if k <= 0:
+        raise ValueError(f"density {density} keeps no entry of a tensor with {n} elements")
+    return k
+
+
+def breadcrumbs_window(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """(keep the top this many, then drop the top this many outliers) so `density` of n remains."""
+    target, n_top = int(density * n), int(gamma * n)
+    n_bottom = n - target - n_top
+    if n_bottom < 0:
+        n_top, n_bottom = n - target, 0
+    return n - n_bottom, n_top
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale_mode: str | None = None, **_: object) -> torch.Tensor:
     """TIES trim: keep the top int(density·numel) entries by |δ|."""
     if density >= 1:
         return delta
-    k = int(density * delta.numel())
-    if k <= 0:
-        raise ValueError(f"density {density} keeps no entry of a tensor with {delta.numel()} elements")
-    kept = delta * top_k_mask(delta.abs(), k)
+    kept = delta * top_k_mask(delta.abs(), magnitude_k(delta.numel(), density))
     return rescale(delta, kept, rescale_mode, density)
 
 
@@ -38,15 +57,9 @@ def magnitude_outliers(delta: torch.Tensor, density: float, rescale_mode: str | 
     """Model breadcrumbs: drop the top int(gamma·n) outliers and the smallest entries so `density` remains."""
     if density >= 1:
         return delta
-    n = delta.numel()
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bottom = n - target - n_top
-    if n_bottom < 0:
-        n_top, n_bottom = n - target, 0
+    keep_top, drop_top = breadcrumbs_window(delta.numel(), density, gamma)
     absval = delta.abs()
-    # keep ranks [n_bottom, n - n_top) in ascending |δ|: the top (n - n_bottom) minus the top n_top
-    keep = top_k_mask(absval, n - n_bottom) & ~top_k_mask(absval, n_top)
+    keep = top_k_mask(absval, keep_top) & ~top_k_mask(absval, drop_top)
     kept = delta * keep
     return rescale(delta, kept, rescale_mode, density)
 
