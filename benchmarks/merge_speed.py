@@ -3,8 +3,11 @@
 For a generated Llama-shaped model (size settable; default ~300M params) with a base and N sources kept
 resident as task vectors, times:
   (a) the limit: plain copies moving the same bytes a merge must move ((N + 1) tensors read + 1 written),
-  (b) evomerge materializing each method into a preallocated target (what the search does per candidate).
-The mergekit comparison the speed issue asks for is not built yet (see the issue notes).
+  (b) evomerge materializing each method into a preallocated target (what the search does per candidate),
+  (c) mergekit (when installed: `pip install mergekit`) merging the same in-memory tensors with its
+      tensor-level API (`mergekit.merge_methods.api.merge_tensors`): no disk I/O on either side.
+The first evomerge call of each method (torch.compile, bin counts of the resident task vectors) is timed
+apart as "setup"; the per-candidate time is the median of the repeats after it.
 
     python benchmarks/merge_speed.py [--params 300e6] [--dtype float32|bfloat16] [--sources 3] [--device cpu|cuda]
 """
@@ -50,15 +53,33 @@ def sync(device):
 
 
 def bench(fn, device, repeats):
-    fn()  # warm-up (and torch.compile, where used)
+    t = time.perf_counter()
+    fn()  # warm-up: torch.compile, bin counts of the resident task vectors
     sync(device)
+    setup = time.perf_counter() - t
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), setup
+
+
+def mergekit_runner(method, params, base, deltas, n):
+    """A callable merging every tensor with mergekit, or None when mergekit is not installed."""
+    try:
+        from mergekit.merge_methods.api import merge_tensors as mk_merge
+    except ImportError:
+        return None
+    models = [[b + d for d in ds[:n]] for b, ds in zip(base, deltas)]  # mergekit takes whole models
+    mk_params = {"t": 0.5} if method == "slerp" else dict(params)
+
+    def run():
+        for b, ms in zip(base, models):
+            mk_merge([b] + ms, method, parameters=mk_params, base_index=0)
+
+    return run
 
 
 def main() -> None:
@@ -69,6 +90,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--no-mergekit", action="store_true", help="skip the mergekit column even when it is installed")
+    ap.add_argument("--mergekit-repeats", type=int, default=1)
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -79,7 +102,7 @@ def main() -> None:
     out = [torch.empty_like(b) for b in base]
     n_params = sum(b.numel() for b in base)
     model_bytes = sum(b.numel() * b.element_size() for b in base)
-    print(f"{n_params / 1e6:.0f}M params, {args.dtype}, {args.sources} sources, {len(shapes)} tensors, device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"{n_params / 1e6:.0f}M params, {args.dtype}, {args.sources} sources, {len(shapes)} tensors, device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, EVOMERGE_COMPILE={os.environ.get('EVOMERGE_COMPILE', 'auto')}")
 
     # (a) the limit: copy bandwidth, applied to the bytes a merge moves
     src = [torch.empty_like(b).copy_(b) for b in base]
@@ -88,12 +111,12 @@ def main() -> None:
         for o, s in zip(out, src):
             o.copy_(s)
 
-    t_copy = bench(copy_all, device, args.repeats)
+    t_copy, _ = bench(copy_all, device, args.repeats)
     copy_bw = 2 * model_bytes / t_copy
     moved = (args.sources + 2) * model_bytes
     limit = moved / copy_bw
     print(f"copy: {copy_bw / 1e9:.1f} GB/s read+write; a {args.sources}-source merge moves {moved / 1e9:.2f} GB → limit {limit * 1000:.0f} ms\n")
-    print(f"{'method':16s} {'ms':>9s} {'GB/s':>7s} {'× limit':>8s} {'target':>9s}")
+    print(f"{'method':16s} {'ms':>9s} {'GB/s':>7s} {'× limit':>8s} {'target':>9s} {'setup s':>8s} {'mergekit ms':>12s} {'speedup':>8s}")
     for method in args.methods:
         p = METHODS[method]
         n = 1 if method == "slerp" else args.sources
@@ -104,12 +127,17 @@ def main() -> None:
             for i, (b, ds, o) in enumerate(zip(base, deltas, out)):
                 merge_deltas(method, b, ds[:n], sp, gp, seed=0, key=str(i), out=o)
 
-        t = bench(run, device, args.repeats)
+        t, setup = bench(run, device, args.repeats)
         moved_m = (n + 2) * model_bytes  # n sources + base read, target written
         limit_m = moved_m / copy_bw
         ratio = t / limit_m
         flag = "ok" if ratio <= TARGET[method] else "MISS"
-        print(f"{method:16s} {t * 1000:9.0f} {moved_m / t / 1e9:7.1f} {ratio:7.1f}× {'≤' + str(TARGET[method]) + '× ' + flag:>9s}")
+        mk = mergekit_runner(method, p, base, deltas, n) if not args.no_mergekit else None
+        mk_col = f"{'—':>12s} {'—':>8s}"
+        if mk is not None:
+            t_mk, _ = bench(mk, device, args.mergekit_repeats)
+            mk_col = f"{t_mk * 1000:12.0f} {t_mk / t:7.0f}×"
+        print(f"{method:16s} {t * 1000:9.0f} {moved_m / t / 1e9:7.1f} {ratio:7.1f}× {'≤' + str(TARGET[method]) + '× ' + flag:>9s} {setup:8.1f} {mk_col}", flush=True)
 
 
 if __name__ == "__main__":

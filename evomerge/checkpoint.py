@@ -140,6 +140,12 @@ class Checkpoint:
                 raise CheckpointError(f"{file}: cannot be loaded with weights_only=True ({e})") from None
         return self._pickle_cache[file]
 
+    def close(self) -> None:
+        """Drop the open file handles (their memory maps count towards the process's RSS); a later `get`
+        reopens them."""
+        self._handles.clear()
+        self._pickle_cache.clear()
+
     # ---- reading -------------------------------------------------------------------------------
     def tensor_names(self) -> list[str]:
         return list(self.weight_map)

@@ -69,10 +69,16 @@ class Engine:
         self.num_layers = self.base_ckpt.num_layers or infer_num_layers(self.names)
         self.base: dict[str, torch.Tensor] = {}
         self.deltas: dict[str, list[torch.Tensor]] = {}
+        # one checkpoint at a time, closed when read: a memory-mapped file counts towards RSS while it is
+        # mapped, so reading all at once would peak at twice the resident size
         for name in self.names:
-            base = _load(self.base_ckpt, name, self.device, self.dtype)
-            self.base[name] = base
-            self.deltas[name] = [(_load(c, name, self.device, self.dtype) - base).to(self.delta_dtype) for c in self.source_ckpts]
+            self.base[name] = _load(self.base_ckpt, name, self.device, self.dtype)
+            self.deltas[name] = []
+        self.base_ckpt.close()
+        for ckpt in self.source_ckpts:
+            for name in self.names:
+                self.deltas[name].append((_load(ckpt, name, self.device, self.dtype) - self.base[name]).to(self.delta_dtype))
+            ckpt.close()
         self._plans: dict[tuple, list[TensorPlan]] = {}
 
     def source_index(self, recipe: Recipe) -> list[int]:

@@ -51,6 +51,7 @@ def test_merge_cli_output_loads_in_transformers_and_matches_engine(tmp_path, lla
 def test_engine_writes_candidates_in_place_into_one_model(llama_family):
     base, fts = llama_family
     engine = Engine(base, fts)
+    assert not engine.base_ckpt._handles and not any(c._handles for c in engine.source_ckpts)  # files unmapped once resident
     model = engine.load_target_model()
     target = engine.bind(model)
     ptrs = {n: t.data_ptr() for n, t in target.items()}

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from evomerge.zoo.build import SMALL, build_zoo
-from evomerge.zoo.world import make_world
+from evomerge.zoo.world import OPS, make_world, math_items
 
 
 def _digest(root):
@@ -51,6 +51,17 @@ def test_math_training_pairs_exclude_held_out_pairs():
     unordered = {k: {tuple(sorted(p)) for p in w.pair_split[k]} for k in ("train", "search", "test")}
     assert not unordered["train"] & unordered["search"] and not unordered["train"] & unordered["test"]
     assert not unordered["search"] & unordered["test"]
+
+
+def test_eval_splits_ask_every_held_out_pair_with_every_op():
+    w = make_world(0)
+    search, test = math_items(w, "search", False, 4), math_items(w, "test", True, 4)
+    assert len(search) == len(test) == 4 * len(w.pair_split["search"]) == 1000
+    assert {item["prompt"].split()[0] for item in search} == set(OPS)
+    assert len({item["prompt"] for item in search}) == len(search)  # no prompt asked twice
+    operands = lambda items: {tuple(sorted(map(int, (i["prompt"].split()[1], i["prompt"].split()[3])))) for i in items}  # noqa: E731
+    assert not operands(search) & operands(math_items(w, "test", False, 4))
+    assert math_items(w, "search", False, 1) == search[::4]  # one op per pair: the first of each four
 
 
 def test_language_b_is_a_cipher_into_new_tokens():

@@ -13,18 +13,13 @@ import torch
 from . import kernels
 from .registry import METHODS, MethodError, MethodSpec, get_method, resolve_params
 
-__all__ = ["METHODS", "MethodError", "MethodSpec", "get_method", "resolve_params", "merge_deltas", "merge_tensors", "source_generators"]
+__all__ = ["METHODS", "MethodError", "MethodSpec", "get_method", "resolve_params", "merge_deltas", "merge_tensors", "source_seeds"]
 
 
-def source_generators(seed: int, key: str, n: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
-    """One generator per source, seeded from (seed, tensor name, source index): a DARE mask does not depend
-    on the order tensors are visited, so runs reproduce exactly."""
-    gens = []
-    for i in range(n):
-        g = torch.Generator(device=device)
-        g.manual_seed((int(seed) * 1_000_003 + zlib.crc32(key.encode()) * 31 + i) % (2**63 - 1))
-        gens.append(g)
-    return gens
+def source_seeds(seed: int, key: str, n: int) -> list[int]:
+    """One seed per source from (recipe seed, tensor name, source index): a random mask does not depend on
+    the order tensors are visited, so runs reproduce exactly."""
+    return [(int(seed) * 1_000_003 + zlib.crc32(key.encode()) * 31 + i) % (2**63 - 1) for i in range(n)]
 
 
 def merge_deltas(
@@ -44,10 +39,7 @@ def merge_deltas(
     spec = get_method(method)
     params, g = resolve_params(spec, len(deltas), list(source_params), dict(global_params or {}))
     if spec.family == "task_arithmetic":
-        gens: list[torch.Generator | None] = [None] * len(deltas)
-        if spec.sparsification in ("random", "rank_magnitude"):
-            gens = list(source_generators(seed, key, len(deltas), base.device))
-        return kernels.task_arithmetic(spec, base, deltas, params, g, gens, out=out)
+        return kernels.task_arithmetic(spec, base, deltas, params, g, out=out, seeds=source_seeds(seed, key, len(deltas)))
     if spec.family == "linear":
         return kernels.linear_deltas(base, deltas, [p["weight"] for p in params], normalize=bool(g["normalize"]), out=out, base_weight=base_weight)
     if spec.family == "slerp":

@@ -143,18 +143,6 @@ def delta_stats(delta: torch.Tensor) -> tuple[torch.Tensor, float]:
     return sample, l1
 
 
-def random_keep_into(buf: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
-    """buf ← 1.0 with probability `density`, else 0.0. Draws 64 random bits per 4 entries (16-bit
-    resolution on the density, error < 2⁻¹⁶) instead of one float per entry: 4× fewer RNG calls."""
-    n = buf.numel()
-    words = scratch((n + 3) // 4, torch.int64, buf.device, slot=96)
-    words.random_(-(2**63), 2**63 - 1, generator=generator)  # full range: every 16-bit lane uniform
-    halves = words.view(torch.int16)[:n].view(buf.shape)
-    threshold = int(round(density * 65536)) - 32768
-    keep = torch.lt(halves, threshold, out=scratch(n, torch.bool, buf.device, slot=97).view(buf.shape))
-    return buf.copy_(keep)
-
-
 def top_k_mask(absval: torch.Tensor, k: int, sample: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask of exactly the k largest entries (flat). Ties at the threshold are broken by position,
     first positions first, so exactly k survive as with a top-k."""

@@ -8,9 +8,9 @@ from typing import Any, Sequence
 
 import torch
 
-from . import fast
+from . import fast, fused
 from .registry import MethodSpec
-from .sparsify import SPARSIFIERS, breadcrumbs_window, magnitude_k, rescale_factor
+from .sparsify import rescale_factor
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -24,63 +24,45 @@ def _finish(base: torch.Tensor, change: torch.Tensor, out: torch.Tensor | None) 
     return torch.add(base, change, out=out)
 
 
+FUSED_KINDS = {"magnitude": "magnitude", "magnitude_outliers": "window", "random": "random", "rank_magnitude": "rank"}
+
+
 def task_arithmetic(
     spec: MethodSpec,
     base: torch.Tensor,
     deltas: Sequence[torch.Tensor],
     source_params: Sequence[dict[str, Any]],
     global_params: dict[str, Any],
-    generators: Sequence[torch.Generator | None],
     out: torch.Tensor | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """The generalized task-arithmetic family: sparsify each δ, weight, optional sign election, sum."""
+    """The generalized task-arithmetic family: sparsify each δ, weight, optional sign election, sum — as
+    one fused pass (`fused`); plain task arithmetic is a weighted sum."""
     work = _work_dtype(base)
     mode = global_params["rescale_mode"] if global_params["rescale"] else None
     weights = [float(p["weight"]) for p in source_params]
     lam = float(global_params["lambda"])
     normalize = bool(global_params["normalize"])
     out = torch.empty_like(base) if out is None else out
-    if spec.sparsification is None and spec.consensus is None:
-        inputs, coeffs = list(deltas), weights  # plain task arithmetic: weight inside the sum
-    else:
-        inputs = []
-        for i, (delta, p, gen, w) in enumerate(zip(deltas, source_params, generators, weights)):
-            buf = fast.scratch(delta.numel(), work, delta.device, slot=i).view(delta.shape)
-            inputs.append(sparsify_weighted_into(buf, spec.sparsification, delta, p, w, mode, gen))
-        if spec.consensus == "sum":
-            return fast.consensus_into(out, base, inputs, weights, normalize, lam)
-        coeffs = [1.0] * len(inputs)  # already weighted
     divisor = sum(weights) if normalize else 1.0
     divisor = 1.0 if abs(divisor) < 1e-8 else divisor
-    return fast.weighted_sum_into(out, base, inputs, [c * lam / divisor for c in coeffs])
-
-
-def sparsify_weighted_into(buf: torch.Tensor, method: str | None, delta: torch.Tensor, p: dict[str, Any], weight: float, mode: str | None, gen: torch.Generator | None) -> torch.Tensor:
-    """buf ← weight · rescale(sparsify(δ)), written in place into a reused buffer."""
-    density = float(p.get("density", 1.0))
-    if method is None or density >= 1.0:
-        return torch.mul(delta, weight, out=buf)
-    n = delta.numel()
-    if method == "magnitude" or method == "magnitude_outliers":
-        sample, l1 = fast.delta_stats(delta)
-        flat = buf.view(-1)
-        flat.copy_(delta.reshape(-1)).abs_()  # fp32 work buffer, whatever the task vectors' dtype
-        if method == "magnitude":
-            keep_top, drop_top = magnitude_k(n, density), 0
-        else:
-            keep_top, drop_top = breadcrumbs_window(n, density, float(p.get("gamma", 0.01)))
-        keep = fast.top_k_mask(flat, keep_top, sample, out=fast.scratch(n, torch.bool, buf.device, slot=80))
-        if drop_top > 0:
-            keep &= ~fast.top_k_mask(flat, drop_top, sample, out=fast.scratch(n, torch.bool, buf.device, slot=81))
-        torch.mul(delta.reshape(-1), keep, out=flat)
-        return buf.mul_(weight * rescale_factor(buf, l1, mode, density))
-    if method == "random":
-        fast.random_keep_into(buf, density, gen)
-        buf.mul_(delta)
-        l1 = fast.delta_stats(delta)[1] if mode == "l1" else 0.0
-        return buf.mul_(weight * rescale_factor(buf, l1, mode, density))
-    kept = SPARSIFIERS[method](delta.to(buf.dtype), density, rescale_mode=mode, generator=gen, epsilon=p.get("epsilon", 0.15))
-    return torch.mul(kept, weight, out=buf)
+    if spec.sparsification is None:
+        return fused.weighted_sum_into(out, base, deltas, [w * lam / divisor for w in weights])
+    kind = FUSED_KINDS[spec.sparsification]
+    densities = [float(p.get("density", 1.0)) for p in source_params]
+    gammas = [float(p.get("gamma", 0.0)) for p in source_params]
+    epsilons = [float(p.get("epsilon", 0.0)) for p in source_params]
+    fp, ip = fused.source_params(kind, deltas, densities, gammas, seeds or [0] * len(deltas), work, epsilons)
+    ranks = [fused.row_ranks(d) for d in deltas] if kind == "rank" else []
+    for i, (delta, w, d) in enumerate(zip(deltas, weights, densities)):
+        scale = 1.0
+        if mode is not None and d < 1.0:
+            l1 = fast.delta_stats(delta)[1] if mode == "l1" else 0.0
+            after = fused.kept_l1(kind, delta, fp[i : i + 1], ip[i : i + 1], ranks[i] if ranks else None) if mode == "l1" else 0.0
+            scale = rescale_factor(None, l1, mode, d, after=after)
+        fp[i, 2] = w * scale * (1.0 if spec.consensus else lam / divisor)
+        fp[i, 3] = w
+    return fused.merge_into(out, base, deltas, kind, fp, ip, lam, spec.consensus == "sum", normalize, ranks)
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,7 +88,7 @@ def linear_deltas(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: S
         raise ValueError("linear merge: the weights sum to zero, so they cannot be normalized")
     scale = 1.0 / total if normalize else 1.0
     out = torch.empty_like(base) if out is None else out
-    return fast.weighted_sum_into(out, base, deltas, [float(w) * scale for w in weights], base_coeff=1.0 if normalize else total)
+    return fused.weighted_sum_into(out, base, deltas, [float(w) * scale for w in weights], base_coeff=1.0 if normalize else total)
 
 
 def slerp_coefficients(t: float, n0_sq: float, n1_sq: float, dot: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> tuple[float, float]:
@@ -126,7 +108,7 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tensor | None
     g = fast.gram([v0, v1])
     s0, s1 = slerp_coefficients(t, g[0][0], g[1][1], g[0][1])
     out = torch.empty_like(v0) if out is None else out
-    return fast.weighted_sum_into(out, v0, [v1], [s1], base_coeff=s0)
+    return fused.weighted_sum_into(out, v0, [v1], [s1], base_coeff=s0)
 
 
 def slerp_delta(t: float, base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,7 +118,7 @@ def slerp_delta(t: float, base: torch.Tensor, delta: torch.Tensor, out: torch.Te
     bb, bd, dd = g[0][0], g[0][1], g[1][1]
     s0, s1 = slerp_coefficients(t, bb, bb + 2 * bd + dd, bb + bd)
     out = torch.empty_like(base) if out is None else out
-    return fast.weighted_sum_into(out, base, [delta], [s1], base_coeff=s0 + s1)
+    return fused.weighted_sum_into(out, base, [delta], [s1], base_coeff=s0 + s1)
 
 
 def model_stock(base: torch.Tensor, deltas: Sequence[torch.Tensor], filter_wise: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -153,7 +135,7 @@ def model_stock(base: torch.Tensor, deltas: Sequence[torch.Tensor], filter_wise:
                 cos.append(max(-1.0, min(1.0, g[i][j] / max(norms, 1e-6))))
         c = sum(cos) / len(cos)
         t = (n * c) / (1 + (n - 1) * c)
-        return fast.weighted_sum_into(out, base, deltas, [t / n] * n)
+        return fused.weighted_sum_into(out, base, deltas, [t / n] * n)
     work = _work_dtype(base)
     offsets = [d.to(work).reshape(1, -1) if d.dim() < 2 else d.to(work).reshape(d.shape[0], -1) for d in deltas]
     cos_rows = []

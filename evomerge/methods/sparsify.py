@@ -1,4 +1,6 @@
-"""Sparsification of one task vector δ over the whole tensor, as mergekit 0.1.5 defines it.
+"""Sparsification of one task vector δ over the whole tensor, as mergekit 0.1.5 defines it: the reference
+implementations (the fused kernels in `fused` compute the same keep rules in one pass) and the shared
+arithmetic (how many entries to keep, the rescale factor).
 
 Top-k uses an exact k-th-value threshold (O(n) selection, `fast.top_k_mask`) instead of argsort
 (O(n log n)); ties at the threshold are broken by position so exactly k entries survive.
@@ -10,13 +12,15 @@ import torch
 from .fast import top_k_mask
 
 
-def rescale_factor(kept: torch.Tensor, l1_before: float, mode: str | None, density: float, eps: float = 1e-7) -> float:
-    """How much to scale the kept part back up: mergekit's ‖δ‖₁/‖kept‖₁ ('l1') or the DARE paper's 1/density."""
+def rescale_factor(kept: torch.Tensor | None, l1_before: float, mode: str | None, density: float, eps: float = 1e-7, after: float | None = None) -> float:
+    """How much to scale the kept part back up: mergekit's ‖δ‖₁/‖kept‖₁ ('l1') or the DARE paper's 1/density.
+    ‖kept‖₁ is summed from `kept` unless given as `after`."""
     if mode is None:
         return 1.0
     if mode == "inverse_density":
         return 1.0 / density
-    after = float(kept.abs().sum(dtype=torch.float64))
+    if after is None:
+        after = float(kept.abs().sum(dtype=torch.float64))
     if l1_before < eps or after < eps:
         return 1.0
     return l1_before / after
@@ -62,24 +66,3 @@ def magnitude_outliers(delta: torch.Tensor, density: float, rescale_mode: str | 
     keep = top_k_mask(absval, keep_top) & ~top_k_mask(absval, drop_top)
     kept = delta * keep
     return rescale(delta, kept, rescale_mode, density)
-
-
-def rank_magnitude(delta: torch.Tensor, density: float, rescale_mode: str | None = None, epsilon: float = 0.15, generator: torch.Generator | None = None, **_: object) -> torch.Tensor:
-    """DELLA: per row, keep probability rises linearly with |δ| rank from density−ε to density+ε."""
-    if density >= 1:
-        return delta
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    width = rows.shape[1]
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)  # 0 = smallest
-    span = max(width - 1, 1)
-    prob = (density - epsilon) + ranks * (2 * epsilon / span)
-    keep = torch.rand(prob.shape, generator=generator, device=delta.device) < prob
-    kept = (rows * keep).view(delta.shape)
-    return rescale(delta, kept, rescale_mode, density)
-
-
-SPARSIFIERS = {
-    "magnitude": magnitude,
-    "magnitude_outliers": magnitude_outliers,
-    "rank_magnitude": rank_magnitude,
-}

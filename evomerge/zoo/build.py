@@ -49,13 +49,14 @@ class ZooConfig:
     expert_lr: float = 3e-4
     soup_steps: int = 150
     soup_lrs: tuple[float, ...] = (1e-4, 2e-4, 4e-4, 8e-4)
+    eval_ops_per_pair: int = 4  # math eval items per held-out operand pair (1 → 250 items a split, 4 → 1000)
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 FULL = ZooConfig()
-SMALL = ZooConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, batch_size=16, base_steps=30, expert_steps=10, soup_steps=5, soup_lrs=(1e-4, 4e-4))
+SMALL = ZooConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, batch_size=16, base_steps=30, expert_steps=10, soup_steps=5, soup_lrs=(1e-4, 4e-4), eval_ops_per_pair=1)
 
 
 def default_zoo_dir(config: ZooConfig) -> Path:
@@ -100,7 +101,7 @@ def _streams(world: W.World, held_out_words: set[str]) -> dict[str, Callable[[ra
 
 
 # ---- tasks ---------------------------------------------------------------------------------------
-def write_tasks(root: Path, world: W.World, final_root: Path | None = None) -> list[TaskSpec]:
+def write_tasks(root: Path, world: W.World, final_root: Path | None = None, ops: int = 1) -> list[TaskSpec]:
     """Write every task's splits under `root`; the specs (and lm-eval YAMLs) name them under
     `final_root`, where the build is renamed to once complete."""
     specs = []
@@ -113,8 +114,8 @@ def write_tasks(root: Path, world: W.World, final_root: Path | None = None) -> l
             files[split] = str(final_root / "tasks" / name / f"{split}.jsonl")
         specs.append(TaskSpec(name=name, kind=kind, files=files, **kw))
 
-    add("math_a", "generate", W.math_items(world, "search", False), W.math_items(world, "test", False), metric="exact_match", max_new_tokens=4)
-    add("math_b", "generate", W.math_items(world, "search", True), W.math_items(world, "test", True), metric="exact_match", max_new_tokens=4)
+    add("math_a", "generate", W.math_items(world, "search", False, ops), W.math_items(world, "test", False, ops), metric="exact_match", max_new_tokens=4)
+    add("math_b", "generate", W.math_items(world, "search", True, ops), W.math_items(world, "test", True, ops), metric="exact_match", max_new_tokens=4)
     rs, rt = W.reverse_items(world.seed, 200, set())
     add("reverse_a", "generate", rs, rt, metric="exact_match", max_new_tokens=8)
     fs, ft = W.fact_items(world, in_b=False)
@@ -182,7 +183,7 @@ def build_zoo(out: str | os.PathLike | None = None, config: ZooConfig = FULL, pr
     try:
         world = W.make_world(config.seed)
         tok = build_char_tokenizer(W.ALPHABET)
-        specs = write_tasks(tmp, world, final_root=out)
+        specs = write_tasks(tmp, world, final_root=out, ops=config.eval_ops_per_pair)
         held_out = {item["prompt"].split()[1] for split in ("search", "test") for item in _read(tmp / "tasks" / "reverse_a" / f"{split}.jsonl")}
         streams = _streams(world, held_out)
         cfg = LlamaConfig(

@@ -1,0 +1,105 @@
+"""Peak memory of a search process against the design bound (sources + 2) × model size.
+
+Writes a generated Llama-shaped base and N sources (base + noise) as HF safetensors directories, then, in a
+fresh child process per setting, does what a search does: loads the engine (base + resident task vectors),
+loads the one target model, materializes a few TIES / DARE-TIES / task-arithmetic candidates into it and
+runs a forward pass. Prints peak RSS above the process's torch-imported baseline, in model sizes.
+
+    python benchmarks/search_memory.py [--params 100e6] [--sources 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def make_models(root: Path, params: float, sources: int) -> tuple[str, list[str], int]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, vocab = 1024, 2816, 32000
+    layers = max(1, int((params - 2 * vocab * hidden) // (4 * hidden * hidden + 3 * hidden * inter)))
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    paths = []
+    for i in range(sources + 1):
+        if i:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 1e-3)
+        path = root / f"m{i}"
+        model.save_pretrained(path)
+        paths.append(str(path))
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return paths[0], paths[1:], size
+
+
+def child(base: str, sources: list[str], delta_dtype: str | None) -> None:
+    import torch
+
+    from evomerge.engine import Engine
+    from evomerge.recipe import Recipe
+
+    baseline = rss_mb()
+    engine = Engine(base, sources, delta_dtype=delta_dtype)
+    after_engine = rss_mb()
+    print(json.dumps({"engine peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline}), file=sys.stderr)
+    model = engine.load_target_model()
+    target = engine.bind(model)
+    steps = {"target": rss_mb() - baseline, "peak so far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline}
+    for method, params in (("ties", {"weight": 0.5, "density": 0.4}), ("dare_ties", {"weight": 0.5, "density": 0.4}), ("task_arithmetic", {"weight": 0.5})):
+        recipe = Recipe.from_dict({"merge_method": method, "base_model": base, "models": [{"model": s, "parameters": params} for s in sources]})
+        engine.materialize(recipe, target)
+        steps[method] = rss_mb() - baseline
+        with torch.no_grad():
+            model(torch.randint(0, 1000, (4, 64)))
+        steps[method + "+forward"] = rss_mb() - baseline
+    print(json.dumps(steps), file=sys.stderr)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"baseline_mb": baseline, "engine_mb": after_engine - baseline, "peak_mb": peak - baseline}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params", type=float, default=100e6)
+    ap.add_argument("--sources", type=int, default=3)
+    ap.add_argument("--verbose", action="store_true", help="RSS after each step")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        base, delta_dtype, *sources = args.child
+        child(base, sources, None if delta_dtype == "same" else delta_dtype)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        base, sources, size = make_models(Path(tmp), args.params, args.sources)
+        size_mb = size / 2**20
+        print(f"model {size_mb:.0f} MiB fp32, {args.sources} sources; bound (sources + 2) × model = {(args.sources + 2) * size_mb:.0f} MiB")
+        print(f"{'task vectors':14s} {'engine MiB':>11s} {'peak MiB':>9s} {'× model':>8s} {'bound':>6s}")
+        for delta_dtype, bound in (("same", args.sources + 2), ("bfloat16", args.sources / 2 + 2)):
+            res = subprocess.run([sys.executable, __file__, "--child", base, delta_dtype, *sources], capture_output=True, text=True, check=True)
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            if args.verbose:
+                print("\n".join(res.stderr.strip().splitlines()[-2:]))
+            ratio = r["peak_mb"] / size_mb
+            print(f"{'fp32' if delta_dtype == 'same' else delta_dtype:14s} {r['engine_mb']:11.0f} {r['peak_mb']:9.0f} {ratio:7.2f}× {bound:5.1f}× {'ok' if ratio <= bound else 'MISS'}")
+
+
+if __name__ == "__main__":
+    main()

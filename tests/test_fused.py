@@ -1,0 +1,179 @@
+"""The fused TIES/DARE/breadcrumbs kernels: exact thresholds, the counter-based random masks, and compiled
+code agreeing with the eager chunked code."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from evomerge.methods import fast, fused, merge_deltas
+from evomerge.methods.sparsify import magnitude
+
+
+def reference_top_k(absval: torch.Tensor, k: int) -> torch.Tensor:
+    """Exactly k largest, ties broken by position (stable sort on -|δ|)."""
+    flat = absval.reshape(-1)
+    order = torch.sort(-flat, stable=True).indices
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def keep_mask(delta: torch.Tensor, t: float, cut: int) -> torch.Tensor:
+    a = delta.reshape(-1).abs().double()
+    idx = torch.arange(a.numel())
+    return (a > t) | ((a == t) & (idx < cut))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1000, 3_000_001])
+def test_keep_largest_is_an_exact_top_k_with_positional_ties(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    delta = (torch.randn(n, generator=g) * 0.01).to(dtype)
+    delta[::7] = 0.0  # a block of exact ties at zero
+    ks = [int(d * n) for d in (0.001, 0.3, 0.5, 0.9, 0.95)]
+    for k, (t, cut) in zip(ks, fused.keep_largest(delta, ks)):  # one pass for all ks
+        got = keep_mask(delta, t, cut)
+        assert int(got.sum()) == k
+        assert torch.equal(got, reference_top_k(delta.abs().float(), k))
+
+
+def test_keep_largest_handles_few_distinct_values_and_edges():
+    delta = torch.tensor([0.5, -0.5, 0.25, 0.5, 0.0, -0.25, 0.5, 0.0] * 300)
+    for k in range(0, delta.numel() + 1, 97):
+        ((t, cut),) = fused.keep_largest(delta, [k])
+        assert torch.equal(keep_mask(delta, t, cut), reference_top_k(delta.abs(), k))
+
+
+def test_magnitude_index_follows_in_place_changes():
+    delta = torch.randn(5000)
+    before = fused.magnitude_index(delta)
+    delta.mul_(3.0)
+    after = fused.magnitude_index(delta)
+    assert after is not before
+    torch.testing.assert_close(after.edges, before.edges * 3)
+
+
+def test_row_ranks_are_stable_ranks_within_each_row():
+    delta = torch.randn(300, 77)
+    delta[:, ::5] = 0.5  # ties, broken by position
+    expected = delta.abs().argsort(dim=1, stable=True).argsort(dim=1)
+    ranks = fused.row_ranks(delta)
+    assert ranks.dtype == torch.int16
+    assert torch.equal(ranks.long(), expected)
+    assert torch.equal(fused.row_ranks(torch.arange(5.0)).long(), torch.arange(5))  # 1-D: one row
+
+
+def test_della_keep_probability_rises_with_rank():
+    g = torch.Generator().manual_seed(2)
+    delta = torch.randn(2000, 500, generator=g)
+    out = merge_deltas("della_linear", torch.zeros_like(delta), [delta], [{"weight": 1.0, "density": 0.5, "epsilon": 0.2}], seed=4, key="k")
+    kept = out != 0
+    ranks = fused.row_ranks(delta).long()
+    assert abs(kept.float().mean().item() - 0.5) < 0.005
+    low, high = kept[ranks < 50].float().mean().item(), kept[ranks >= 450].float().mean().item()
+    assert abs(low - 0.31) < 0.02 and abs(high - 0.69) < 0.02  # p = 0.3 + 0.4·rank/499 averaged over each band
+
+
+def test_random_bits_are_uniform_independent_and_position_keyed():
+    idx = torch.arange(1 << 20)
+    a = fused.random_bits(idx, fused.seed_word(12345))
+    b = fused.random_bits(idx, fused.seed_word(12346))
+    assert int(a.min()) >= 0 and int(a.max()) < 1 << fused.RANDOM_BITS
+    for density in (0.1, 0.5, 0.9):
+        thr = fused.density_threshold(density)
+        ka, kb = a < thr, b < thr
+        n = idx.numel()
+        sd = math.sqrt(n * density * (1 - density))
+        assert abs(int(ka.sum()) - density * n) < 6 * sd
+        # neighbouring seeds are independent: overlap ≈ density², not density
+        assert abs(int((ka & kb).sum()) - density**2 * n) < 6 * math.sqrt(n * density**2 * (1 - density**2))
+        # neighbouring positions are independent too
+        assert abs(int((ka[1:] & ka[:-1]).sum()) - density**2 * (n - 1)) < 6 * math.sqrt(n * density**2 * (1 - density**2))
+    # a chunk starting at offset s draws what the whole tensor draws there
+    assert torch.equal(fused.random_bits(idx[5000:9000], 77), fused.random_bits(idx, 77)[5000:9000])
+
+
+def test_dare_keeps_the_density_and_rescales_each_source():
+    base = torch.zeros(200_000)
+    delta = torch.randn(200_000)
+    out = merge_deltas("dare_linear", base, [delta], [{"weight": 1.0, "density": 0.2}], {"rescale_mode": "inverse_density"}, seed=0, key="k")
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.2) < 0.005
+    torch.testing.assert_close(out[kept], delta[kept] / 0.2)
+
+
+def test_ties_fused_equals_reference_trim_and_election():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(300, 200, generator=g)
+    deltas = [torch.randn(300, 200, generator=g) * 0.01 for _ in range(3)]
+    weights, density = [0.7, 0.5, 0.9], 0.4
+    got = merge_deltas("ties", base, deltas, [{"weight": w, "density": density} for w in weights])
+    kept = torch.stack([magnitude(d, density) * w for d, w in zip(deltas, weights)])
+    elected = torch.where(kept.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(kept) == elected
+    w = torch.tensor(weights).view(3, 1, 1)
+    div = (agree * w).sum(0)
+    expected = base + (kept * agree).sum(0) / torch.where(div == 0, 1.0, div)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,dtype", [
+    ("ties", torch.float32), ("dare_ties", torch.float32), ("breadcrumbs_ties", torch.float32), ("dare_linear", torch.float32),
+    ("della", torch.float32), ("ties", torch.bfloat16), ("task_arithmetic", torch.bfloat16), ("linear", torch.float32), ("slerp", torch.float32), ("model_stock", torch.float32),
+])
+def test_compiled_kernels_match_eager(method, dtype, monkeypatch):
+    """torch.compile'd merge (inductor) against the eager chunked code on the same inputs."""
+    g = torch.Generator().manual_seed(5)
+    shape = (1100, 1000)  # > one chunk, odd tail
+    base = torch.randn(shape, generator=g).to(dtype)
+    deltas = [(torch.randn(shape, generator=g) * 0.01).to(dtype) for _ in range(2)]
+    params = [{"weight": 0.6, "density": 0.3}, {"weight": 0.8, "density": 0.7}]
+    global_params = {}
+    if method.startswith("breadcrumbs"):
+        params = [dict(p, gamma=0.02) for p in params]
+    if method == "della":
+        params = [dict(p, epsilon=0.1) for p in params]
+    if method in ("linear", "task_arithmetic"):
+        params = [{"weight": p["weight"]} for p in params]
+    if method == "slerp":
+        params, global_params, deltas = [], {"t": 0.3}, deltas[:1]
+    if method == "model_stock":
+        params = []
+    monkeypatch.setenv("EVOMERGE_COMPILE", "off")
+    eager = merge_deltas(method, base, deltas, params, global_params, seed=9, key="layer.0")
+    monkeypatch.setenv("EVOMERGE_COMPILE", "on")
+    compiled = merge_deltas(method, base, deltas, params, global_params, seed=9, key="layer.0")
+    assert not fused._compile_failed, "torch.compile failed; the eager fallback ran instead"
+    tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-5}  # bf16: one rounding step
+    torch.testing.assert_close(compiled, eager, **tol)
+
+
+def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
+    monkeypatch.setenv("EVOMERGE_COMPILE", "on")
+
+    def broken(*_args, **_kw):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(fused, "_compiled_merge", broken)
+    monkeypatch.setattr(fused, "_compiled_block_counts", broken)
+    monkeypatch.setattr(fused, "_compiled_kept_l1", broken)
+    monkeypatch.setattr(fused, "_compile_failed", False)
+    base, delta = torch.randn(4000), torch.randn(4000)
+    got = merge_deltas("dare_ties", base, [delta], [{"weight": 1.0, "density": 0.5}], seed=1, key="k")
+    assert fused._compile_failed
+    monkeypatch.setenv("EVOMERGE_COMPILE", "off")
+    torch.testing.assert_close(got, merge_deltas("dare_ties", base, [delta], [{"weight": 1.0, "density": 0.5}], seed=1, key="k"))
+
+
+def test_scratch_and_outputs_are_reused_not_reallocated():
+    base = torch.randn(10_000)
+    deltas = [torch.randn(10_000) * 0.01 for _ in range(2)]
+    out = torch.empty_like(base)
+    ptr = out.data_ptr()
+    for d in (0.2, 0.6):
+        merge_deltas("ties", base, deltas, [{"weight": 1.0, "density": d}] * 2, out=out)
+    assert out.data_ptr() == ptr
+    assert fast.scratch(10_000, torch.bool, base.device, slot=70).data_ptr() == fast.scratch(10_000, torch.bool, base.device, slot=70).data_ptr()
