@@ -10,6 +10,7 @@ The first evomerge call of each method (torch.compile, bin counts of the residen
 apart as "setup"; the per-candidate time is the median of the repeats after it.
 
     python benchmarks/merge_speed.py [--params 300e6] [--dtype float32|bfloat16] [--sources 3] [--device cpu|cuda]
+    python benchmarks/merge_speed.py --shape 7b --dtype bfloat16 --device cuda --no-mergekit   # the GPU run
 """
 from __future__ import annotations
 
@@ -90,13 +91,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--shape", choices=["small", "7b"], default="small", help="7b: Llama-2-7B tensor shapes (hidden 4096, 32 layers), ignoring --params")
     ap.add_argument("--no-mergekit", action="store_true", help="skip the mergekit column even when it is installed")
     ap.add_argument("--mergekit-repeats", type=int, default=1)
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     g = torch.Generator(device="cpu").manual_seed(0)
-    shapes = llama_shapes(args.params)
+    shapes = llama_shapes(6.74e9, hidden=4096, inter=11008) if args.shape == "7b" else llama_shapes(args.params)
     base = [torch.randn(s, generator=g, dtype=torch.float32).to(device=device, dtype=dtype) for s in shapes]
     deltas = [[(torch.randn(s, generator=g) * 0.01).to(device=device, dtype=dtype) for _ in range(args.sources)] for s in shapes]
     out = [torch.empty_like(b) for b in base]

@@ -79,6 +79,7 @@ class Engine:
             for name in self.names:
                 self.deltas[name].append((_load(ckpt, name, self.device, self.dtype) - self.base[name]).to(self.delta_dtype))
             ckpt.close()
+        _return_freed_memory()
         self._plans: dict[tuple, list[TensorPlan]] = {}
 
     def source_index(self, recipe: Recipe) -> list[int]:
@@ -130,6 +131,17 @@ class Engine:
 
         model = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=parse_dtype(dtype or self.dtype))
         return model.to(self.device).eval()
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages freed while loading (each source's tensors before subtraction) back to the OS:
+    glibc keeps them otherwise, and they would count as resident for the whole search."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _load(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

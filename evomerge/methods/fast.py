@@ -1,5 +1,5 @@
-"""Fast paths shared by the kernels: cache-sized chunked elementwise work, reusable scratch buffers and
-an exact top-k threshold that avoids sorting.
+"""Fast paths shared by the kernels: cache-sized chunked elementwise work, reusable scratch buffers, cached
+per-task-vector statistics (‖δ‖₁, Gram matrices) and an exact top-k mask without sorting.
 
 Why: materializing a candidate is pure memory traffic. Doing every source's contribution for one
 L2-sized chunk before moving on keeps the output chunk in cache, so the merge reads each input once and
@@ -7,7 +7,6 @@ writes the output once; scratch buffers are kept between candidates instead of a
 """
 from __future__ import annotations
 
-import math
 import threading
 import weakref
 from typing import Sequence
@@ -93,67 +92,40 @@ def consensus_into(out: torch.Tensor, base: torch.Tensor, kept: Sequence[torch.T
     return out
 
 
-def kth_largest(absval: torch.Tensor, k: int, sample: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact k-th largest value of a flat non-negative tensor.
-
-    A sorted random sample brackets the answer; one counting pass and one gather of the (small) bracket
-    then find it exactly. Falls back to `kthvalue` when the bracket misses (rare) or the tensor is small."""
-    n = absval.numel()
-    if sample is None or n < (1 << 20):
-        return torch.kthvalue(absval.float() if absval.dtype not in (torch.float32, torch.float64) else absval, n - k + 1).values
-    s = sample.numel()
-    q = k / n  # fraction above the answer
-    pos = s * (1 - q)
-    margin = 6.0 * math.sqrt(s * q * (1 - q)) + 16
-    lo = sample[max(0, int(pos - margin))]
-    hi = sample[min(s - 1, int(pos + margin))]
-    above = int(torch.count_nonzero(absval > hi))
-    need = k - above
-    if need <= 0:
-        return torch.kthvalue(absval, n - k + 1).values
-    bracket = absval[(absval >= lo) & (absval <= hi)]
-    if need > bracket.numel():
-        return torch.kthvalue(absval, n - k + 1).values
-    return torch.kthvalue(bracket, bracket.numel() - need + 1).values
-
-
 def abs_sample(delta: torch.Tensor, size: int = 1 << 16, seed: int = 0) -> torch.Tensor:
-    """A sorted random sample of |δ| (fp32), computed once per resident task vector."""
+    """A sorted random sample of |δ| (fp32): bin edges for `fused.magnitude_index`."""
     flat = delta.reshape(-1)
     g = torch.Generator(device="cpu").manual_seed(seed)
     idx = torch.randint(0, flat.numel(), (min(size, flat.numel()),), generator=g).to(flat.device)
     return flat[idx].abs().float().sort().values
 
 
-_stats: dict[int, tuple] = {}
+_l1s: dict[int, tuple] = {}
 
 
-def delta_stats(delta: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """(sorted |δ| sample, ‖δ‖₁) of a task vector, cached while the tensor lives and is unmodified:
-    resident task vectors pay for it once, not per candidate. The sample only speeds up the exact
-    threshold search; it never changes a result."""
-    hit = _stats.get(id(delta))
+def delta_l1(delta: torch.Tensor) -> float:
+    """‖δ‖₁ (fp64 across chunks) of a task vector, cached while the tensor lives and is unmodified:
+    resident task vectors pay for it once, not per candidate."""
+    hit = _l1s.get(id(delta))
     if hit is not None and hit[0]() is delta and hit[1] == delta._version:
-        return hit[2], hit[3]
-    sample = abs_sample(delta)
+        return hit[2]
     flat = delta.reshape(-1)
     l1 = float(sum(flat[s : s + CHUNK].abs().sum(dtype=torch.float64) for s in range(0, flat.numel(), CHUNK)))
     key = id(delta)
-    _stats[key] = (weakref.ref(delta, lambda _ref, key=key: _stats.pop(key, None)), delta._version, sample, l1)
-    return sample, l1
+    _l1s[key] = (weakref.ref(delta, lambda _ref, key=key: _l1s.pop(key, None)), delta._version, l1)
+    return l1
 
 
-def top_k_mask(absval: torch.Tensor, k: int, sample: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean mask of exactly the k largest entries (flat). Ties at the threshold are broken by position,
-    first positions first, so exactly k survive as with a top-k."""
+def top_k_mask(absval: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly the k largest entries (the reference sparsifiers' top-k). Ties at the
+    threshold are broken by position, first positions first, so exactly k survive as with a top-k."""
     n = absval.numel()
     flat = absval.reshape(-1)
     if k >= n or k <= 0:
-        mask = torch.empty(n, dtype=torch.bool, device=flat.device) if out is None else out.view(-1)
-        return mask.fill_(k >= n).view(absval.shape)
+        return torch.full(absval.shape, k >= n, dtype=torch.bool, device=flat.device)
     work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-    t = kth_largest(work, k, sample)
-    mask = torch.ge(work, t, out=out.view(-1) if out is not None else None)
+    t = torch.kthvalue(work, n - k + 1).values
+    mask = work >= t
     extra = int(torch.count_nonzero(mask)) - k
     if extra > 0:  # ties at the threshold: drop the last `extra` of them
         ties = (work == t).nonzero().view(-1)

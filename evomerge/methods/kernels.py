@@ -57,7 +57,7 @@ def task_arithmetic(
     for i, (delta, w, d) in enumerate(zip(deltas, weights, densities)):
         scale = 1.0
         if mode is not None and d < 1.0:
-            l1 = fast.delta_stats(delta)[1] if mode == "l1" else 0.0
+            l1 = fast.delta_l1(delta) if mode == "l1" else 0.0
             after = fused.kept_l1(kind, delta, fp[i : i + 1], ip[i : i + 1], ranks[i] if ranks else None) if mode == "l1" else 0.0
             scale = rescale_factor(None, l1, mode, d, after=after)
         fp[i, 2] = w * scale * (1.0 if spec.consensus else lam / divisor)
