@@ -176,7 +176,7 @@ def row_ranks(delta: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-BLOCK = 1024  # positions are collected from the blocks of this size that hold any bin member
+BLOCK = 256  # positions are collected from the blocks of this size that hold any bin member
 
 
 def _bin_members(flat: torch.Tensor, ranges: Sequence[tuple[float, float]]) -> tuple[torch.Tensor, torch.Tensor]:
