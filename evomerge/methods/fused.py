@@ -1,4 +1,4 @@
-"""One-pass TIES / DARE / breadcrumbs merges on resident task vectors, compiled with torch.compile
+"""One-pass TIES / DARE / breadcrumbs / DELLA merges on resident task vectors, compiled with torch.compile
 (inductor: C++/OpenMP on CPU, Triton on GPU) and the same code run chunk by chunk in eager mode.
 
 Why: done op by op, a TIES or DARE candidate makes ~10 passes over every task vector (masks, copies,
@@ -8,7 +8,7 @@ merge is one fused loop that reads the base and each task vector once and writes
 - magnitude (TIES) and outlier-window (breadcrumbs) keep rules are exact: "|δ| > t, or |δ| == t and the
   position is before `cut`" keeps exactly k entries, ties broken by position as a top-k would. t and cut
   come from `MagnitudeIndex`, exact bin counts of |δ| computed once per resident task vector, so a
-  candidate pays one pass that collects the few entries of the bin holding the k-th value.
+  candidate pays one counting pass, then looks only at the blocks holding the k-th value's bin.
 - random (DARE) keep rules use a counter-based hash of (seed, position): no random numbers are stored,
   and the CPU, the GPU, eager and compiled code all draw the same mask.
 - rank (DELLA) keep rules compare the same hash with a probability linear in the entry's rank within its
@@ -31,7 +31,6 @@ from .sparsify import breadcrumbs_window, magnitude_k
 
 log = logging.getLogger(__name__)
 
-KINDS = ("magnitude", "window", "random", "rank")  # TIES trim, breadcrumbs window, DARE drop, DELLA drop
 M32 = 0xFFFFFFFF
 RANDOM_BITS = 24  # density resolution 2⁻²⁴
 COMPILE_MIN_NUMEL = 1 << 20  # below this, compiled code gains little and chunked eager is used
@@ -236,9 +235,9 @@ def _block_counts(flat: torch.Tensor, bounds: torch.Tensor, counts: torch.Tensor
 
 # ---- the fused merge -------------------------------------------------------------------------------
 def _keep(kind: str, a: torch.Tensor, idx: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, i: int, rank: torch.Tensor | None = None) -> torch.Tensor:
-    """Source i's keep predicate. fp[i] = (t_keep, t_drop, scale, weight) — for "rank" (DELLA) the first
-    two are (p₀, slope) of the keep probability p₀ + slope·rank; ip[i] = (cut_keep, cut_drop, seed word,
-    random threshold)."""
+    """Source i's keep predicate. kind: magnitude (TIES), window (breadcrumbs), random (DARE), rank (DELLA).
+    fp[i] = (t_keep, t_drop, scale, weight) — for "rank" the first two are (p₀, slope) of the keep
+    probability p₀ + slope·rank; ip[i] = (cut_keep, cut_drop, seed word, random threshold)."""
     if kind == "random":
         return random_bits(idx, ip[i, 2]) < ip[i, 3]
     if kind == "rank":
@@ -326,7 +325,7 @@ def _compile(fn):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_merge(kind: str, n: int, consensus: bool, normalize: bool, work: torch.dtype, dtypes: tuple, device: str):  # noqa: ARG001 (cache key)
+def _compiled_merge(kind: str, n: int, consensus: bool, normalize: bool, work: torch.dtype, dtypes: tuple, device: str):
     return _compile(functools.partial(_merge_body, offset=0, kind=kind, consensus=consensus, normalize=normalize, work=work))
 
 
