@@ -275,13 +275,13 @@ def _merge_body(out, base, deltas, fp, ip, lam, ranks, offset: int, kind: str, c
     for k in kept[1:]:
         total = total + k
     if consensus:  # TIES sign election: sum the entries agreeing with sign(Σ), zeros never agree
-        elected = torch.where(total >= 0, 1.0, -1.0)
+        positive = total >= 0
         mixed = torch.zeros_like(total)
         div = torch.zeros_like(total)
         for i, k in enumerate(kept):
-            agree = torch.sign(k) == elected
-            mixed = mixed + k * agree
-            div = div + agree * fp[i, 3]
+            agree = torch.where(positive, k > 0, k < 0)
+            mixed = mixed + torch.where(agree, k, 0.0)
+            div = div + torch.where(agree, fp[i, 3], 0.0)
         if normalize:
             mixed = mixed / torch.where(div == 0, 1.0, div)
         total = mixed * lam
