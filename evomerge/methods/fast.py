@@ -7,6 +7,7 @@ writes the output once; scratch buffers are kept between candidates instead of a
 """
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from typing import Sequence
@@ -52,46 +53,6 @@ def weighted_sum_into(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[to
     return out
 
 
-def consensus_into(out: torch.Tensor, base: torch.Tensor, kept: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool, lam: float) -> torch.Tensor:
-    """TIES sign election on weighted, sparsified task vectors `kept` (already multiplied by their weight):
-    elected = sign(Σ kept) (≥0 → +); sum the agreeing entries; divide by Σ w over them if `normalize`."""
-    o, b = out.view(-1), base.reshape(-1)
-    ks = [k.reshape(-1) for k in kept]
-    n = o.numel()
-    m = min(n, CHUNK)
-    total_b = scratch(m, torch.float32, out.device, slot=91)
-    mixed_b = scratch(m, torch.float32, out.device, slot=92)
-    div_b = scratch(m, torch.float32, out.device, slot=93)
-    agree_b = scratch(m, torch.bool, out.device, slot=94)
-    tmp_b = scratch(m, torch.float32, out.device, slot=95)
-    for s in range(0, n, CHUNK):
-        e = min(n, s + CHUNK)
-        L = e - s
-        total, mixed, div, agree, tmp = total_b[:L], mixed_b[:L], div_b[:L], agree_b[:L], tmp_b[:L]
-        total.copy_(ks[0][s:e])
-        for k in ks[1:]:
-            total.add_(k[s:e])
-        torch.ge(total, 0, out=agree)
-        elected = total.copy_(agree).mul_(2).sub_(1)  # ±1, reusing the buffer
-        mixed.zero_()
-        div.zero_()
-        for k, w in zip(ks, weights):
-            kc = k[s:e]
-            # agree ⇔ sign(kc) equals the elected sign; zeros never agree
-            torch.sign(kc, out=tmp)
-            torch.eq(tmp, elected, out=agree)
-            mixed.addcmul_(kc, agree)
-            if normalize:
-                div.add_(agree, alpha=w)
-        if normalize:
-            div.masked_fill_(div.eq(0), 1.0)
-            mixed.div_(div)
-        if lam != 1.0:
-            mixed.mul_(lam)
-        torch.add(b[s:e], mixed, out=o[s:e])
-    return out
-
-
 def abs_sample(delta: torch.Tensor, size: int = 1 << 16, seed: int = 0) -> torch.Tensor:
     """A sorted random sample of |δ| (fp32): bin edges for `fused.magnitude_index`."""
     flat = delta.reshape(-1)
@@ -100,20 +61,33 @@ def abs_sample(delta: torch.Tensor, size: int = 1 << 16, seed: int = 0) -> torch
     return flat[idx].abs().float().sort().values
 
 
-_l1s: dict[int, tuple] = {}
+def cached_while_unmodified(fn):
+    """Remember fn(tensor or tensors) while those tensors live and are unmodified: statistics of resident
+    base and task vectors (‖δ‖₁, Gram matrices, bin counts, ranks) are the same for every candidate, so
+    they are paid for once. Entries go when a tensor is freed; an in-place change is a miss."""
+    cache: dict[tuple, tuple] = {}
+
+    @functools.wraps(fn)
+    def cached(arg):
+        tensors = tuple(arg) if isinstance(arg, (list, tuple)) else (arg,)
+        key = tuple(id(t) for t in tensors)
+        versions = tuple(t._version for t in tensors)
+        hit = cache.get(key)
+        if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], tensors)):
+            return hit[2]
+        value = fn(arg)
+        refs = tuple(weakref.ref(t, lambda _ref, key=key: cache.pop(key, None)) for t in tensors)
+        cache[key] = (refs, versions, value)
+        return value
+
+    return cached
 
 
+@cached_while_unmodified
 def delta_l1(delta: torch.Tensor) -> float:
-    """‖δ‖₁ (fp64 across chunks) of a task vector, cached while the tensor lives and is unmodified:
-    resident task vectors pay for it once, not per candidate."""
-    hit = _l1s.get(id(delta))
-    if hit is not None and hit[0]() is delta and hit[1] == delta._version:
-        return hit[2]
+    """‖δ‖₁ (fp64 across chunks) of a task vector."""
     flat = delta.reshape(-1)
-    l1 = float(sum(flat[s : s + CHUNK].abs().sum(dtype=torch.float64) for s in range(0, flat.numel(), CHUNK)))
-    key = id(delta)
-    _l1s[key] = (weakref.ref(delta, lambda _ref, key=key: _l1s.pop(key, None)), delta._version, l1)
-    return l1
+    return float(sum(flat[s : s + CHUNK].abs().sum(dtype=torch.float64) for s in range(0, flat.numel(), CHUNK)))
 
 
 def top_k_mask(absval: torch.Tensor, k: int) -> torch.Tensor:
@@ -150,18 +124,8 @@ def gram(tensors: Sequence[torch.Tensor]) -> list[list[float]]:
     return acc
 
 
-_grams: dict[tuple, tuple] = {}
-
-
+@cached_while_unmodified
 def cached_gram(tensors: Sequence[torch.Tensor]) -> list[list[float]]:
-    """`gram`, remembered while the tensors live unmodified: for resident base and task vectors the
-    angles are the same for every candidate, so slerp and model stock then cost one weighted sum."""
-    key = tuple(id(t) for t in tensors)
-    versions = tuple(t._version for t in tensors)
-    hit = _grams.get(key)
-    if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], tensors)):
-        return hit[2]
-    g = gram(tensors)
-    refs = tuple(weakref.ref(t, lambda _ref, key=key: _grams.pop(key, None)) for t in tensors)
-    _grams[key] = (refs, versions, g)
-    return g
+    """`gram` of resident tensors: for base and task vectors the angles are the same for every candidate,
+    so slerp and model stock then cost one weighted sum."""
+    return gram(tensors)

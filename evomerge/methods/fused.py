@@ -20,7 +20,6 @@ import functools
 import logging
 import math
 import os
-import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -78,16 +77,10 @@ class MagnitudeIndex:
     one_value_bins: bool = False  # bin b ≥ 1 holds only the value edges[b-1]
 
 
-_indexes: dict[int, tuple] = {}
-
-
+@fast.cached_while_unmodified
 def magnitude_index(delta: torch.Tensor) -> MagnitudeIndex:
-    """`MagnitudeIndex` of a task vector, cached while it lives unmodified. About one bin per 256 entries
-    (at most 65536): a bin's members then touch few blocks, and the index costs 12 bytes per bin, under 5 %
-    of a fp32 task vector."""
-    hit = _indexes.get(id(delta))
-    if hit is not None and hit[0]() is delta and hit[1] == delta._version:
-        return hit[2]
+    """`MagnitudeIndex` of a task vector. About one bin per 256 entries (at most 65536): a bin's members
+    then touch few blocks, and the index costs 12 bytes per bin, under 5 % of a fp32 task vector."""
     flat = delta.reshape(-1)
     bins = min(1 << 16, max(256, flat.numel() // 256))
     one_value = delta.dtype in (torch.bfloat16, torch.float16)
@@ -106,10 +99,7 @@ def magnitude_index(delta: torch.Tensor) -> MagnitudeIndex:
             a = flat[s : s + fast.CHUNK].abs().float()
             counts += torch.bincount(torch.bucketize(a, edges, right=True), minlength=edges.numel() + 1)
     at_or_above = torch.cat([counts.flip(0).cumsum(0).flip(0), counts.new_zeros(1)])
-    index = MagnitudeIndex(edges, at_or_above, one_value)
-    key = id(delta)
-    _indexes[key] = (weakref.ref(delta, lambda _ref, key=key: _indexes.pop(key, None)), delta._version, index)
-    return index
+    return MagnitudeIndex(edges, at_or_above, one_value)
 
 
 def keep_largest(delta: torch.Tensor, ks: Sequence[int], index: MagnitudeIndex | None = None) -> list[tuple[float, int]]:
@@ -149,17 +139,12 @@ def keep_largest(delta: torch.Tensor, ks: Sequence[int], index: MagnitudeIndex |
     return result  # type: ignore[return-value]
 
 
-_ranks: dict[int, tuple] = {}
-
-
+@fast.cached_while_unmodified
 def row_ranks(delta: torch.Tensor) -> torch.Tensor:
     """Rank of every |δ| within its row (0 = smallest; ties by position), as DELLA samples by it; read them
     with `rank_values`. Depends on δ alone, so it is computed once per resident task vector and kept: 2 bytes
     per entry when rows are at most 32768 wide, else 4 — the memory DELLA trades for not sorting per
     candidate."""
-    hit = _ranks.get(id(delta))
-    if hit is not None and hit[0]() is delta and hit[1] == delta._version:
-        return hit[2]
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     dtype = torch.int16 if rows.shape[1] <= 1 << 15 else torch.int32
     ranks = torch.empty(rows.shape, dtype=dtype, device=delta.device)
@@ -168,11 +153,7 @@ def row_ranks(delta: torch.Tensor) -> torch.Tensor:
         order = rows[s : s + 256].abs().float().sort(dim=1, stable=True).indices
         ranks[s : s + 256].scatter_(1, order, steps[: order.shape[0]])
     ranks = ranks.view(delta.shape)
-    if dtype == torch.int16:
-        ranks = ranks.view(torch.bfloat16)  # see rank_values
-    key = id(delta)
-    _ranks[key] = (weakref.ref(delta, lambda _ref, key=key: _ranks.pop(key, None)), delta._version, ranks)
-    return ranks
+    return ranks.view(torch.bfloat16) if dtype == torch.int16 else ranks  # bf16: see rank_values
 
 
 BLOCK = 256  # positions are collected from the blocks of this size that hold any bin member
