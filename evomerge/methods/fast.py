@@ -18,6 +18,11 @@ CHUNK = 1 << 18  # 256K elements: 1 MiB of fp32, comfortably inside L2
 _local = threading.local()
 
 
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulate half-precision tensors in fp32; keep fp32/fp64 as they are."""
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> torch.Tensor:
     """A flat buffer of at least `numel` elements, reused across calls (per thread, dtype, device, slot)."""
     cache = getattr(_local, "buffers", None)

@@ -21,7 +21,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -114,23 +114,22 @@ def keep_largest(delta: torch.Tensor, ks: Sequence[int], index: MagnitudeIndex |
         return result  # type: ignore[return-value]
     index = index or magnitude_index(delta)
     above, edges = index.at_or_above, index.edges
-    bins = []  # (lo, hi, need) of the bin holding each k-th largest
+    bins = []  # (lo, hi, need, size) of the bin holding each k-th largest
     for i in todo:
         j = int(torch.count_nonzero(above >= ks[i])) - 1  # above is non-increasing
         lo = float(edges[j - 1]) if j > 0 else -1.0
         hi = float(edges[j]) if j < edges.numel() else math.inf
-        bins.append((lo, hi, ks[i] - int(above[j + 1])))
+        bins.append((lo, hi, ks[i] - int(above[j + 1]), int(above[j] - above[j + 1])))
     if index.one_value_bins:  # t is the bin's value; only a cut inside its ties may need a pass
-        for i, (lo, hi, need) in zip(todo, bins):
-            in_bin = int(above[int(torch.count_nonzero(above >= ks[i])) - 1]) - (ks[i] - need)
-            result[i] = (lo, n if need >= in_bin else int(_nth_position(flat, lo, hi, need)) + 1)
+        for i, (lo, hi, need, size) in zip(todo, bins):
+            result[i] = (lo, n if need >= size else int(_nth_position(flat, lo, hi, need)) + 1)
         return result  # type: ignore[return-value]
-    positions, values = _bin_members(flat, [(lo, hi) for lo, hi, _ in bins])
-    for i, (lo, hi, need) in zip(todo, bins):
+    positions, values = _bin_members(flat, [(lo, hi) for lo, hi, _, _ in bins])
+    for i, (lo, hi, need, _) in zip(todo, bins):
         inside = (values >= lo) & (values < hi)
         members = positions[inside]
         vals = flat[members].abs()
-        vals = vals if vals.dtype == torch.float64 else vals.float()
+        vals = vals.to(fast.work_dtype(vals))
         t = vals.kthvalue(vals.numel() - need + 1).values
         ties = members[vals == t]
         ties_needed = need - int(torch.count_nonzero(vals > t))
@@ -139,13 +138,18 @@ def keep_largest(delta: torch.Tensor, ks: Sequence[int], index: MagnitudeIndex |
     return result  # type: ignore[return-value]
 
 
+def _rows(delta: torch.Tensor) -> torch.Tensor:
+    """DELLA's rows: a 1-D tensor is one row, otherwise the first dimension indexes them."""
+    return delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+
+
 @fast.cached_while_unmodified
 def row_ranks(delta: torch.Tensor) -> torch.Tensor:
     """Rank of every |δ| within its row (0 = smallest; ties by position), as DELLA samples by it; read them
     with `rank_values`. Depends on δ alone, so it is computed once per resident task vector and kept: 2 bytes
     per entry when rows are at most 32768 wide, else 4 — the memory DELLA trades for not sorting per
     candidate."""
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    rows = _rows(delta)
     dtype = torch.int16 if rows.shape[1] <= 1 << 15 else torch.int32
     ranks = torch.empty(rows.shape, dtype=dtype, device=delta.device)
     steps = torch.arange(rows.shape[1], device=delta.device).to(dtype).expand(min(rows.shape[0], 256), -1)
@@ -198,12 +202,8 @@ def _in_ranges(a: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
 def _block_counts_into(flat: torch.Tensor, bounds: torch.Tensor, full: int) -> torch.Tensor:
     """Per BLOCK of flat[:full], how many entries lie in any of the ranges (a reduction pass)."""
     counts = fast.scratch(full // BLOCK, torch.int64, flat.device, slot=70)
-    if full and _use_compiled(flat):
-        try:
-            _compiled_block_counts(flat.dtype, flat.device.type, bounds.shape[0])(flat[:full], bounds, counts)
-            return counts
-        except Exception as err:  # a broken compiler toolchain must not stop a merge
-            _fallback(err)
+    if full == 0 or _compiled_call(flat, lambda: _compiled_block_counts(flat.dtype, flat.device.type, bounds.shape[0]), flat[:full], bounds, counts) is not EAGER:
+        return counts
     for s in range(0, full, fast.CHUNK):  # CHUNK is a multiple of BLOCK
         e = min(full, s + fast.CHUNK)
         _block_counts(flat[s:e], bounds, counts[s // BLOCK : e // BLOCK])
@@ -271,7 +271,7 @@ def _merge_body(out, base, deltas, fp, ip, lam, ranks, offset: int, kind: str, c
 
 def _kept_l1_body(delta, fp, ip, rank, offset: int, kind: str) -> torch.Tensor:
     idx = _positions(delta.numel(), offset, delta.device)
-    x = delta.double() if delta.dtype == torch.float64 else delta.float()
+    x = delta.to(fast.work_dtype(delta))
     return torch.where(_keep(kind, x.abs(), idx, fp, ip, 0, rank), x.abs(), 0.0).sum(dtype=torch.float64)
 
 
@@ -326,6 +326,21 @@ def _fallback(err: Exception) -> None:
     log.warning("torch.compile failed (%s); merging with the eager kernels from now on", err)
 
 
+EAGER = object()  # `_compiled_call`'s answer when the caller should run its eager code
+
+
+def _compiled_call(t: torch.Tensor, compiled: Callable[[], Callable], *args: Any) -> Any:
+    """compiled()(*args) when compiled code is in use for tensors like `t`; EAGER when it is not (mode,
+    size) or the compiler failed — a broken toolchain must not stop a merge, so that only warns, once."""
+    if not _use_compiled(t):
+        return EAGER
+    try:
+        return compiled()(*args)
+    except Exception as err:
+        _fallback(err)
+        return EAGER
+
+
 def source_params(kind: str, deltas: Sequence[torch.Tensor], densities: Sequence[float], gammas: Sequence[float], seeds: Sequence[int], work: torch.dtype, epsilons: Sequence[float] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp, ip): per-source float and int parameter rows for `_keep` (scale and weight left at 1)."""
     fp, ip = [], []
@@ -335,7 +350,7 @@ def source_params(kind: str, deltas: Sequence[torch.Tensor], densities: Sequence
         if kind == "random":
             threshold = density_threshold(min(d, 1.0))
         elif kind == "rank":  # DELLA: keep probability d − ε + rank·2ε/(width − 1) along each row
-            width = delta.numel() // delta.shape[0] if delta.dim() >= 2 else delta.numel()
+            width = _rows(delta).shape[1]
             eps = epsilons[len(fp)]
             t_keep, t_drop = (d - eps, 2 * eps / max(width - 1, 1)) if d < 1.0 else (2.0, 0.0)
         elif d < 1.0:
@@ -354,11 +369,9 @@ def kept_l1(kind: str, delta: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, 
     """‖δ ⊙ keep‖₁ for one source (fp/ip hold that source's row only): mergekit's l1 rescale."""
     flat = delta.reshape(-1)
     rank = rank.reshape(-1) if rank is not None else None
-    if _use_compiled(flat):
-        try:
-            return float(_compiled_kept_l1(kind, flat.dtype, flat.device.type)(flat, fp, ip, rank))
-        except Exception as err:  # a broken compiler toolchain must not stop a merge
-            _fallback(err)
+    l1 = _compiled_call(flat, lambda: _compiled_kept_l1(kind, flat.dtype, flat.device.type), flat, fp, ip, rank)
+    if l1 is not EAGER:
+        return float(l1)
     return float(sum(_kept_l1_body(flat[s : s + fast.CHUNK], fp, ip, rank[s : s + fast.CHUNK] if rank is not None else None, s, kind) for s in range(0, flat.numel(), fast.CHUNK)))
 
 
@@ -367,15 +380,11 @@ def merge_into(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Ten
     o, b = out.view(-1), base.reshape(-1)
     ds = [d.reshape(-1) for d in deltas]
     rs = [r.reshape(-1) for r in ranks]
-    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    work = fast.work_dtype(base)
     lam_t = torch.tensor(float(lam), dtype=work, device=base.device)
-    if _use_compiled(b):
-        try:
-            fn = _compiled_merge(kind, len(ds), consensus, normalize, work, tuple(d.dtype for d in ds) + (b.dtype, o.dtype), b.device.type)
-            fn(o, b, ds, fp, ip, lam_t, rs)
-            return out
-        except Exception as err:
-            _fallback(err)
+    variant = (kind, len(ds), consensus, normalize, work, tuple(d.dtype for d in ds) + (b.dtype, o.dtype), b.device.type)
+    if _compiled_call(b, lambda: _compiled_merge(*variant), o, b, ds, fp, ip, lam_t, rs) is not EAGER:
+        return out
     for s in range(0, b.numel(), fast.CHUNK):
         e = min(b.numel(), s + fast.CHUNK)
         _merge_body(o[s:e], b[s:e], [d[s:e] for d in ds], fp, ip, lam_t, [r[s:e] for r in rs], s, kind, consensus, normalize, work)
@@ -399,14 +408,12 @@ def weighted_sum_into(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[to
     """out = base_coeff·base + Σ cᵢ·δᵢ in one fused pass when compiled (fp32 accumulation for 16-bit
     tensors without a round trip through a scratch buffer); `fast.weighted_sum_into` otherwise."""
     b = base.reshape(-1)
-    if _use_compiled(b):
-        work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    if _use_compiled(b):  # the tensors below are only needed for compiled code
+        work = fast.work_dtype(base)
         c = torch.tensor([float(x) for x in coeffs] or [0.0], dtype=work, device=base.device)
         bc = torch.tensor(float(base_coeff), dtype=work, device=base.device)
         ds = [d.reshape(-1) for d in deltas]
-        try:
-            _compiled_weighted_sum(len(ds), work, tuple(d.dtype for d in ds) + (b.dtype, out.dtype), b.device.type)(out.view(-1), b, ds, c, bc)
+        variant = (len(ds), work, tuple(d.dtype for d in ds) + (b.dtype, out.dtype), b.device.type)
+        if _compiled_call(b, lambda: _compiled_weighted_sum(*variant), out.view(-1), b, ds, c, bc) is not EAGER:
             return out
-        except Exception as err:  # a broken compiler toolchain must not stop a merge
-            _fallback(err)
     return fast.weighted_sum_into(out, base, deltas, coeffs, base_coeff)

@@ -13,11 +13,6 @@ from .registry import MethodSpec
 from .sparsify import rescale_factor
 
 
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
-    """Accumulate half-precision inputs in fp32; keep fp32/fp64 as they are."""
-    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def _finish(base: torch.Tensor, change: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         return (base.to(change.dtype) + change).to(base.dtype)
@@ -38,7 +33,7 @@ def task_arithmetic(
 ) -> torch.Tensor:
     """The generalized task-arithmetic family: sparsify each δ, weight, optional sign election, sum — as
     one fused pass (`fused`); plain task arithmetic is a weighted sum."""
-    work = _work_dtype(base)
+    work = fast.work_dtype(base)
     mode = global_params["rescale_mode"] if global_params["rescale"] else None
     weights = [float(p["weight"]) for p in source_params]
     lam = float(global_params["lambda"])
@@ -67,7 +62,7 @@ def task_arithmetic(
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted average of whole models (model soup): Σwθ/Σw."""
-    work = _work_dtype(tensors[0])
+    work = fast.work_dtype(tensors[0])
     res = torch.zeros(tensors[0].shape, dtype=work, device=tensors[0].device)
     for t, w in zip(tensors, weights):
         res.add_(t.to(work), alpha=float(w))
@@ -136,7 +131,7 @@ def model_stock(base: torch.Tensor, deltas: Sequence[torch.Tensor], filter_wise:
         c = sum(cos) / len(cos)
         t = (n * c) / (1 + (n - 1) * c)
         return fused.weighted_sum_into(out, base, deltas, [t / n] * n)
-    work = _work_dtype(base)
+    work = fast.work_dtype(base)
     offsets = [d.to(work).reshape(1, -1) if d.dim() < 2 else d.to(work).reshape(d.shape[0], -1) for d in deltas]
     cos_rows = []
     for i in range(n):
