@@ -39,6 +39,17 @@ def test_keep_largest_is_an_exact_top_k_with_positional_ties(dtype, n):
         assert torch.equal(got, reference_top_k(delta.abs().float(), k))
 
 
+@pytest.mark.parametrize("scan", [fused.BLOCK * 3, fused.SCAN])
+def test_tie_cut_scans_from_either_end_in_chunks(scan, monkeypatch):
+    """16-bit task vectors: the k-th value has many ties, found chunk by chunk from the nearer end."""
+    monkeypatch.setattr(fused, "SCAN", scan)
+    g = torch.Generator().manual_seed(1)
+    delta = (torch.randn(100_003, generator=g) * 0.01).to(torch.bfloat16)
+    ks = [int(d * delta.numel()) for d in (0.05, 0.3, 0.5, 0.7, 0.95)] + [77_777, 100_002]
+    for k, (t, cut) in zip(ks, fused.keep_largest(delta, ks)):
+        assert torch.equal(keep_mask(delta, t, cut), reference_top_k(delta.abs().float(), k))
+
+
 def test_keep_largest_handles_few_distinct_values_and_edges():
     delta = torch.tensor([0.5, -0.5, 0.25, 0.5, 0.0, -0.25, 0.5, 0.0] * 300)
     for k in range(0, delta.numel() + 1, 97):
@@ -55,14 +66,18 @@ def test_magnitude_index_follows_in_place_changes():
     torch.testing.assert_close(after.edges, before.edges * 3)
 
 
-def test_row_ranks_are_stable_ranks_within_each_row():
+def test_row_rank_fractions_are_stable_ranks_within_each_row():
     delta = torch.randn(300, 77)
     delta[:, ::5] = 0.5  # ties, broken by position
     expected = delta.abs().argsort(dim=1, stable=True).argsort(dim=1)
-    stored = fused.row_ranks(delta)
-    assert stored.element_size() == 2
-    assert torch.equal(fused.rank_values(stored).long(), expected)
-    assert torch.equal(fused.rank_values(fused.row_ranks(torch.arange(5.0))).long(), torch.arange(5))  # 1-D: one row
+    stored = fused.row_rank_fractions(delta)
+    assert stored.dtype == torch.float16
+    assert torch.equal((stored.float() * 76).round().long(), expected)  # exact ranks below 2049 wide
+    torch.testing.assert_close(fused.row_rank_fractions(torch.arange(5.0)).float(), torch.arange(5) / 4)  # 1-D: one row
+    wide = torch.randn(3, 40_000)  # fp16 rounds the fraction by at most 2⁻¹²
+    got = fused.row_rank_fractions(wide).float()
+    ranks = wide.abs().argsort(dim=1, stable=True).argsort(dim=1)
+    assert (got - ranks / 39_999).abs().max() <= 2**-12
 
 
 def test_della_keep_probability_rises_with_rank():
@@ -70,7 +85,7 @@ def test_della_keep_probability_rises_with_rank():
     delta = torch.randn(2000, 500, generator=g)
     out = merge_deltas("della_linear", torch.zeros_like(delta), [delta], [{"weight": 1.0, "density": 0.5, "epsilon": 0.2}], seed=4, key="k")
     kept = out != 0
-    ranks = fused.rank_values(fused.row_ranks(delta)).long()
+    ranks = (fused.row_rank_fractions(delta).float() * 499).round().long()
     assert abs(kept.float().mean().item() - 0.5) < 0.005
     low, high = kept[ranks < 50].float().mean().item(), kept[ranks >= 450].float().mean().item()
     assert abs(low - 0.31) < 0.02 and abs(high - 0.69) < 0.02  # p = 0.3 + 0.4·rank/499 averaged over each band
@@ -95,13 +110,46 @@ def test_random_bits_are_uniform_independent_and_position_keyed():
     assert torch.equal(fused.random_bits(idx[5000:9000], 77), fused.random_bits(idx, 77)[5000:9000])
 
 
+def test_density_threshold_rounds_to_the_grid_and_never_to_zero():
+    step = 1 << (fused.RANDOM_BITS - fused.DENSITY_BITS)
+    assert fused.density_threshold(0.3) == round(0.3 * 2**fused.DENSITY_BITS) * step
+    assert fused.density_threshold(1e-9) == step and fused.density_threshold(0.0) == 0
+    assert fused.density_threshold(1.0) == 1 << fused.RANDOM_BITS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_norm_tables_equal_the_direct_pass(dtype):
+    """mergekit's l1 rescale of DARE and DELLA masks read from the per-seed tables, against summing the mask."""
+    g = torch.Generator().manual_seed(8)
+    delta = (torch.randn(1100, 1000, generator=g) * 0.01).to(dtype)
+    fractions = fused.row_rank_fractions(delta)
+    for kind in ("random", "rank"):
+        for density in (0.2, 0.3, 0.5, 0.77, 0.85):
+            fp, ip = fused.source_params(kind, [delta], [density], [0.0], [42], torch.float32, [0.1])
+            rank = fractions if kind == "rank" else None
+            direct = fused.kept_l1(kind, delta, fp, ip, rank)
+            fused.tabled_kept_l1(kind, delta, fp, ip, rank)  # DELLA: the first sight of a (seed, ε) is not tabulated
+            assert fused.tabled_kept_l1(kind, delta, fp, ip, rank) == pytest.approx(direct, rel=1e-6), (kind, density)
+    assert fused.tabled_kept_l1("random", delta[:10], fp, ip) is None  # small tensors: the direct pass
+    delta.mul_(2)  # an in-place change rebuilds the table
+    fp, ip = fused.source_params("random", [delta], [0.3], [0.0], [42], torch.float32)
+    assert fused.tabled_kept_l1("random", delta, fp, ip) == pytest.approx(fused.kept_l1("random", delta, fp, ip), rel=1e-6)
+
+
+def test_the_direct_kept_norm_sums_the_mask():
+    delta = torch.randn(5000)
+    fp, ip = fused.source_params("random", [delta], [0.3], [0.0], [42], torch.float32)
+    mask = fused.random_bits(torch.arange(delta.numel()), fused.seed_word(42)) < int(ip[0, 3])
+    assert fused.kept_l1("random", delta, fp, ip) == pytest.approx(float(delta.abs().double()[mask].sum()), rel=1e-9)
+
+
 def test_dare_keeps_the_density_and_rescales_each_source():
     base = torch.zeros(200_000)
     delta = torch.randn(200_000)
     out = merge_deltas("dare_linear", base, [delta], [{"weight": 1.0, "density": 0.2}], {"rescale_mode": "inverse_density"}, seed=0, key="k")
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.2) < 0.005
-    torch.testing.assert_close(out[kept], delta[kept] / 0.2)
+    torch.testing.assert_close(out[kept], delta[kept] / (fused.density_threshold(0.2) / 2**fused.RANDOM_BITS))  # 1/P(keep)
 
 
 def test_ties_fused_equals_reference_trim_and_election():

@@ -58,7 +58,7 @@ def test_dare_rescale_l1_preserves_l1_norm_and_inverse_density_scales():
     assert kept.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-5)
     kept2 = merge_deltas("dare_linear", base, [delta], [{"weight": 1.0, "density": 0.3}], {"rescale_mode": "inverse_density"}, seed=1, key="k")
     nz = kept2 != 0
-    assert torch.allclose(kept2[nz], delta[nz] / 0.3)
+    assert torch.allclose(kept2[nz], delta[nz] / 0.3, rtol=1e-4)  # 1/P(keep), P on DARE's 2⁻¹⁴ density grid
     assert 0.28 < nz.float().mean().item() < 0.32
     assert torch.equal(nz, kept != 0)  # same seed, same mask
 

@@ -12,14 +12,16 @@ merge is one fused loop that reads the base and each task vector once and writes
 - random (DARE) keep rules use a counter-based hash of (seed, position): no random numbers are stored,
   and the CPU, the GPU, eager and compiled code all draw the same mask.
 - rank (DELLA) keep rules compare the same hash with a probability linear in the entry's rank within its
-  row; the ranks depend on δ alone and are kept resident (`row_ranks`).
+  row; the ranks depend on δ alone and are kept resident (`row_rank_fractions`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -31,7 +33,8 @@ from .sparsify import breadcrumbs_window, magnitude_k
 log = logging.getLogger(__name__)
 
 M32 = 0xFFFFFFFF
-RANDOM_BITS = 24  # density resolution 2⁻²⁴
+RANDOM_BITS = 24  # random bits per position (DELLA's keep probabilities resolve to 2⁻²⁴)
+DENSITY_BITS = 14  # DARE densities are applied on a grid of 2⁻¹⁴ (see density_threshold)
 COMPILE_MIN_NUMEL = 1 << 20  # below this, compiled code gains little and chunked eager is used
 
 
@@ -61,8 +64,68 @@ def random_bits(idx: torch.Tensor, word: torch.Tensor | int) -> torch.Tensor:
 
 
 def density_threshold(density: float) -> int:
-    """Keep a position when its random bits fall below this: P(keep) = density to within 2⁻²⁴."""
-    return int(round(float(density) * (1 << RANDOM_BITS)))
+    """Keep a position when its random bits fall below this: P(keep) = density rounded to a multiple of
+    2⁻¹⁴ (at least one step when density > 0). The grid lets `tabled_kept_l1` read the kept norm of any
+    density from a table instead of hashing the tensor again; 6·10⁻⁵ is far below the spread of the number
+    of entries a random mask keeps (√(n·d(1−d)), 5·10⁻⁴·n for a 1M-entry tensor)."""
+    steps = round(float(density) * (1 << DENSITY_BITS))
+    steps = min(max(steps, 1 if density > 0 else 0), 1 << DENSITY_BITS)
+    return steps << (RANDOM_BITS - DENSITY_BITS)
+
+
+@fast.cached_while_unmodified
+def _kept_l1_tables(delta: torch.Tensor) -> dict:
+    return {}
+
+
+def tabled_kept_l1(kind: str, delta: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, rank: torch.Tensor | None = None) -> float | None:
+    """‖δ ⊙ keep‖₁ of a DARE or DELLA mask (fp/ip: this source's row) read from a table, or None when there
+    is none. A search keeps one seed, so each position's random bits are fixed and the mask of a density is
+    "a fixed per-position value < a threshold on the 2⁻¹⁴ grid" — DARE: its bits; DELLA: u − 2ε·rank
+    fraction, for a fixed ε. The kept norm of every threshold is then a prefix sum of |δ| binned by that
+    value: built once per task vector, source and ε (fp64 sums kept as fp32, 64–128 KiB), it makes
+    mergekit's l1 rescale free instead of a pass over the tensor. DELLA tabulates a (seed, ε) only when it
+    comes back, since a search may vary ε with every candidate. Tensors under 1M entries: None (their
+    direct pass is cheap, a table is not small)."""
+    if kind not in ("random", "rank") or delta.numel() < COMPILE_MIN_NUMEL:
+        return None
+    slope = float(fp[0, 1]) if kind == "rank" else 0.0
+    key = (kind, int(ip[0, 2]), slope)
+    tables = _kept_l1_tables(delta)
+    table = tables.get(key)
+    if table is None:
+        if kind == "rank" and key not in tables.setdefault("seen", set()):
+            tables["seen"].add(key)
+            return None
+        if len(tables) > 4:  # one seed (and ε) per search; this only bounds other uses
+            tables.clear()
+        table = tables[key] = _kept_l1_table(kind, delta, fp, ip, rank)
+    grid = 1 << DENSITY_BITS
+    step = int(ip[0, 3]) >> (RANDOM_BITS - DENSITY_BITS) if kind == "random" else round(float(fp[0, 0]) * grid) + grid
+    return float(table[step])
+
+
+def _kept_l1_table(kind: str, delta: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, rank: torch.Tensor | None) -> torch.Tensor:
+    """[g] = Σ |δ| over the positions a threshold at grid step g keeps (DELLA: g counts from −1)."""
+    flat = delta.reshape(-1)
+    grid = 1 << DENSITY_BITS
+    bins = grid if kind == "random" else 2 * grid
+    hist = torch.zeros(bins, dtype=torch.float64, device=flat.device)
+    for s in range(0, flat.numel(), fast.CHUNK):
+        chunk = flat[s : s + fast.CHUNK]
+        bits = random_bits(_positions(chunk.numel(), s, flat.device), ip[0, 2])
+        if kind == "random":
+            step = bits >> (RANDOM_BITS - DENSITY_BITS)
+        else:  # the merge keeps v < p₀ with v computed as in `_keep`; p₀ on the grid, so v < p₀ ⇔ ⌊v·2¹⁴⌋ < p₀·2¹⁴
+            v = _della_margin(bits, rank.reshape(-1)[s : s + fast.CHUNK], fp, 0)
+            step = (torch.floor(v * grid).long() + grid).clamp_(0, bins - 1)
+        hist.index_add_(0, step.long(), chunk.abs().double())
+    return torch.cat([hist.new_zeros(1), hist.cumsum(0)]).float()
+
+
+def _della_margin(bits: torch.Tensor, fraction: torch.Tensor, fp: torch.Tensor, i: int) -> torch.Tensor:
+    """u − 2ε·(rank fraction): DELLA keeps a position when this is below p₀ = density − ε."""
+    return bits.to(fp.dtype) * (1.0 / (1 << RANDOM_BITS)) - fraction.to(fp.dtype) * fp[i, 1]
 
 
 # ---- exact magnitude thresholds ------------------------------------------------------------------
@@ -122,7 +185,7 @@ def keep_largest(delta: torch.Tensor, ks: Sequence[int], index: MagnitudeIndex |
         bins.append((lo, hi, ks[i] - int(above[j + 1]), int(above[j] - above[j + 1])))
     if index.one_value_bins:  # t is the bin's value; only a cut inside its ties may need a pass
         for i, (lo, hi, need, size) in zip(todo, bins):
-            result[i] = (lo, n if need >= size else int(_nth_position(flat, lo, hi, need)) + 1)
+            result[i] = (lo, n if need >= size else _nth_position(flat, lo, hi, need, size) + 1)
         return result  # type: ignore[return-value]
     positions, values = _bin_members(flat, [(lo, hi) for lo, hi, _, _ in bins])
     for i, (lo, hi, need, _) in zip(todo, bins):
@@ -144,20 +207,22 @@ def _rows(delta: torch.Tensor) -> torch.Tensor:
 
 
 @fast.cached_while_unmodified
-def row_ranks(delta: torch.Tensor) -> torch.Tensor:
-    """Rank of every |δ| within its row (0 = smallest; ties by position), as DELLA samples by it; read them
-    with `rank_values`. Depends on δ alone, so it is computed once per resident task vector and kept: 2 bytes
-    per entry when rows are at most 32768 wide, else 4 — the memory DELLA trades for not sorting per
-    candidate."""
+def row_rank_fractions(delta: torch.Tensor) -> torch.Tensor:
+    """rank / (width − 1) of every |δ| within its row (0 = smallest, 1 = largest; ties by position), the
+    quantity DELLA's keep probability is linear in. Depends on δ alone, so it is computed once per resident
+    task vector and kept: 2 bytes per entry (fp16) — the memory DELLA trades for not sorting per candidate.
+    fp16 rounds a fraction by at most 2⁻¹², so a keep probability d − ε + 2ε·fraction is off by at most
+    2ε·2⁻¹² (5·10⁻⁵ at ε = 0.1; mergekit itself computes it in bf16 for bf16 tensors, to ~4·10⁻³). Stored as
+    a float, not an integer rank: compiled CPU code widens 16-bit floats with one vector instruction, while
+    int16 widening or bit casts cost more than the rest of the DELLA merge."""
     rows = _rows(delta)
-    dtype = torch.int16 if rows.shape[1] <= 1 << 15 else torch.int32
-    ranks = torch.empty(rows.shape, dtype=dtype, device=delta.device)
-    steps = torch.arange(rows.shape[1], device=delta.device).to(dtype).expand(min(rows.shape[0], 256), -1)
+    width = rows.shape[1]
+    fractions = torch.empty(rows.shape, dtype=torch.float16, device=delta.device)
+    steps = (torch.arange(width, device=delta.device, dtype=torch.float32) / max(width - 1, 1)).expand(min(rows.shape[0], 256), -1)
     for s in range(0, rows.shape[0], 256):  # a few rows at a time: the sort's scratch stays small
         order = rows[s : s + 256].abs().float().sort(dim=1, stable=True).indices
-        ranks[s : s + 256].scatter_(1, order, steps[: order.shape[0]])
-    ranks = ranks.view(delta.shape)
-    return ranks.view(torch.bfloat16) if dtype == torch.int16 else ranks  # bf16: see rank_values
+        fractions[s : s + 256] = torch.empty(order.shape, dtype=torch.float32, device=delta.device).scatter_(1, order, steps[: order.shape[0]])
+    return fractions.view(delta.shape)
 
 
 BLOCK = 256  # positions are collected from the blocks of this size that hold any bin member
@@ -178,18 +243,34 @@ def _bin_members(flat: torch.Tensor, ranges: Sequence[tuple[float, float]]) -> t
     return pos[inside], a[inside]
 
 
-def _nth_position(flat: torch.Tensor, lo: float, hi: float, nth: int) -> int:
-    """Position of the nth (1-based, in position order) entry with lo ≤ |δ| < hi."""
-    n = flat.numel()
-    full = n - n % BLOCK
-    counts = _block_counts_into(flat, torch.tensor([(lo, hi)], dtype=torch.float32, device=flat.device), full)
-    before = counts.cumsum(0)
-    b = int(torch.count_nonzero(before < nth))  # the block holding it (or the tail when b == blocks)
-    start = b * BLOCK
-    seen = int(before[b - 1]) if b > 0 else 0
-    a = flat[start : min(n, start + BLOCK) if b < full // BLOCK else n].abs().float()
-    hits = ((a >= lo) & (a < hi)).nonzero().view(-1)
-    return start + int(hits[nth - seen - 1])
+SCAN = 1 << 22  # entries per step of `_nth_position`'s scan (a multiple of BLOCK)
+
+
+def _nth_position(flat: torch.Tensor, lo: float, hi: float, nth: int, total: int) -> int:
+    """Position of the nth (1-based, in position order) of the `total` entries with lo ≤ |δ| < hi. Counts
+    chunk by chunk from the nearer end and stops in the chunk holding it: a quarter of a pass on average
+    instead of a whole one (16-bit TIES needs this for nearly every tensor: its threshold value has ties)."""
+    bounds = torch.tensor([(lo, hi)], dtype=torch.float32, device=flat.device)
+    from_back = nth > total / 2
+    want = total - nth + 1 if from_back else nth  # counted from the end the scan starts at
+    starts = range(0, flat.numel(), SCAN)
+    seen = 0
+    for start in reversed(starts) if from_back else starts:
+        seg = flat[start : start + SCAN]
+        full = seg.numel() - seg.numel() % BLOCK
+        counts = _block_counts_into(seg, bounds, full)
+        if full < seg.numel():  # the tensor's last, partial block
+            counts = torch.cat([counts, _in_ranges(seg[full:].abs().float(), bounds).sum().view(1)])
+        found = int(counts.sum())
+        if seen + found >= want:
+            k = want - seen if not from_back else found - (want - seen) + 1  # in position order within seg
+            before = counts.cumsum(0)
+            b = int(torch.count_nonzero(before < k))
+            a = seg[b * BLOCK : (b + 1) * BLOCK].abs().float()
+            hits = ((a >= lo) & (a < hi)).nonzero().view(-1)
+            return start + b * BLOCK + int(hits[k - (int(before[b - 1]) if b else 0) - 1])
+        seen += found
+    raise ValueError(f"fewer than {want} entries in [{lo}, {hi})")
 
 
 def _in_ranges(a: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -218,25 +299,15 @@ def _block_counts(flat: torch.Tensor, bounds: torch.Tensor, counts: torch.Tensor
 def _keep(kind: str, a: torch.Tensor, idx: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, i: int, rank: torch.Tensor | None = None) -> torch.Tensor:
     """Source i's keep predicate. kind: magnitude (TIES), window (breadcrumbs), random (DARE), rank (DELLA).
     fp[i] = (t_keep, t_drop, scale, weight) — for "rank" the first two are (p₀, slope) of the keep
-    probability p₀ + slope·rank; ip[i] = (cut_keep, cut_drop, seed word, random threshold)."""
+    probability p₀ + slope·(rank fraction); ip[i] = (cut_keep, cut_drop, seed word, random threshold)."""
     if kind == "random":
         return random_bits(idx, ip[i, 2]) < ip[i, 3]
     if kind == "rank":
-        u = random_bits(idx, ip[i, 2]).to(fp.dtype) * (1.0 / (1 << RANDOM_BITS))
-        return u < fp[i, 0] + rank_values(rank).to(fp.dtype) * fp[i, 1]
+        return _della_margin(random_bits(idx, ip[i, 2]), rank, fp, i) < fp[i, 0]
     keep = (a > fp[i, 0]) | ((a == fp[i, 0]) & (idx < ip[i, 0]))
     if kind == "window":  # minus the top outliers
         keep = keep & ~((a > fp[i, 1]) | ((a == fp[i, 1]) & (idx < ip[i, 1])))
     return keep
-
-
-def rank_values(stored: torch.Tensor) -> torch.Tensor:
-    """The int32 ranks of a `row_ranks` result. int16 ranks are stored as bf16 bit patterns: widening bf16
-    to fp32 is a 16-bit shift that compiled CPU code vectorizes (int16 → int32 it does not, 6× slower),
-    and the fp32 bits are then exactly rank << 16."""
-    if stored.dtype != torch.bfloat16:
-        return stored
-    return stored.float().view(torch.int32) >> 16
 
 
 def _positions(n: int, offset: int, device: torch.device) -> torch.Tensor:
@@ -302,7 +373,24 @@ def _compile(fn):
             setattr(dynamo_config, name, 256)
     if getattr(dynamo_config, "accumulated_recompile_limit", 1 << 30) < 4096:
         dynamo_config.accumulated_recompile_limit = 4096
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    return torch.compile(fn, dynamic=True, fullgraph=True, options={"post_grad_custom_post_pass": _cache_key_pass()})
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_key_pass():
+    """A graph pass that does nothing but name `_tile_by_16bit_lanes` in inductor's on-disk cache key, so
+    kernels generated without it (an earlier evomerge, or a plain torch.compile of the same graph) are not
+    served in its place."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class TilingVersion(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            pass
+
+        def uuid(self) -> str:
+            return "evomerge-16bit-lane-tiling-1"
+
+    return TilingVersion()
 
 
 @functools.lru_cache(maxsize=None)
@@ -335,10 +423,50 @@ def _compiled_call(t: torch.Tensor, compiled: Callable[[], Callable], *args: Any
     if not _use_compiled(t):
         return EAGER
     try:
-        return compiled()(*args)
+        with _tile_by_16bit_lanes() if t.device.type == "cpu" else contextlib.nullcontext():
+            return compiled()(*args)
     except Exception as err:
         _fallback(err)
         return EAGER
+
+
+@contextlib.contextmanager
+def _tile_by_16bit_lanes():
+    """While our kernels compile: inductor's CPU code generator tiles a fused loop by 16-bit lanes only when
+    every loop body in it touches one 16-bit float type. Ours always have fp32-only bodies too (the sign
+    election's sums), so bf16 merges were tiled by fp32 lanes, and each bf16 load and store became a
+    partial-vector copy through memory: 16-bit TIES ran 3–4× slower than fp32 for that alone. Here the
+    tiling follows the 16-bit dtype when one body has it (fp32 bodies then run on two fp32 vectors, as in
+    any bf16 kernel). Only the tiling choice changes, not the arithmetic; on a torch without these
+    internals it does nothing."""
+    try:
+        from torch._inductor.codegen import cpp
+    except ImportError:
+        yield
+        return
+    select, lowp_of = getattr(getattr(cpp, "TilingSelect", None), "select_tiling", None), getattr(cpp, "get_loop_body_lowp_fp", None)
+    if select is None or lowp_of is None or not hasattr(cpp, "_get_loop_body"):
+        yield
+        return
+
+    def select_tiling(self, fn_list, var_sizes_list):
+        lowp = {lowp_of(body)[0] for body in cpp._get_loop_body(fn_list)} - {None}
+        if not lowp or not lowp <= {torch.bfloat16, torch.float16}:
+            return select(self, fn_list, var_sizes_list)
+        dtype = min(lowp, key=str)  # bf16 and fp16 vectors have the same lane count
+        cpp.get_loop_body_lowp_fp = lambda body: (dtype, lowp_of(body)[1])
+        try:
+            return select(self, fn_list, var_sizes_list)
+        finally:
+            cpp.get_loop_body_lowp_fp = lowp_of
+
+    cpp.TilingSelect.select_tiling = select_tiling
+    try:
+        with warnings.catch_warnings():  # "bf16 and fp16 are mixed": expected here (bf16 δ, fp16 rank fractions)
+            warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")
+            yield
+    finally:
+        cpp.TilingSelect.select_tiling = select
 
 
 def source_params(kind: str, deltas: Sequence[torch.Tensor], densities: Sequence[float], gammas: Sequence[float], seeds: Sequence[int], work: torch.dtype, epsilons: Sequence[float] = ()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,10 +477,9 @@ def source_params(kind: str, deltas: Sequence[torch.Tensor], densities: Sequence
         t_keep, cut_keep, t_drop, cut_drop, threshold = -1.0, 0, math.inf, 0, 1 << RANDOM_BITS
         if kind == "random":
             threshold = density_threshold(min(d, 1.0))
-        elif kind == "rank":  # DELLA: keep probability d − ε + rank·2ε/(width − 1) along each row
-            width = _rows(delta).shape[1]
-            eps = epsilons[len(fp)]
-            t_keep, t_drop = (d - eps, 2 * eps / max(width - 1, 1)) if d < 1.0 else (2.0, 0.0)
+        elif kind == "rank":  # DELLA: keep probability d − ε + 2ε·rank/(width − 1) along each row
+            eps = epsilons[len(fp)]  # p₀ = d − ε on the density grid (see tabled_kept_l1)
+            t_keep, t_drop = (round((d - eps) * (1 << DENSITY_BITS)) / (1 << DENSITY_BITS), 2 * eps) if d < 1.0 else (2.0, 0.0)
         elif d < 1.0:
             if kind == "magnitude":
                 keep_top, drop_top = magnitude_k(n, d), 0

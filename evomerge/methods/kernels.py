@@ -48,13 +48,18 @@ def task_arithmetic(
     gammas = [float(p.get("gamma", 0.0)) for p in source_params]
     epsilons = [float(p.get("epsilon", 0.0)) for p in source_params]
     fp, ip = fused.source_params(kind, deltas, densities, gammas, seeds or [0] * len(deltas), work, epsilons)
-    ranks = [fused.row_ranks(d) for d in deltas] if kind == "rank" else []
+    ranks = [fused.row_rank_fractions(d) for d in deltas] if kind == "rank" else []
     for i, (delta, w, d) in enumerate(zip(deltas, weights, densities)):
         scale = 1.0
         if mode is not None and d < 1.0:
             l1 = fast.delta_l1(delta) if mode == "l1" else 0.0
-            after = fused.kept_l1(kind, delta, fp[i : i + 1], ip[i : i + 1], ranks[i] if ranks else None) if mode == "l1" else 0.0
-            scale = rescale_factor(None, l1, mode, d, after=after)
+            after = None
+            if mode == "l1":
+                row = (kind, delta, fp[i : i + 1], ip[i : i + 1], ranks[i] if ranks else None)
+                after = fused.tabled_kept_l1(*row)
+                after = fused.kept_l1(*row) if after is None else after
+            kept_fraction = int(ip[i, 3]) / (1 << fused.RANDOM_BITS) if kind == "random" else d  # DARE's density grid
+            scale = rescale_factor(None, l1, mode, kept_fraction, after=after)
         fp[i, 2] = w * scale * (1.0 if spec.consensus else lam / divisor)
         fp[i, 3] = w
     return fused.merge_into(out, base, deltas, kind, fp, ip, lam, spec.consensus == "sum", normalize, ranks)
