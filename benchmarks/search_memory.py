@@ -3,8 +3,10 @@
 Writes a generated Llama-shaped base and N sources (base + noise) as HF safetensors directories, then, in a
 fresh child process per setting, does what a search does: loads the engine (base + resident task vectors),
 loads the one target model, materializes a few TIES / DARE-TIES / task-arithmetic candidates into it and
-runs a forward pass. Prints peak RSS above the process's baseline once torch, transformers and the
-inductor compiler are imported (their code, a fixed cost, is shown apart), in model sizes.
+runs a forward pass. Prints RSS above the process's baseline once torch, transformers and the inductor
+compiler are imported (their code, a fixed cost, is shown apart), in model sizes: after the engine and
+the target model are loaded (the weights: what grows with the model), and the peak (the weights plus the
+kernels' compilation and the forward pass's working memory, which do not).
 
     python benchmarks/search_memory.py [--params 100e6] [--sources 3]
 """
@@ -78,7 +80,7 @@ def child(base: str, sources: list[str], delta_dtype: str | None) -> None:
         steps[method + "+forward"] = rss_mb() - baseline
     print(json.dumps(steps), file=sys.stderr)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"imports_mb": baseline - before_imports, "engine_mb": after_engine - baseline, "peak_mb": peak - baseline}))
+    print(json.dumps({"imports_mb": baseline - before_imports, "engine_mb": after_engine - baseline, "weights_mb": steps["target"], "peak_mb": peak - baseline}))
 
 
 def main() -> None:
@@ -96,14 +98,15 @@ def main() -> None:
         base, sources, size = make_models(Path(tmp), args.params, args.sources)
         size_mb = size / 2**20
         print(f"model {size_mb:.0f} MiB fp32, {args.sources} sources; bound (sources + 2) × model = {(args.sources + 2) * size_mb:.0f} MiB")
-        print(f"{'task vectors':14s} {'imports MiB':>12s} {'engine MiB':>11s} {'peak MiB':>9s} {'× model':>8s} {'bound':>6s}")
+        print(f"{'task vectors':14s} {'imports MiB':>12s} {'engine MiB':>11s} {'+ target MiB':>13s} {'× model':>8s} {'peak MiB':>9s} {'× model':>8s} {'bound':>6s}")
         for delta_dtype, bound in (("same", args.sources + 2), ("bfloat16", args.sources / 2 + 2)):
             res = subprocess.run([sys.executable, __file__, "--child", base, delta_dtype, *sources], capture_output=True, text=True, check=True)
             r = json.loads(res.stdout.strip().splitlines()[-1])
             if args.verbose:
                 print("\n".join(res.stderr.strip().splitlines()[-2:]))
             ratio = r["peak_mb"] / size_mb
-            print(f"{'fp32' if delta_dtype == 'same' else delta_dtype:14s} {r['imports_mb']:12.0f} {r['engine_mb']:11.0f} {r['peak_mb']:9.0f} {ratio:7.2f}× {bound:5.1f}× {'ok' if ratio <= bound else 'MISS'}")
+            name = "fp32" if delta_dtype == "same" else delta_dtype
+            print(f"{name:14s} {r['imports_mb']:12.0f} {r['engine_mb']:11.0f} {r['weights_mb']:13.0f} {r['weights_mb'] / size_mb:7.2f}× {r['peak_mb']:9.0f} {ratio:7.2f}× {bound:5.1f}× {'ok' if ratio <= bound else 'MISS'}")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,15 @@ import torch
 from .checkpoint import Checkpoint, CheckpointError, check_compatible, check_finite, write_model_dir
 from .layers import infer_num_layers
 from .methods import get_method, kernels, merge_deltas
+from .methods.fast import return_freed_memory
 from .recipe import Recipe, RecipeError, TensorPlan
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+UNMAP_EVERY = 256 << 20  # bytes of a source read between unmapping its files while task vectors are built
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -76,10 +80,17 @@ class Engine:
             self.deltas[name] = []
         self.base_ckpt.close()
         for ckpt in self.source_ckpts:
+            mapped = 0
             for name in self.names:
-                self.deltas[name].append((_load(ckpt, name, self.device, self.dtype) - self.base[name]).to(self.delta_dtype))
+                source = _load(ckpt, name, self.device, self.dtype)
+                self.deltas[name].append((source - self.base[name]).to(self.delta_dtype))
+                mapped += source.numel() * source.element_size()
+                del source
+                if mapped >= UNMAP_EVERY:  # a source's mapped pages are RSS until unmapped: the last source
+                    ckpt.close()  # would otherwise peak at base + all task vectors + a whole source
+                    mapped = 0
             ckpt.close()
-        _return_freed_memory()
+        return_freed_memory()
         self._plans: dict[tuple, list[TensorPlan]] = {}
 
     def source_index(self, recipe: Recipe) -> list[int]:
@@ -126,22 +137,39 @@ class Engine:
         return target
 
     def load_target_model(self, dtype: str | torch.dtype | None = None) -> torch.nn.Module:
-        """One resident model to write candidates into (the base's architecture and config)."""
-        from transformers import AutoModelForCausalLM
+        """One resident model to write candidates into (the base's architecture and config), holding the base.
 
-        model = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=parse_dtype(dtype or self.dtype))
-        return model.to(self.device).eval()
+        Built from the config with initialization skipped and filled from the resident base tensors, not
+        read from the base's files again: `from_pretrained` maps the safetensors file and touches it, so
+        the search's peak memory would be the engine plus 1.2 models before the first candidate. Falls
+        back to `from_pretrained` when the model has weights the checkpoint does not cover."""
+        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-
-def _return_freed_memory() -> None:
-    """Hand the heap pages freed while loading (each source's tensors before subtraction) back to the OS:
-    glibc keeps them otherwise, and they would count as resident for the whole search."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+        dtype = parse_dtype(dtype or self.dtype)
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # older transformers: from_pretrained
+            no_init_weights = None
+        model = None
+        if no_init_weights is not None:
+            with no_init_weights(), torch.device(self.device):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.base_path), dtype=dtype)
+            target = self.bind(model)
+            filled = {t.data_ptr() for t in target.values()}
+            if all(t.data_ptr() in filled or t.numel() == 0 for t in model.state_dict().values()):
+                with torch.no_grad():
+                    for name, t in target.items():
+                        t.copy_(self.base[name])
+                try:
+                    model.generation_config = GenerationConfig.from_pretrained(self.base_path)
+                except OSError:  # no generation_config.json: the model's defaults
+                    pass
+            else:
+                log.info("%s has weights the checkpoint does not cover; loading it with from_pretrained", type(model).__name__)
+                model = None
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=dtype).to(self.device)
+        return model.eval()
 
 
 def _load(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +65,25 @@ def test_engine_writes_candidates_in_place_into_one_model(llama_family):
     assert not torch.equal(first, model.model.layers[0].mlp.up_proj.weight)
     expected = engine.merged(r2)["model.layers.0.mlp.up_proj.weight"]
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, expected)
+
+
+def test_target_model_is_the_base_built_from_resident_tensors(llama_family):
+    """The target is filled from the engine's base tensors (no second read or mapping of the base file) and
+    computes what from_pretrained's model computes."""
+    from transformers import AutoModelForCausalLM
+
+    base, fts = llama_family
+    engine = Engine(base, fts)
+    model = engine.load_target_model()
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: no parameter lives in a mapping of the base's files
+        ranges = [[int(x, 16) for x in line.split()[0].split("-")] for line in maps.read_text().splitlines() if str(Path(base).resolve()) in line]
+        assert not [n for n, p in model.named_parameters() if any(lo <= p.data_ptr() < hi for lo, hi in ranges)]
+    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+    assert model.generation_config.to_dict() == reference.generation_config.to_dict()
 
 
 def test_non_finite_source_fails_with_tensor_name_and_writes_nothing(tmp_path, llama_family, capsys):

@@ -58,6 +58,17 @@ def weighted_sum_into(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[to
     return out
 
 
+def return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS: glibc keeps them otherwise (small temporaries interleaved with
+    long-lived allocations pin its heap), and they would count as resident for the whole search."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def abs_sample(delta: torch.Tensor, size: int = 1 << 16, seed: int = 0) -> torch.Tensor:
     """A sorted random sample of |δ| (fp32): bin edges for `fused.magnitude_index`."""
     flat = delta.reshape(-1)

