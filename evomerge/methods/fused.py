@@ -260,7 +260,7 @@ def _nth_position(flat: torch.Tensor, lo: float, hi: float, nth: int, total: int
     for start in reversed(starts) if from_back else starts:
         seg = flat[start : start + SCAN]
         full = seg.numel() - seg.numel() % BLOCK
-        counts = _block_counts_into(seg, bounds, full)
+        counts = _block_counts_into(seg, bounds, full, part_of=flat)
         if full < seg.numel():  # the tensor's last, partial block
             counts = torch.cat([counts, _in_ranges(seg[full:].abs().float(), bounds).sum().view(1)])
         found = int(counts.sum())
@@ -282,10 +282,11 @@ def _in_ranges(a: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     return inside
 
 
-def _block_counts_into(flat: torch.Tensor, bounds: torch.Tensor, full: int) -> torch.Tensor:
-    """Per BLOCK of flat[:full], how many entries lie in any of the ranges (a reduction pass)."""
+def _block_counts_into(flat: torch.Tensor, bounds: torch.Tensor, full: int, part_of: torch.Tensor | None = None) -> torch.Tensor:
+    """Per BLOCK of flat[:full], how many entries lie in any of the ranges (a reduction pass). `part_of`: the
+    tensor `flat` is a piece of, which decides compiled or eager as it would for the whole."""
     counts = fast.scratch(full // BLOCK, torch.int64, flat.device, slot=70)
-    if full == 0 or _compiled_call(flat, lambda: _compiled_block_counts(flat.dtype, flat.device.type, bounds.shape[0]), flat[:full], bounds, counts) is not EAGER:
+    if full == 0 or _compiled_call(flat if part_of is None else part_of, lambda: _compiled_block_counts(flat.dtype, flat.device.type, bounds.shape[0]), flat[:full], bounds, counts) is not EAGER:
         return counts
     for s in range(0, full, fast.CHUNK):  # CHUNK is a multiple of BLOCK
         e = min(full, s + fast.CHUNK)
