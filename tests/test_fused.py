@@ -171,6 +171,7 @@ def test_ties_fused_equals_reference_trim_and_election():
 @pytest.mark.parametrize("method,dtype", [
     ("ties", torch.float32), ("dare_ties", torch.float32), ("breadcrumbs_ties", torch.float32), ("dare_linear", torch.float32),
     ("della", torch.float32), ("ties", torch.bfloat16), ("task_arithmetic", torch.bfloat16), ("linear", torch.float32), ("slerp", torch.float32), ("model_stock", torch.float32),
+    ("dare_ties", torch.bfloat16), ("breadcrumbs_ties", torch.bfloat16), ("della", torch.bfloat16),  # 16-bit lane tiling
 ])
 def test_compiled_kernels_match_eager(method, dtype, monkeypatch):
     """torch.compile'd merge (inductor) against the eager chunked code on the same inputs."""
@@ -197,6 +198,35 @@ def test_compiled_kernels_match_eager(method, dtype, monkeypatch):
     assert not fused._compile_failed, "torch.compile failed; the eager fallback ran instead"
     tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-5}  # bf16: one rounding step
     torch.testing.assert_close(compiled, eager, **tol)
+
+
+@pytest.mark.slow
+def test_16bit_merges_compile_with_16bit_lanes(monkeypatch):
+    """inductor alone tiles our bf16 TIES kernel by fp32 lanes (partial-vector copies on every bf16 load);
+    `_tile_by_16bit_lanes` must make it pick 16 lanes, on a torch whose internals it knows."""
+    cpp = pytest.importorskip("torch._inductor.codegen.cpp")
+    if not hasattr(getattr(cpp, "TilingSelect", None), "select_tiling"):
+        pytest.skip("this torch has no TilingSelect: the tiling hook does nothing")
+    import torch._inductor.config as inductor_config
+
+    factors = []
+    select = cpp.TilingSelect.select_tiling
+
+    def spy(self, fn_list, var_sizes_list):
+        result = select(self, fn_list, var_sizes_list)
+        factors.append((len(fn_list), result[0]))  # the merge is the kernel fusing the most loop bodies
+        return result
+
+    monkeypatch.setattr(cpp.TilingSelect, "select_tiling", spy)
+    monkeypatch.setattr(inductor_config, "force_disable_caches", True)  # generate code, do not load it
+    monkeypatch.setenv("EVOMERGE_COMPILE", "on")
+    torch._dynamo.reset()
+    fused._compiled_merge.cache_clear()
+    base = torch.randn(1 << 20).bfloat16()
+    deltas = [(torch.randn(1 << 20) * 0.01).bfloat16() for _ in range(3)]  # 3 sources: one fused body is fp32-only
+    merge_deltas("ties", base, deltas, [{"weight": 1.0, "density": 0.5}] * 3, seed=0, key="k")
+    assert not fused._compile_failed
+    assert max(factors)[1] == [16], factors
 
 
 def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
