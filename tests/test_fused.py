@@ -136,6 +136,15 @@ def test_kept_norm_tables_equal_the_direct_pass(dtype):
     assert fused.tabled_kept_l1("random", delta, fp, ip) == pytest.approx(fused.kept_l1("random", delta, fp, ip), rel=1e-6)
 
 
+def test_della_with_a_new_epsilon_every_candidate_builds_no_table():
+    delta = torch.randn(1100, 1000)
+    fractions = fused.row_rank_fractions(delta)
+    for eps in (0.05, 0.06, 0.07, 0.08) * 3:
+        fp, ip = fused.source_params("rank", [delta], [0.5], [0.0], [1], torch.float32, [eps])
+        assert fused.tabled_kept_l1("rank", delta, fp, ip, fractions) is None
+    assert list(fused._kept_l1_tables(delta)) == ["last"]  # bounded: nothing accumulates
+
+
 def test_the_direct_kept_norm_sums_the_mask():
     delta = torch.randn(5000)
     fp, ip = fused.source_params("random", [delta], [0.3], [0.0], [42], torch.float32)

@@ -85,7 +85,7 @@ def tabled_kept_l1(kind: str, delta: torch.Tensor, fp: torch.Tensor, ip: torch.T
     fraction, for a fixed ε. The kept norm of every threshold is then a prefix sum of |δ| binned by that
     value: built once per task vector, source and ε (fp64 sums kept as fp32, 64–128 KiB), it makes
     mergekit's l1 rescale free instead of a pass over the tensor. DELLA tabulates a (seed, ε) only when it
-    comes back, since a search may vary ε with every candidate. Tensors under 1M entries: None (their
+    comes twice in a row, since a search may vary ε with every candidate. Tensors under 1M entries: None (their
     direct pass is cheap, a table is not small)."""
     if kind not in ("random", "rank") or delta.numel() < COMPILE_MIN_NUMEL:
         return None
@@ -94,8 +94,8 @@ def tabled_kept_l1(kind: str, delta: torch.Tensor, fp: torch.Tensor, ip: torch.T
     tables = _kept_l1_tables(delta)
     table = tables.get(key)
     if table is None:
-        if kind == "rank" and key not in tables.setdefault("seen", set()):
-            tables["seen"].add(key)
+        if kind == "rank" and tables.get("last") != key:  # tabulate a (seed, ε) seen twice in a row
+            tables["last"] = key
             return None
         if len(tables) > 4:  # one seed (and ε) per search; this only bounds other uses
             tables.clear()
