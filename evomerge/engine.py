@@ -143,33 +143,38 @@ class Engine:
         read from the base's files again: `from_pretrained` maps the safetensors file and touches it, so
         the search's peak memory would be the engine plus 1.2 models before the first candidate. Falls
         back to `from_pretrained` when the model has weights the checkpoint does not cover."""
-        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+        from transformers import AutoModelForCausalLM
 
         dtype = parse_dtype(dtype or self.dtype)
-        try:
-            from transformers.initialization import no_init_weights
-        except ImportError:  # older transformers: from_pretrained
-            no_init_weights = None
-        model = None
-        if no_init_weights is not None:
-            with no_init_weights(), torch.device(self.device):
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.base_path), dtype=dtype)
-            target = self.bind(model)
-            filled = {t.data_ptr() for t in target.values()}
-            if all(t.data_ptr() in filled or t.numel() == 0 for t in model.state_dict().values()):
-                with torch.no_grad():
-                    for name, t in target.items():
-                        t.copy_(self.base[name])
-                try:
-                    model.generation_config = GenerationConfig.from_pretrained(self.base_path)
-                except OSError:  # no generation_config.json: the model's defaults
-                    pass
-            else:
-                log.info("%s has weights the checkpoint does not cover; loading it with from_pretrained", type(model).__name__)
-                model = None
+        model = self._model_from_resident_base(dtype)
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=dtype).to(self.device)
         return model.eval()
+
+    def _model_from_resident_base(self, dtype: torch.dtype) -> torch.nn.Module | None:
+        """The base model built from its config and `self.base`, or None where that cannot be done (an older
+        transformers without `no_init_weights`, or weights the checkpoint does not cover)."""
+        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:
+            return None
+        with no_init_weights(), torch.device(self.device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.base_path), dtype=dtype)
+        target = self.bind(model)
+        filled = {t.data_ptr() for t in target.values()}
+        if not all(t.data_ptr() in filled or t.numel() == 0 for t in model.state_dict().values()):
+            log.info("%s has weights the checkpoint does not cover; loading it with from_pretrained", type(model).__name__)
+            return None
+        with torch.no_grad():
+            for name, t in target.items():
+                t.copy_(self.base[name])
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(self.base_path)
+        except OSError:  # no generation_config.json: the model's defaults
+            pass
+        return model
 
 
 def _load(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

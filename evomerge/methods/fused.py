@@ -233,13 +233,11 @@ BLOCK = 256  # positions are collected from the blocks of this size that hold an
 def _bin_members(flat: torch.Tensor, ranges: Sequence[tuple[float, float]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions (ascending) and fp32 |δ| of the entries inside any range lo ≤ |δ| < hi. One counting pass
     per block (a reduction: no mask is written), then only the few blocks holding members are looked at."""
-    n = flat.numel()
     bounds = torch.tensor(list(ranges), dtype=torch.float32, device=flat.device)  # bins are fp32, as counted
-    full = n - n % BLOCK
-    counts = _block_counts_into(flat, bounds, full)
-    blocks = counts.nonzero().view(-1)
+    blocks = _block_counts_into(flat, bounds).nonzero().view(-1)
     pos = (blocks.view(-1, 1) * BLOCK + torch.arange(BLOCK, device=flat.device)).view(-1)
-    pos = torch.cat([pos, torch.arange(full, n, device=flat.device)])
+    if flat.numel() % BLOCK:  # the last block is partial
+        pos = pos[pos < flat.numel()]
     a = flat[pos].abs().float()
     inside = _in_ranges(a, bounds)
     return pos[inside], a[inside]
@@ -259,17 +257,13 @@ def _nth_position(flat: torch.Tensor, lo: float, hi: float, nth: int, total: int
     seen = 0
     for start in reversed(starts) if from_back else starts:
         seg = flat[start : start + SCAN]
-        full = seg.numel() - seg.numel() % BLOCK
-        counts = _block_counts_into(seg, bounds, full, part_of=flat)
-        if full < seg.numel():  # the tensor's last, partial block
-            counts = torch.cat([counts, _in_ranges(seg[full:].abs().float(), bounds).sum().view(1)])
+        counts = _block_counts_into(seg, bounds, part_of=flat)
         found = int(counts.sum())
         if seen + found >= want:
             k = want - seen if not from_back else found - (want - seen) + 1  # in position order within seg
             before = counts.cumsum(0)
             b = int(torch.count_nonzero(before < k))
-            a = seg[b * BLOCK : (b + 1) * BLOCK].abs().float()
-            hits = ((a >= lo) & (a < hi)).nonzero().view(-1)
+            hits = _in_ranges(seg[b * BLOCK : (b + 1) * BLOCK].abs().float(), bounds).nonzero().view(-1)
             return start + b * BLOCK + int(hits[k - (int(before[b - 1]) if b else 0) - 1])
         seen += found
     raise ValueError(f"fewer than {want} entries in [{lo}, {hi})")
@@ -282,15 +276,21 @@ def _in_ranges(a: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     return inside
 
 
-def _block_counts_into(flat: torch.Tensor, bounds: torch.Tensor, full: int, part_of: torch.Tensor | None = None) -> torch.Tensor:
-    """Per BLOCK of flat[:full], how many entries lie in any of the ranges (a reduction pass). `part_of`: the
-    tensor `flat` is a piece of, which decides compiled or eager as it would for the whole."""
-    counts = fast.scratch(full // BLOCK, torch.int64, flat.device, slot=70)
-    if full == 0 or _compiled_call(flat if part_of is None else part_of, lambda: _compiled_block_counts(flat.dtype, flat.device.type, bounds.shape[0]), flat[:full], bounds, counts) is not EAGER:
+def _block_counts_into(flat: torch.Tensor, bounds: torch.Tensor, part_of: torch.Tensor | None = None) -> torch.Tensor:
+    """Per BLOCK of flat (the last one may be partial), how many entries lie in any of the ranges (a
+    reduction pass). `part_of`: the tensor `flat` is a piece of, which decides compiled or eager as it would
+    for the whole."""
+    n = flat.numel()
+    full = n - n % BLOCK
+    counts = fast.scratch(-(-n // BLOCK), torch.int64, flat.device, slot=70)
+    if full < n:
+        counts[-1] = _in_ranges(flat[full:].abs().float(), bounds).sum()
+    whole = counts[: full // BLOCK]
+    if full == 0 or _compiled_call(flat if part_of is None else part_of, lambda: _compiled_block_counts(flat.dtype, flat.device.type, bounds.shape[0]), flat[:full], bounds, whole) is not EAGER:
         return counts
     for s in range(0, full, fast.CHUNK):  # CHUNK is a multiple of BLOCK
         e = min(full, s + fast.CHUNK)
-        _block_counts(flat[s:e], bounds, counts[s // BLOCK : e // BLOCK])
+        _block_counts(flat[s:e], bounds, whole[s // BLOCK : e // BLOCK])
     return counts
 
 

@@ -52,11 +52,10 @@ def task_arithmetic(
     for i, (delta, w, d) in enumerate(zip(deltas, weights, densities)):
         scale = 1.0
         if mode is not None and d < 1.0:
-            l1 = fast.delta_l1(delta) if mode == "l1" else 0.0
-            after = None
+            l1 = after = 0.0  # ‖δ‖₁ and ‖δ ⊙ keep‖₁: the l1 rescale's only inputs
             if mode == "l1":
                 row = (kind, delta, fp[i : i + 1], ip[i : i + 1], ranks[i] if ranks else None)
-                after = fused.tabled_kept_l1(*row)
+                l1, after = fast.delta_l1(delta), fused.tabled_kept_l1(*row)
                 after = fused.kept_l1(*row) if after is None else after
             kept_fraction = int(ip[i, 3]) / (1 << fused.RANDOM_BITS) if kind == "random" else d  # DARE's density grid
             scale = rescale_factor(None, l1, mode, kept_fraction, after=after)
