@@ -67,6 +67,19 @@ def bench(fn, device, repeats):
     return statistics.median(times), setup
 
 
+def device_busy(fn, device) -> float | None:
+    """Seconds the GPU spends in kernels during one call (None on the CPU): against the wall time, how much
+    of a candidate is the device's work and how much is the host's (Python, launches, waits)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+
+
 def mergekit_runner(method, params, base, deltas, n):
     """A callable merging every tensor with mergekit, or None when mergekit is not installed."""
     try:
@@ -97,28 +110,27 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    g = torch.Generator(device="cpu").manual_seed(0)
+    gen = device if device.type == "cuda" else torch.device("cpu")  # a 7B model is drawn where it will live
+    g = torch.Generator(device=gen).manual_seed(0)
     shapes = llama_shapes(6.74e9, hidden=4096, inter=11008) if args.shape == "7b" else llama_shapes(args.params)
-    base = [torch.randn(s, generator=g, dtype=torch.float32).to(device=device, dtype=dtype) for s in shapes]
-    deltas = [[(torch.randn(s, generator=g) * 0.01).to(device=device, dtype=dtype) for _ in range(args.sources)] for s in shapes]
+    base = [torch.randn(s, generator=g, device=gen).to(device=device, dtype=dtype) for s in shapes]
+    deltas = [[(torch.randn(s, generator=g, device=gen) * 0.01).to(device=device, dtype=dtype) for _ in range(args.sources)] for s in shapes]
     out = [torch.empty_like(b) for b in base]
     n_params = sum(b.numel() for b in base)
     model_bytes = sum(b.numel() * b.element_size() for b in base)
     print(f"{n_params / 1e6:.0f}M params, {args.dtype}, {args.sources} sources, {len(shapes)} tensors, device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, EVOMERGE_COMPILE={os.environ.get('EVOMERGE_COMPILE', 'auto')}")
 
-    # (a) the limit: copy bandwidth, applied to the bytes a merge moves
-    src = [torch.empty_like(b).copy_(b) for b in base]
-
+    # (a) the limit: copy bandwidth (base → target, tensor by tensor), applied to the bytes a merge moves
     def copy_all():
-        for o, s in zip(out, src):
-            o.copy_(s)
+        for o, b in zip(out, base):
+            o.copy_(b)
 
     t_copy, _ = bench(copy_all, device, args.repeats)
     copy_bw = 2 * model_bytes / t_copy
     moved = (args.sources + 2) * model_bytes
     limit = moved / copy_bw
     print(f"copy: {copy_bw / 1e9:.1f} GB/s read+write; a {args.sources}-source merge moves {moved / 1e9:.2f} GB → limit {limit * 1000:.0f} ms\n")
-    print(f"{'method':16s} {'ms':>9s} {'GB/s':>7s} {'× limit':>8s} {'target':>9s} {'setup s':>8s} {'mergekit ms':>12s} {'speedup':>8s}")
+    print(f"{'method':16s} {'ms':>9s} {'GB/s':>7s} {'× limit':>8s} {'target':>9s} {'setup s':>8s} {'mergekit ms':>12s} {'speedup':>8s}" + (f" {'GPU busy ms':>12s}" if device.type == "cuda" else ""))
     for method in args.methods:
         p = METHODS[method]
         n = 1 if method == "slerp" else args.sources
@@ -139,7 +151,11 @@ def main() -> None:
         if mk is not None:
             t_mk, _ = bench(mk, device, args.mergekit_repeats)
             mk_col = f"{t_mk * 1000:12.0f} {t_mk / t:7.0f}×"
-        print(f"{method:16s} {t * 1000:9.0f} {moved_m / t / 1e9:7.1f} {ratio:7.1f}× {'≤' + str(TARGET[method]) + '× ' + flag:>9s} {setup:8.1f} {mk_col}", flush=True)
+        busy = device_busy(run, device)
+        busy_col = f" {busy * 1000:12.1f}" if busy is not None else ""
+        print(f"{method:16s} {t * 1000:9.1f} {moved_m / t / 1e9:7.1f} {ratio:7.1f}× {'≤' + str(TARGET[method]) + '× ' + flag:>9s} {setup:8.1f} {mk_col}{busy_col}", flush=True)
+    if device.type == "cuda":
+        print(f"\nGPU memory: model {model_bytes / 2**30:.1f} GiB; peak allocated {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,26 @@ def test_engine_writes_candidates_in_place_into_one_model(llama_family):
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, expected)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "task_arithmetic"])
+def test_cuda_engine_materializes_what_the_cpu_engine_does(llama_family, method):
+    """A search on the GPU: task vectors resident there, candidates written into a target model there that
+    runs a forward pass, with the CPU engine's weights."""
+    base, fts = llama_family
+    recipe = Recipe.from_dict(recipe_dict(base, fts, method=method))
+    gpu = Engine(base, fts, device="cuda")
+    assert all(t.is_cuda for t in gpu.base.values()) and all(d.is_cuda for ds in gpu.deltas.values() for d in ds)
+    model = gpu.load_target_model()
+    gpu.materialize(recipe, gpu.bind(model))
+    expected = Engine(base, fts).merged(recipe)
+    state = model.state_dict()
+    for name in gpu.names:
+        torch.testing.assert_close(state[name].cpu(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 9, 2, 7]], device="cuda")).logits
+    assert logits.is_cuda and torch.isfinite(logits).all()
+
+
 def test_target_model_is_the_base_built_from_resident_tensors(llama_family):
     """The target is filled from the engine's base tensors (no second read or mapping of the base file) and
     computes what from_pretrained's model computes."""

@@ -58,6 +58,15 @@ def weighted_sum_into(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[to
     return out
 
 
+def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (per-call parameters) on `device` without waiting for it: a pageable
+    host-to-GPU copy synchronizes the stream, so the GPU would idle while Python plans the next tensor;
+    from pinned memory the copy is queued like a kernel."""
+    if device.type == "cpu":
+        return values
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def return_freed_memory() -> None:
     """Hand freed heap pages back to the OS: glibc keeps them otherwise (small temporaries interleaved with
     long-lived allocations pin its heap), and they would count as resident for the whole search."""

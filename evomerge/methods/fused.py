@@ -111,13 +111,14 @@ def _kept_l1_table(kind: str, delta: torch.Tensor, fp: torch.Tensor, ip: torch.T
     grid = 1 << DENSITY_BITS
     bins = grid if kind == "random" else 2 * grid
     hist = torch.zeros(bins, dtype=torch.float64, device=flat.device)
+    fp_dev, ip_dev = fast.to_device(fp, flat.device), fast.to_device(ip, flat.device)
     for s in range(0, flat.numel(), fast.CHUNK):
         chunk = flat[s : s + fast.CHUNK]
-        bits = random_bits(_positions(chunk.numel(), s, flat.device), ip[0, 2])
+        bits = random_bits(_positions(chunk.numel(), s, flat.device), ip_dev[0, 2])
         if kind == "random":
             step = bits >> (RANDOM_BITS - DENSITY_BITS)
         else:  # the merge keeps v < p₀ with v computed as in `_keep`; p₀ on the grid, so v < p₀ ⇔ ⌊v·2¹⁴⌋ < p₀·2¹⁴
-            v = _della_margin(bits, rank.reshape(-1)[s : s + fast.CHUNK], fp, 0)
+            v = _della_margin(bits, rank.reshape(-1)[s : s + fast.CHUNK], fp_dev, 0)
             step = (torch.floor(v * grid).long() + grid).clamp_(0, bins - 1)
         hist.index_add_(0, step.long(), chunk.abs().double())
     table = torch.cat([hist.new_zeros(1), hist.cumsum(0)]).float()
@@ -137,8 +138,8 @@ class MagnitudeIndex:
     every distinct value (16-bit task vectors, which have at most 32768). Depends on δ alone, so a resident
     task vector computes it once; any k-th largest value is then in a known small bin."""
 
-    edges: torch.Tensor  # fp32, strictly increasing; bin b holds edges[b-1] ≤ |δ| < edges[b]
-    at_or_above: torch.Tensor  # int64; [b] = number of entries in bins ≥ b (len = bins + 1, then a 0)
+    edges: torch.Tensor  # fp32 (host), strictly increasing; bin b holds edges[b-1] ≤ |δ| < edges[b]
+    at_or_above: torch.Tensor  # int64 (host); [b] = number of entries in bins ≥ b (len = bins + 1, then a 0)
     one_value_bins: bool = False  # bin b ≥ 1 holds only the value edges[b-1]
 
 
@@ -164,7 +165,7 @@ def magnitude_index(delta: torch.Tensor) -> MagnitudeIndex:
             a = flat[s : s + fast.CHUNK].abs().float()
             counts += torch.bincount(torch.bucketize(a, edges, right=True), minlength=edges.numel() + 1)
     at_or_above = torch.cat([counts.flip(0).cumsum(0).flip(0), counts.new_zeros(1)])
-    return MagnitudeIndex(edges, at_or_above, one_value)
+    return MagnitudeIndex(edges.cpu(), at_or_above.cpu(), one_value)  # on the host: looking a k up needs no GPU sync
 
 
 def keep_largest(delta: torch.Tensor, ks: Sequence[int], index: MagnitudeIndex | None = None) -> list[tuple[float, int]]:
@@ -187,7 +188,7 @@ def keep_largest(delta: torch.Tensor, ks: Sequence[int], index: MagnitudeIndex |
         bins.append((lo, hi, ks[i] - int(above[j + 1]), int(above[j] - above[j + 1])))
     if index.one_value_bins:  # t is the bin's value; only a cut inside its ties may need a pass
         for i, (lo, hi, need, size) in zip(todo, bins):
-            result[i] = (lo, n if need >= size else _nth_position(flat, lo, hi, need, size) + 1)
+            result[i] = (lo, n if need >= size else _nth_position(flat, lo, hi, need, size, one_value=True) + 1)
         return result  # type: ignore[return-value]
     positions, values = _bin_members(flat, [(lo, hi) for lo, hi, _, _ in bins])
     for i, (lo, hi, need, _) in zip(todo, bins):
@@ -233,7 +234,7 @@ BLOCK = 256  # positions are collected from the blocks of this size that hold an
 def _bin_members(flat: torch.Tensor, ranges: Sequence[tuple[float, float]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions (ascending) and fp32 |δ| of the entries inside any range lo ≤ |δ| < hi. One counting pass
     per block (a reduction: no mask is written), then only the few blocks holding members are looked at."""
-    bounds = torch.tensor(list(ranges), dtype=torch.float32, device=flat.device)  # bins are fp32, as counted
+    bounds = fast.to_device(torch.tensor(list(ranges), dtype=torch.float32), flat.device)  # bins are fp32, as counted
     blocks = _block_counts_into(flat, bounds).nonzero().view(-1)
     pos = (blocks.view(-1, 1) * BLOCK + torch.arange(BLOCK, device=flat.device)).view(-1)
     if flat.numel() % BLOCK:  # the last block is partial
@@ -243,30 +244,50 @@ def _bin_members(flat: torch.Tensor, ranges: Sequence[tuple[float, float]]) -> t
     return pos[inside], a[inside]
 
 
-SCAN = 1 << 22  # entries per step of `_nth_position`'s scan (a multiple of BLOCK)
+SCAN = 1 << 22  # entries per step of `_nth_position`'s scan on the CPU (a multiple of BLOCK)
 
 
-def _nth_position(flat: torch.Tensor, lo: float, hi: float, nth: int, total: int) -> int:
+def _nth_position(flat: torch.Tensor, lo: float, hi: float, nth: int, total: int, one_value: bool = False) -> int:
     """Position of the nth (1-based, in position order) of the `total` entries with lo ≤ |δ| < hi. Counts
     chunk by chunk from the nearer end and stops in the chunk holding it: a quarter of a pass on average
-    instead of a whole one (16-bit TIES needs this for nearly every tensor: its threshold value has ties)."""
-    bounds = torch.tensor([(lo, hi)], dtype=torch.float32, device=flat.device)
+    instead of a whole one (16-bit TIES needs this for nearly every tensor: its threshold value has ties).
+    A GPU counts the whole tensor at once: each chunk would cost a wait for the device. `one_value`: the
+    range holds the single value lo of flat's dtype, which is tested for equality in that dtype."""
+    bounds = torch.tensor([lo], dtype=flat.dtype) if one_value else torch.tensor([(lo, hi)], dtype=torch.float32)
+    bounds = fast.to_device(bounds, flat.device)
+    scan = SCAN if flat.device.type == "cpu" else max(flat.numel(), 1)
     from_back = nth > total / 2
     want = total - nth + 1 if from_back else nth  # counted from the end the scan starts at
-    starts = range(0, flat.numel(), SCAN)
+    starts = range(0, flat.numel(), scan)
     seen = 0
     for start in reversed(starts) if from_back else starts:
-        seg = flat[start : start + SCAN]
+        seg = flat[start : start + scan]
         counts = _block_counts_into(seg, bounds, part_of=flat)
-        found = int(counts.sum())
+        found = total if len(starts) == 1 else int(counts.sum())
         if seen + found >= want:
             k = want - seen if not from_back else found - (want - seen) + 1  # in position order within seg
-            before = counts.cumsum(0)
-            b = int(torch.count_nonzero(before < k))
-            hits = _in_ranges(seg[b * BLOCK : (b + 1) * BLOCK].abs().float(), bounds).nonzero().view(-1)
-            return start + b * BLOCK + int(hits[k - (int(before[b - 1]) if b else 0) - 1])
+            return start + _kth_member(seg, counts, k, bounds)
         seen += found
     raise ValueError(f"fewer than {want} entries in [{lo}, {hi})")
+
+
+def _kth_member(seg: torch.Tensor, counts: torch.Tensor, k: int, bounds: torch.Tensor) -> int:
+    """Position in `seg` of its kth (1-based) entry inside the ranges, from its per-BLOCK counts: the
+    block by a search of the running counts, then that block's entries; one wait for the device."""
+    before = counts.cumsum(0)
+    b = torch.searchsorted(before, k)  # the first block whose running count reaches k
+    idx = b * BLOCK + torch.arange(BLOCK, device=seg.device)
+    hits = _members(seg[idx.clamp(max=seg.numel() - 1)], bounds) & (idx < seg.numel())
+    rest = k - (before[b] - counts[b])  # how many of the block's hits to count
+    return int(idx[torch.searchsorted(hits.cumsum(0), rest.view(1))])
+
+
+def _members(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Which entries have |x| in a range of `bounds`: rows (lo, hi) in fp32 for lo ≤ |x| < hi, or one value of
+    x's dtype for |x| equal to it (a 16-bit bin holds one value; one compare in 16 bits is the cheaper test)."""
+    if bounds.dim() == 1:
+        return x.abs() == bounds[0]
+    return _in_ranges(x.abs().float(), bounds)
 
 
 def _in_ranges(a: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -277,16 +298,16 @@ def _in_ranges(a: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
 
 
 def _block_counts_into(flat: torch.Tensor, bounds: torch.Tensor, part_of: torch.Tensor | None = None) -> torch.Tensor:
-    """Per BLOCK of flat (the last one may be partial), how many entries lie in any of the ranges (a
+    """Per BLOCK of flat (the last one may be partial), how many entries are `_members` of bounds (a
     reduction pass). `part_of`: the tensor `flat` is a piece of, which decides compiled or eager as it would
     for the whole."""
     n = flat.numel()
     full = n - n % BLOCK
     counts = fast.scratch(-(-n // BLOCK), torch.int64, flat.device, slot=70)
     if full < n:
-        counts[-1] = _in_ranges(flat[full:].abs().float(), bounds).sum()
+        counts[-1] = _members(flat[full:], bounds).sum()
     whole = counts[: full // BLOCK]
-    if full == 0 or _compiled_call(flat if part_of is None else part_of, lambda: _compiled_block_counts(flat.dtype, flat.device.type, bounds.shape[0]), flat[:full], bounds, whole) is not EAGER:
+    if full == 0 or _compiled_call(flat if part_of is None else part_of, lambda: _compiled_block_counts(flat.dtype, flat.device.type, tuple(bounds.shape), bounds.dtype), flat[:full], bounds, whole) is not EAGER:
         return counts
     for s in range(0, full, fast.CHUNK):  # CHUNK is a multiple of BLOCK
         e = min(full, s + fast.CHUNK)
@@ -295,7 +316,8 @@ def _block_counts_into(flat: torch.Tensor, bounds: torch.Tensor, part_of: torch.
 
 
 def _block_counts(flat: torch.Tensor, bounds: torch.Tensor, counts: torch.Tensor) -> None:
-    counts.copy_(_in_ranges(flat.abs().float().view(-1, BLOCK), bounds).sum(dim=1))
+    # summed as fp32 ones (exact up to 2²⁴ ≥ BLOCK): compiled CPU code reduces floats twice as fast as integers
+    counts.copy_(torch.where(_members(flat.view(-1, BLOCK), bounds), 1.0, 0.0).sum(dim=1))
 
 
 # ---- the fused merge -------------------------------------------------------------------------------
@@ -407,7 +429,7 @@ def _compiled_kept_l1(kind: str, dtype: torch.dtype, device: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_block_counts(dtype: torch.dtype, device: str, n_ranges: int):
+def _compiled_block_counts(dtype: torch.dtype, device: str, bounds_shape: tuple, bounds_dtype: torch.dtype):
     return _compile(_block_counts)
 
 
@@ -473,7 +495,8 @@ def _tile_by_16bit_lanes():
 
 
 def source_params(kind: str, deltas: Sequence[torch.Tensor], densities: Sequence[float], gammas: Sequence[float], seeds: Sequence[int], work: torch.dtype, epsilons: Sequence[float] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp, ip): per-source float and int parameter rows for `_keep` (scale and weight left at 1)."""
+    """(fp, ip): per-source float and int parameter rows for `_keep` (scale and weight left at 1), on the
+    host: callers read and adjust them there, and `merge_into` / `kept_l1` move them to the device."""
     fp, ip = [], []
     for delta, d, g, seed in zip(deltas, densities, gammas, seeds):
         n = delta.numel()
@@ -491,14 +514,14 @@ def source_params(kind: str, deltas: Sequence[torch.Tensor], densities: Sequence
             (t_keep, cut_keep), (t_drop, cut_drop) = keep_largest(delta, [keep_top, drop_top])
         fp.append([t_keep, t_drop, 1.0, 1.0])
         ip.append([cut_keep, cut_drop, seed_word(seed), threshold])
-    device = deltas[0].device
-    return torch.tensor(fp, dtype=work, device=device), torch.tensor(ip, dtype=torch.int64, device=device)
+    return torch.tensor(fp, dtype=work), torch.tensor(ip, dtype=torch.int64)
 
 
 def kept_l1(kind: str, delta: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, rank: torch.Tensor | None = None) -> float:
     """‖δ ⊙ keep‖₁ for one source (fp/ip hold that source's row only): mergekit's l1 rescale."""
     flat = delta.reshape(-1)
     rank = rank.reshape(-1) if rank is not None else None
+    fp, ip = fast.to_device(fp, flat.device), fast.to_device(ip, flat.device)
     l1 = _compiled_call(flat, lambda: _compiled_kept_l1(kind, flat.dtype, flat.device.type), flat, fp, ip, rank)
     if l1 is not EAGER:
         return float(l1)
@@ -511,7 +534,8 @@ def merge_into(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Ten
     ds = [d.reshape(-1) for d in deltas]
     rs = [r.reshape(-1) for r in ranks]
     work = fast.work_dtype(base)
-    lam_t = torch.tensor(float(lam), dtype=work, device=base.device)
+    lam_t = fast.to_device(torch.tensor(float(lam), dtype=work), base.device)
+    fp, ip = fast.to_device(fp, base.device), fast.to_device(ip, base.device)
     variant = (kind, len(ds), consensus, normalize, work, tuple(d.dtype for d in ds) + (b.dtype, o.dtype), b.device.type)
     if _compiled_call(b, lambda: _compiled_merge(*variant), o, b, ds, fp, ip, lam_t, rs) is not EAGER:
         return out
@@ -522,8 +546,8 @@ def merge_into(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Ten
 
 
 # ---- the weighted sum (linear, task arithmetic, slerp, model stock) --------------------------------
-def _weighted_sum_body(out, base, deltas, coeffs, base_coeff, work: torch.dtype) -> None:
-    acc = base.to(work) * base_coeff
+def _weighted_sum_body(out, base, deltas, coeffs, work: torch.dtype) -> None:
+    acc = base.to(work) * coeffs[len(deltas)]  # the base's coefficient comes last
     for i, d in enumerate(deltas):
         acc = acc + d.to(work) * coeffs[i]
     out.copy_(acc)
@@ -540,10 +564,9 @@ def weighted_sum_into(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[to
     b = base.reshape(-1)
     if _use_compiled(b):  # the tensors below are only needed for compiled code
         work = fast.work_dtype(base)
-        c = torch.tensor([float(x) for x in coeffs] or [0.0], dtype=work, device=base.device)
-        bc = torch.tensor(float(base_coeff), dtype=work, device=base.device)
+        c = fast.to_device(torch.tensor([float(x) for x in coeffs] + [float(base_coeff)], dtype=work), base.device)
         ds = [d.reshape(-1) for d in deltas]
         variant = (len(ds), work, tuple(d.dtype for d in ds) + (b.dtype, out.dtype), b.device.type)
-        if _compiled_call(b, lambda: _compiled_weighted_sum(*variant), out.view(-1), b, ds, c, bc) is not EAGER:
+        if _compiled_call(b, lambda: _compiled_weighted_sum(*variant), out.view(-1), b, ds, c) is not EAGER:
             return out
     return fast.weighted_sum_into(out, base, deltas, coeffs, base_coeff)
