@@ -188,7 +188,7 @@ def keep_largest(delta: torch.Tensor, ks: Sequence[int], index: MagnitudeIndex |
         bins.append((lo, hi, ks[i] - int(above[j + 1]), int(above[j] - above[j + 1])))
     if index.one_value_bins:  # t is the bin's value; only a cut inside its ties may need a pass
         for i, (lo, hi, need, size) in zip(todo, bins):
-            result[i] = (lo, n if need >= size else _nth_position(flat, lo, hi, need, size, one_value=True) + 1)
+            result[i] = (lo, n if need >= size else _nth_position(flat, lo, need, size) + 1)
         return result  # type: ignore[return-value]
     positions, values = _bin_members(flat, [(lo, hi) for lo, hi, _, _ in bins])
     for i, (lo, hi, need, _) in zip(todo, bins):
@@ -247,14 +247,12 @@ def _bin_members(flat: torch.Tensor, ranges: Sequence[tuple[float, float]]) -> t
 SCAN = 1 << 22  # entries per step of `_nth_position`'s scan on the CPU (a multiple of BLOCK)
 
 
-def _nth_position(flat: torch.Tensor, lo: float, hi: float, nth: int, total: int, one_value: bool = False) -> int:
-    """Position of the nth (1-based, in position order) of the `total` entries with lo ≤ |δ| < hi. Counts
-    chunk by chunk from the nearer end and stops in the chunk holding it: a quarter of a pass on average
-    instead of a whole one (16-bit TIES needs this for nearly every tensor: its threshold value has ties).
-    A GPU counts the whole tensor at once: each chunk would cost a wait for the device. `one_value`: the
-    range holds the single value lo of flat's dtype, which is tested for equality in that dtype."""
-    bounds = torch.tensor([lo], dtype=flat.dtype) if one_value else torch.tensor([(lo, hi)], dtype=torch.float32)
-    bounds = fast.to_device(bounds, flat.device)
+def _nth_position(flat: torch.Tensor, value: float, nth: int, total: int) -> int:
+    """Position of the nth (1-based, in position order) of the `total` entries with |δ| == value (a value
+    of flat's 16-bit dtype). Counts chunk by chunk from the nearer end and stops in the chunk holding it: a
+    quarter of a pass on average instead of a whole one (16-bit TIES needs this for nearly every tensor: its
+    threshold value has ties). A GPU counts the whole tensor at once: each chunk would cost a wait for it."""
+    bounds = fast.to_device(torch.tensor([value], dtype=flat.dtype), flat.device)
     scan = SCAN if flat.device.type == "cpu" else max(flat.numel(), 1)
     from_back = nth > total / 2
     want = total - nth + 1 if from_back else nth  # counted from the end the scan starts at
@@ -268,12 +266,12 @@ def _nth_position(flat: torch.Tensor, lo: float, hi: float, nth: int, total: int
             k = want - seen if not from_back else found - (want - seen) + 1  # in position order within seg
             return start + _kth_member(seg, counts, k, bounds)
         seen += found
-    raise ValueError(f"fewer than {want} entries in [{lo}, {hi})")
+    raise ValueError(f"fewer than {want} entries equal to {value}")
 
 
 def _kth_member(seg: torch.Tensor, counts: torch.Tensor, k: int, bounds: torch.Tensor) -> int:
     """Position in `seg` of its kth (1-based) entry inside the ranges, from its per-BLOCK counts: the
-    block by a search of the running counts, then that block's entries; one wait for the device."""
+    block by a search of the running counts, then that block's entries."""
     before = counts.cumsum(0)
     b = torch.searchsorted(before, k)  # the first block whose running count reaches k
     idx = b * BLOCK + torch.arange(BLOCK, device=seg.device)
