@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 M32 = 0xFFFFFFFF
 RANDOM_BITS = 24  # random bits per position (DELLA's keep probabilities resolve to 2⁻²⁴)
 DENSITY_BITS = 14  # DARE densities are applied on a grid of 2⁻¹⁴ (see density_threshold)
-COMPILE_MIN_NUMEL = 1 << 20  # below this, compiled code gains little and chunked eager is used
+COMPILE_MIN_NUMEL = 1 << 20  # on the CPU, below this compiled code gains little and chunked eager is used
 
 
 # ---- counter-based random keep (DARE) ------------------------------------------------------------
