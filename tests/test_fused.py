@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,13 +42,35 @@ def test_keep_largest_is_an_exact_top_k_with_positional_ties(dtype, n):
 
 @pytest.mark.parametrize("scan", [fused.BLOCK * 3, fused.SCAN])
 def test_tie_cut_scans_from_either_end_in_chunks(scan, monkeypatch):
-    """16-bit task vectors: the k-th value has many ties, found chunk by chunk from the nearer end."""
+    """16-bit task vectors: the k-th value has many ties; its nth is found between two `tie_index` records,
+    or, in a stretch longer than SCAN, block by block from the nearer end."""
     monkeypatch.setattr(fused, "SCAN", scan)
     g = torch.Generator().manual_seed(1)
     delta = (torch.randn(100_003, generator=g) * 0.01).to(torch.bfloat16)
     ks = [int(d * delta.numel()) for d in (0.05, 0.3, 0.5, 0.7, 0.95)] + [77_777, 100_002]
     for k, (t, cut) in zip(ks, fused.keep_largest(delta, ks)):
         assert torch.equal(keep_mask(delta, t, cut), reference_top_k(delta.abs().float(), k))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tie_index_records_every_stride_th_entry_of_each_value(dtype, monkeypatch):
+    """Built a chunk at a time (chunks far smaller than the tensor here), the records must be each value's
+    1st, (S+1)th, (2S+1)th... positions; a few values with thousands of ties and one rare value, the k-th
+    largest landing on each."""
+    monkeypatch.setattr(fast, "CHUNK", 4096)
+    g = torch.Generator().manual_seed(2)
+    n = 50_001
+    delta = (torch.randint(0, 4, (n,), generator=g) * 0.25 * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)).to(dtype)
+    delta[[5, 20_000, 49_999]] = 3.0  # a rare value: 3 ties, its last stretch reaching the end
+    ties = fused.tie_index(delta)
+    patterns = (delta.view(torch.int16) & 0x7FFF).long()
+    order = torch.sort(patterns, stable=True).indices
+    for p in patterns.unique().tolist():
+        expected = order[patterns[order] == p][:: fused.TIE_STRIDE].numpy()
+        assert ties.positions[ties.first[p] : ties.first[p] + expected.size].tolist() == expected.tolist()
+    ks = [1, 2, 3, 4, 100, 12_345, 25_000, 37_001, n - 1]
+    for k, (t, cut) in zip(ks, fused.keep_largest(delta, ks)):
+        assert torch.equal(keep_mask(delta, t, cut), reference_top_k(delta.abs().float(), k)), k
 
 
 def test_keep_largest_handles_few_distinct_values_and_edges():
@@ -63,7 +86,7 @@ def test_magnitude_index_follows_in_place_changes():
     delta.mul_(3.0)
     after = fused.magnitude_index(delta)
     assert after is not before
-    torch.testing.assert_close(after.edges, before.edges * 3)
+    np.testing.assert_allclose(after.edges, before.edges * 3, rtol=1e-6)
 
 
 def test_row_rank_fractions_are_stable_ranks_within_each_row():
