@@ -150,13 +150,13 @@ def test_kept_norm_tables_equal_the_direct_pass(dtype):
         for density in (0.2, 0.3, 0.5, 0.77, 0.85):
             fp, ip = fused.source_params(kind, [delta], [density], [0.0], [42], torch.float32, [0.1])
             rank = fractions if kind == "rank" else None
-            direct = fused.kept_l1(kind, delta, fp, ip, rank)
+            (direct,) = fused.kept_l1(kind, [delta], fp, ip, [rank] if rank is not None else [])
             fused.tabled_kept_l1(kind, delta, fp, ip, rank)  # DELLA: the first sight of a (seed, ε) is not tabulated
             assert fused.tabled_kept_l1(kind, delta, fp, ip, rank) == pytest.approx(direct, rel=1e-6), (kind, density)
     assert fused.tabled_kept_l1("random", delta[:10], fp, ip) is None  # small tensors: the direct pass
     delta.mul_(2)  # an in-place change rebuilds the table
     fp, ip = fused.source_params("random", [delta], [0.3], [0.0], [42], torch.float32)
-    assert fused.tabled_kept_l1("random", delta, fp, ip) == pytest.approx(fused.kept_l1("random", delta, fp, ip), rel=1e-6)
+    assert fused.tabled_kept_l1("random", delta, fp, ip) == pytest.approx(fused.kept_l1("random", [delta], fp, ip)[0], rel=1e-6)
 
 
 def test_della_with_a_new_epsilon_every_candidate_builds_no_table():
@@ -168,11 +168,14 @@ def test_della_with_a_new_epsilon_every_candidate_builds_no_table():
     assert list(fused._kept_l1_tables(delta)) == ["last"]  # bounded: nothing accumulates
 
 
-def test_the_direct_kept_norm_sums_the_mask():
-    delta = torch.randn(5000)
-    fp, ip = fused.source_params("random", [delta], [0.3], [0.0], [42], torch.float32)
-    mask = fused.random_bits(torch.arange(delta.numel()), fused.seed_word(42)) < int(ip[0, 3])
-    assert fused.kept_l1("random", delta, fp, ip) == pytest.approx(float(delta.abs().double()[mask].sum()), rel=1e-9)
+def test_the_direct_kept_norm_sums_each_sources_mask_in_one_pass():
+    deltas = [torch.randn(5000), torch.randn(5000) * 3]
+    fp, ip = fused.source_params("random", deltas, [0.3, 0.6], [0.0, 0.0], [42, 7], torch.float32)
+    expected = []
+    for delta, seed, row in zip(deltas, (42, 7), ip):
+        mask = fused.random_bits(torch.arange(delta.numel()), fused.seed_word(seed)) < int(row[3])
+        expected.append(float(delta.abs().double()[mask].sum()))
+    assert fused.kept_l1("random", deltas, fp, ip) == pytest.approx(expected, rel=1e-9)
 
 
 def test_dare_keeps_the_density_and_rescales_each_source():
@@ -230,6 +233,34 @@ def test_compiled_kernels_match_eager(method, dtype, monkeypatch):
     assert not fused._compile_failed, "torch.compile failed; the eager fallback ran instead"
     tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-5}  # bf16: one rounding step
     torch.testing.assert_close(compiled, eager, **tol)
+
+
+@pytest.mark.slow
+def test_small_tensors_reuse_kernels_compiled_for_large_ones(monkeypatch):
+    """Below COMPILE_MIN_NUMEL a fused merge runs code compiled already for a larger tensor (one call instead of
+    ~100 eager ops of a few µs); a one-entry tensor stays eager (inductor would compile again for size 1)."""
+    monkeypatch.setenv("EVOMERGE_COMPILE", "auto")
+    monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 1 << 16)  # a smaller "large" tensor: a quicker test
+    g = torch.Generator().manual_seed(11)
+    params = [{"weight": 0.6, "density": 0.4, "epsilon": 0.1}, {"weight": 0.8, "density": 0.6, "epsilon": 0.1}]
+
+    def inputs(n):
+        return torch.randn(n, generator=g), [torch.randn(n, generator=g) * 0.01 for _ in range(2)]
+
+    large = inputs(1 << 17)
+    merge_deltas("della", *large, params, seed=3, key="k")  # compiles the merge and the kept-norm pass
+    assert not fused._compile_failed
+    eager_chunks = []
+    body = fused._merge_body
+    monkeypatch.setattr(fused, "_merge_body", lambda *a, **kw: (eager_chunks.append(1), body(*a, **kw))[1])
+    for n, reused in ((1000, True), (2, True), (1, False)):
+        base, deltas = inputs(n)
+        eager_chunks.clear()
+        got = merge_deltas("della", base, deltas, params, seed=3, key="k")
+        assert (not eager_chunks) == reused, n
+        monkeypatch.setenv("EVOMERGE_COMPILE", "off")
+        torch.testing.assert_close(got, merge_deltas("della", base, deltas, params, seed=3, key="k"), rtol=1e-6, atol=1e-7)
+        monkeypatch.setenv("EVOMERGE_COMPILE", "auto")
 
 
 @pytest.mark.slow

@@ -142,6 +142,7 @@ class MagnitudeIndex:
     edges: np.ndarray  # fp32, strictly increasing; bin b holds edges[b-1] ≤ |δ| < edges[b]
     at_or_above: np.ndarray  # int64; [b] = number of entries in bins ≥ b (len = bins + 1, then a 0)
     one_value_bins: bool = False  # bin b ≥ 1 holds only the value edges[b-1]
+    patterns: np.ndarray | None = None  # one-value bins: [b-1] = the bit pattern (int16) of bin b's |δ|
 
 
 def _abs_patterns(x: torch.Tensor) -> torch.Tensor:
@@ -164,7 +165,9 @@ def magnitude_index(delta: torch.Tensor) -> MagnitudeIndex:
         present = per_pattern.nonzero().view(-1)
         edges = present.to(torch.int16).view(delta.dtype).float()
         counts = torch.cat([per_pattern.new_zeros(1), per_pattern[present]])
+        patterns = present.to(torch.int16).cpu().numpy()
     else:
+        patterns = None
         sample = fast.abs_sample(delta, size=4 * bins)
         edges = torch.unique_consecutive(sample[4::4]).contiguous()
         counts = torch.zeros(edges.numel() + 1, dtype=torch.int64, device=delta.device)
@@ -172,7 +175,7 @@ def magnitude_index(delta: torch.Tensor) -> MagnitudeIndex:
             a = flat[s : s + fast.CHUNK].abs().float()
             counts += torch.bincount(torch.bucketize(a, edges, right=True), minlength=edges.numel() + 1)
     at_or_above = torch.cat([counts.flip(0).cumsum(0).flip(0), counts.new_zeros(1)])
-    return MagnitudeIndex(edges.cpu().numpy(), at_or_above.cpu().numpy(), one_value)  # host arrays: a lookup needs no GPU sync
+    return MagnitudeIndex(edges.cpu().numpy(), at_or_above.cpu().numpy(), one_value, patterns)  # host arrays: a lookup needs no GPU sync
 
 
 def keep_largest(delta: torch.Tensor, ks: Sequence[int], index: MagnitudeIndex | None = None) -> list[tuple[float, int]]:
@@ -187,15 +190,15 @@ def keep_largest(delta: torch.Tensor, ks: Sequence[int], index: MagnitudeIndex |
         return result  # type: ignore[return-value]
     index = index or magnitude_index(delta)
     above, edges = index.at_or_above, index.edges
-    bins = []  # (lo, hi, need, size) of the bin holding each k-th largest
+    bins, bin_of = [], {}  # (lo, hi, need, size) of the bin holding each k-th largest, and that bin
     for i in todo:
-        j = int(np.searchsorted(-above, -ks[i], side="right")) - 1  # the last bin b with above[b] ≥ k
+        j = bin_of[i] = int(np.searchsorted(-above, -ks[i], side="right")) - 1  # the last bin b with above[b] ≥ k
         lo = float(edges[j - 1]) if j > 0 else -1.0
         hi = float(edges[j]) if j < edges.size else math.inf
         bins.append((lo, hi, ks[i] - int(above[j + 1]), int(above[j] - above[j + 1])))
     if index.one_value_bins:  # t is the bin's value; only a cut inside its ties may need a pass
         for i, (lo, hi, need, size) in zip(todo, bins):
-            result[i] = (lo, n if need >= size else _nth_tie(delta, lo, need, size) + 1)
+            result[i] = (lo, n if need >= size else _nth_tie(delta, int(index.patterns[bin_of[i] - 1]), need, size) + 1)
         return result  # type: ignore[return-value]
     positions, values = _bin_members(flat, [(lo, hi) for lo, hi, _, _ in bins])
     for i, (lo, hi, need, _) in zip(todo, bins):
@@ -234,7 +237,7 @@ def tie_index(delta: torch.Tensor) -> TieIndex:
     patterns = 1 << 15
     index = magnitude_index(delta)  # its bins are the values present, with their counts
     per_pattern = torch.zeros(patterns, dtype=torch.int64)
-    per_pattern[_abs_patterns(torch.from_numpy(index.edges).to(flat.dtype)).long()] = torch.from_numpy(index.at_or_above[1:-1] - index.at_or_above[2:])
+    per_pattern[torch.from_numpy(index.patterns).long()] = torch.from_numpy(index.at_or_above[1:-1] - index.at_or_above[2:])
     per_pattern = per_pattern.to(flat.device)
     records = (per_pattern + TIE_STRIDE - 1) // TIE_STRIDE
     first = records.cumsum(0) - records
@@ -257,19 +260,21 @@ def tie_index(delta: torch.Tensor) -> TieIndex:
     return TieIndex(first.cpu().numpy(), positions.cpu().numpy())
 
 
-def _nth_tie(delta: torch.Tensor, value: float, nth: int, total: int) -> int:
-    """Position of the nth (1-based, in position order) of the `total` entries with |δ| == value (a value of
-    δ's 16-bit dtype): a scan between the two `tie_index` records around it."""
+def _nth_tie(delta: torch.Tensor, pattern: int, nth: int, total: int) -> int:
+    """Position of the nth (1-based, in position order) of the `total` entries of 16-bit δ whose |δ| has bit
+    pattern `pattern`: a scan between the two `tie_index` records around it."""
     flat = delta.reshape(-1)
     ties = tie_index(delta)
-    pattern = int(torch.tensor(value, dtype=flat.dtype).view(torch.int16)) & 0x7FFF
     j = (nth - 1) // TIE_STRIDE  # the last record at or before the nth entry
     record = int(ties.first[pattern]) + j
     begin = int(ties.positions[record])
     end = int(ties.positions[record + 1]) if (j + 1) * TIE_STRIDE < total else flat.numel()
     stretch, nth = flat[begin:end], nth - j * TIE_STRIDE
     if stretch.numel() > SCAN:  # a rare value's last stretch: counted block by block
+        value = float(torch.tensor(pattern, dtype=torch.int16).view(flat.dtype))
         return begin + _nth_position(stretch, value, nth, min(TIE_STRIDE, total - j * TIE_STRIDE))
+    if stretch.device.type == "cpu":  # numpy: ~15 µs on a typical stretch, torch's small-tensor ops ~70
+        return begin + int(np.flatnonzero((stretch.view(torch.int16).numpy() & 0x7FFF) == pattern)[nth - 1])
     return begin + int((_abs_patterns(stretch) == pattern).nonzero()[nth - 1])
 
 
@@ -432,10 +437,13 @@ def _merge_body(out, base, deltas, fp, ip, lam, ranks, offset: int, kind: str, c
     out.copy_(base.to(work) + total)
 
 
-def _kept_l1_body(delta, fp, ip, rank, offset: int, kind: str) -> torch.Tensor:
-    idx = _positions(delta.numel(), offset, delta.device)
-    x = delta.to(fast.work_dtype(delta))
-    return torch.where(_keep(kind, x.abs(), idx, fp, ip, 0, rank), x.abs(), 0.0).sum(dtype=torch.float64)
+def _kept_l1_body(deltas, fp, ip, ranks, offset: int, kind: str) -> torch.Tensor:
+    idx = _positions(deltas[0].numel(), offset, deltas[0].device)
+    sums = []
+    for i, d in enumerate(deltas):
+        a = d.to(fast.work_dtype(d)).abs()
+        sums.append(torch.where(_keep(kind, a, idx, fp, ip, i, ranks[i] if ranks else None), a, 0.0).sum(dtype=torch.float64))
+    return torch.stack(sums)
 
 
 # ---- compiled or eager --------------------------------------------------------------------------
@@ -493,7 +501,7 @@ def _compiled_merge(kind: str, n: int, consensus: bool, normalize: bool, work: t
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_kept_l1(kind: str, dtype: torch.dtype, device: str):
+def _compiled_kept_l1(kind: str, n: int, dtype: torch.dtype, device: str):
     return _compile(functools.partial(_kept_l1_body, offset=0, kind=kind))
 
 
@@ -511,14 +519,25 @@ def _fallback(err: Exception) -> None:
 EAGER = object()  # `_compiled_call`'s answer when the caller should run its eager code
 
 
-def _compiled_call(t: torch.Tensor, compiled: Callable[[], Callable], *args: Any) -> Any:
+_ran: set = set()  # compiled functions that have run: their code exists (dynamic shapes: for every size)
+
+
+def _compiled_call(t: torch.Tensor, compiled: Callable[[], Callable], *args: Any, reuse_for_small: bool = False) -> Any:
     """compiled()(*args) when compiled code is in use for tensors like `t`; EAGER when it is not (mode,
-    size) or the compiler failed — a broken toolchain must not stop a merge, so that only warns, once."""
-    if not _use_compiled(t):
-        return EAGER
+    size) or the compiler failed — a broken toolchain must not stop a merge, so that only warns, once.
+    `reuse_for_small`: a tensor below the size that pays for compiling still runs code compiled already for a
+    larger one — a fused merge is ~100 eager ops of ~4 µs each, one compiled call ~80 µs."""
+    use = _use_compiled(t)
+    if not use and not (reuse_for_small and t.numel() > 1 and not _compile_failed and compile_mode() != "off"):
+        return EAGER  # (one entry: inductor specializes sizes 0 and 1, so it would compile again)
     try:
+        fn = compiled()
+        if not use and fn not in _ran:
+            return EAGER
         with _tile_by_16bit_lanes() if t.device.type == "cpu" else contextlib.nullcontext():
-            return compiled()(*args)
+            result = fn(*args)
+        _ran.add(fn)
+        return result
     except Exception as err:
         _fallback(err)
         return EAGER
@@ -586,15 +605,16 @@ def source_params(kind: str, deltas: Sequence[torch.Tensor], densities: Sequence
     return torch.tensor(fp, dtype=work), torch.tensor(ip, dtype=torch.int64)
 
 
-def kept_l1(kind: str, delta: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, rank: torch.Tensor | None = None) -> float:
-    """‖δ ⊙ keep‖₁ for one source (fp/ip hold that source's row only): mergekit's l1 rescale."""
-    flat = delta.reshape(-1)
-    rank = rank.reshape(-1) if rank is not None else None
-    fp, ip = fast.to_device(fp, flat.device), fast.to_device(ip, flat.device)
-    l1 = _compiled_call(flat, lambda: _compiled_kept_l1(kind, flat.dtype, flat.device.type), flat, fp, ip, rank)
-    if l1 is not EAGER:
-        return float(l1)
-    return float(sum(_kept_l1_body(flat[s : s + fast.CHUNK], fp, ip, rank[s : s + fast.CHUNK] if rank is not None else None, s, kind) for s in range(0, flat.numel(), fast.CHUNK)))
+def kept_l1(kind: str, deltas: Sequence[torch.Tensor], fp: torch.Tensor, ip: torch.Tensor, ranks: Sequence[torch.Tensor] = ()) -> list[float]:
+    """‖δᵢ ⊙ keepᵢ‖₁ for each source (row i of fp/ip is δᵢ's), in one pass: mergekit's l1 rescale."""
+    ds = [d.reshape(-1) for d in deltas]
+    rs = [r.reshape(-1) for r in ranks]
+    fp, ip = fast.to_device(fp, ds[0].device), fast.to_device(ip, ds[0].device)
+    l1 = _compiled_call(ds[0], lambda: _compiled_kept_l1(kind, len(ds), ds[0].dtype, ds[0].device.type), ds, fp, ip, rs, reuse_for_small=True)
+    if l1 is EAGER:
+        n = ds[0].numel()
+        l1 = sum((_kept_l1_body([d[s : s + fast.CHUNK] for d in ds], fp, ip, [r[s : s + fast.CHUNK] for r in rs], s, kind) for s in range(0, n, fast.CHUNK)), torch.zeros(len(ds), dtype=torch.float64, device=ds[0].device))
+    return l1.tolist()
 
 
 def merge_into(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor], kind: str, fp: torch.Tensor, ip: torch.Tensor, lam: float, consensus: bool, normalize: bool, ranks: Sequence[torch.Tensor] = ()) -> torch.Tensor:
@@ -606,7 +626,7 @@ def merge_into(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Ten
     lam_t = fast.to_device(torch.tensor(float(lam), dtype=work), base.device)
     fp, ip = fast.to_device(fp, base.device), fast.to_device(ip, base.device)
     variant = (kind, len(ds), consensus, normalize, work, tuple(d.dtype for d in ds) + (b.dtype, o.dtype), b.device.type)
-    if _compiled_call(b, lambda: _compiled_merge(*variant), o, b, ds, fp, ip, lam_t, rs) is not EAGER:
+    if _compiled_call(b, lambda: _compiled_merge(*variant), o, b, ds, fp, ip, lam_t, rs, reuse_for_small=True) is not EAGER:
         return out
     for s in range(0, b.numel(), fast.CHUNK):
         e = min(b.numel(), s + fast.CHUNK)

@@ -49,16 +49,18 @@ def task_arithmetic(
     epsilons = [float(p.get("epsilon", 0.0)) for p in source_params]
     fp, ip = fused.source_params(kind, deltas, densities, gammas, seeds or [0] * len(deltas), work, epsilons)
     ranks = [fused.row_rank_fractions(d) for d in deltas] if kind == "rank" else []
+    rescaled = [i for i, d in enumerate(densities) if mode is not None and d < 1.0]
+    after: dict[int, float] = {}  # ‖δ ⊙ keep‖₁, with ‖δ‖₁ the l1 rescale's only inputs
+    if mode == "l1" and rescaled:
+        after = {i: fused.tabled_kept_l1(kind, deltas[i], fp[i : i + 1], ip[i : i + 1], ranks[i] if ranks else None) for i in rescaled}
+        direct = [i for i in rescaled if after[i] is None]  # no table: one pass over these sources
+        if direct:
+            after.update(zip(direct, fused.kept_l1(kind, [deltas[i] for i in direct], fp[direct], ip[direct], [ranks[i] for i in direct] if ranks else [])))
     for i, (delta, w, d) in enumerate(zip(deltas, weights, densities)):
         scale = 1.0
-        if mode is not None and d < 1.0:
-            l1 = after = 0.0  # ‖δ‖₁ and ‖δ ⊙ keep‖₁: the l1 rescale's only inputs
-            if mode == "l1":
-                row = (kind, delta, fp[i : i + 1], ip[i : i + 1], ranks[i] if ranks else None)
-                l1, after = fast.delta_l1(delta), fused.tabled_kept_l1(*row)
-                after = fused.kept_l1(*row) if after is None else after
+        if i in rescaled:
             kept_fraction = int(ip[i, 3]) / (1 << fused.RANDOM_BITS) if kind == "random" else d  # DARE's density grid
-            scale = rescale_factor(None, l1, mode, kept_fraction, after=after)
+            scale = rescale_factor(None, fast.delta_l1(delta) if mode == "l1" else 0.0, mode, kept_fraction, after=after.get(i, 0.0))
         fp[i, 2] = w * scale * (1.0 if spec.consensus else lam / divisor)
         fp[i, 3] = w
     return fused.merge_into(out, base, deltas, kind, fp, ip, lam, spec.consensus == "sum", normalize, ranks)
