@@ -131,6 +131,7 @@ def main() -> None:
     limit = moved / copy_bw
     print(f"copy: {copy_bw / 1e9:.1f} GB/s read+write; a {args.sources}-source merge moves {moved / 1e9:.2f} GB → limit {limit * 1000:.0f} ms\n")
     print(f"{'method':16s} {'ms':>9s} {'GB/s':>7s} {'× limit':>8s} {'target':>9s} {'setup s':>8s} {'mergekit ms':>12s} {'speedup':>8s}" + (f" {'GPU busy ms':>12s}" if device.type == "cuda" else ""))
+    notes = []
     for method in args.methods:
         p = METHODS[method]
         n = 1 if method == "slerp" else args.sources
@@ -154,6 +155,11 @@ def main() -> None:
         busy = device_busy(run, device)
         busy_col = f" {busy * 1000:12.1f}" if busy is not None else ""
         print(f"{method:16s} {t * 1000:9.1f} {moved_m / t / 1e9:7.1f} {ratio:7.1f}× {'≤' + str(TARGET[method]) + '× ' + flag:>9s} {setup:8.1f} {mk_col}{busy_col}", flush=True)
+        if method == "della":  # it also reads each task vector's resident fp16 rank fractions
+            all_bytes = moved_m + n * n_params * 2
+            notes.append(f"della also reads its fp16 rank fractions ({n} × 2 bytes an entry): {all_bytes / 1e9:.2f} GB in all, {t / (all_bytes / copy_bw):.1f}× the copy time of those bytes")
+    for line in notes:
+        print(line)
     if device.type == "cuda":
         print(f"\nGPU memory: model {model_bytes / 2**30:.1f} GiB; peak allocated {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 
