@@ -324,8 +324,8 @@ SCAN = 1 << 22  # entries per step of `_nth_position`'s scan on the CPU (a multi
 def _nth_position(flat: torch.Tensor, value: float, nth: int, total: int) -> int:
     """Position of the nth (1-based, in position order) of the `total` entries with |δ| == value (a value
     of flat's 16-bit dtype). Counts chunk by chunk from the nearer end and stops in the chunk holding it: a
-    quarter of a pass on average instead of a whole one (16-bit TIES needs this for nearly every tensor: its
-    threshold value has ties). A GPU counts the whole tensor at once: each chunk would cost a wait for it."""
+    quarter of a pass on average instead of a whole one (`_nth_tie` uses it for a rare value's long last
+    stretch). A GPU counts the whole tensor at once: each chunk would cost a wait for it."""
     bounds = fast.to_device(torch.tensor([value], dtype=flat.dtype), flat.device)
     scan = SCAN if flat.device.type == "cpu" else max(flat.numel(), 1)
     from_back = nth > total / 2
