@@ -190,18 +190,18 @@ def keep_largest(delta: torch.Tensor, ks: Sequence[int], index: MagnitudeIndex |
         return result  # type: ignore[return-value]
     index = index or magnitude_index(delta)
     above, edges = index.at_or_above, index.edges
-    bins, bin_of = [], {}  # (lo, hi, need, size) of the bin holding each k-th largest, and that bin
+    bins = []  # (b, lo, hi, need, size) of the bin b holding each k-th largest
     for i in todo:
-        j = bin_of[i] = int(np.searchsorted(-above, -ks[i], side="right")) - 1  # the last bin b with above[b] ≥ k
+        j = int(np.searchsorted(-above, -ks[i], side="right")) - 1  # the last bin b with above[b] ≥ k
         lo = float(edges[j - 1]) if j > 0 else -1.0
         hi = float(edges[j]) if j < edges.size else math.inf
-        bins.append((lo, hi, ks[i] - int(above[j + 1]), int(above[j] - above[j + 1])))
+        bins.append((j, lo, hi, ks[i] - int(above[j + 1]), int(above[j] - above[j + 1])))
     if index.one_value_bins:  # t is the bin's value; only a cut inside its ties may need a pass
-        for i, (lo, hi, need, size) in zip(todo, bins):
-            result[i] = (lo, n if need >= size else _nth_tie(delta, int(index.patterns[bin_of[i] - 1]), need, size) + 1)
+        for i, (j, lo, _, need, size) in zip(todo, bins):
+            result[i] = (lo, n if need >= size else _nth_tie(delta, int(index.patterns[j - 1]), need, size) + 1)
         return result  # type: ignore[return-value]
-    positions, values = _bin_members(flat, [(lo, hi) for lo, hi, _, _ in bins])
-    for i, (lo, hi, need, _) in zip(todo, bins):
+    positions, values = _bin_members(flat, [(lo, hi) for _, lo, hi, _, _ in bins])
+    for i, (_, lo, hi, need, _) in zip(todo, bins):
         inside = (values >= lo) & (values < hi)
         members = positions[inside]
         vals = flat[members].abs()
@@ -458,11 +458,14 @@ def compile_mode() -> str:
 _compile_failed = False
 
 
+def _compiling_allowed() -> bool:
+    return not _compile_failed and compile_mode() != "off"
+
+
 def _use_compiled(t: torch.Tensor) -> bool:
-    mode = compile_mode()
-    if _compile_failed or mode == "off":
+    if not _compiling_allowed():
         return False
-    return mode == "on" or t.numel() >= COMPILE_MIN_NUMEL or t.device.type != "cpu"
+    return compile_mode() == "on" or t.numel() >= COMPILE_MIN_NUMEL or t.device.type != "cpu"
 
 
 def _compile(fn):
@@ -528,7 +531,7 @@ def _compiled_call(t: torch.Tensor, compiled: Callable[[], Callable], *args: Any
     `reuse_for_small`: a tensor below the size that pays for compiling still runs code compiled already for a
     larger one — a fused merge is ~100 eager ops of ~4 µs each, one compiled call ~80 µs."""
     use = _use_compiled(t)
-    if not use and not (reuse_for_small and t.numel() > 1 and not _compile_failed and compile_mode() != "off"):
+    if not use and not (reuse_for_small and t.numel() > 1 and _compiling_allowed()):
         return EAGER  # (one entry: inductor specializes sizes 0 and 1, so it would compile again)
     try:
         fn = compiled()
