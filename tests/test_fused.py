@@ -168,6 +168,52 @@ def test_della_with_a_new_epsilon_every_candidate_builds_no_table():
     assert list(fused._kept_l1_tables(delta)) == ["last"]  # bounded: nothing accumulates
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_della_codes_a_repeated_seed_and_epsilon_and_merges_the_same(dtype):
+    """A (seed, ε) seen twice in a row turns the rank fractions into margin codes, in place; every merge still
+    equals the first-sight merge of fresh copies (fractions and hashing), and a new ε brings the fractions back."""
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(600, 500, generator=g).to(dtype)
+    deltas = [(torch.randn(600, 500, generator=g) * 0.01).to(dtype) for _ in range(2)]
+
+    def merge(densities, epsilons, on):
+        params = [{"weight": 0.7, "density": d, "epsilon": e} for d, e in zip(densities, epsilons)]
+        return merge_deltas("della", base, on, params, seed=5, key="w")
+
+    fractions = [fused.row_rank_fractions(d) for d in deltas]
+    steps = [(0.5, 0.6), (0.3, 0.8), (0.45, 1.0), (0.7, 0.2), (0.5, 0.6)]
+    for n, densities in enumerate(steps):
+        assert torch.equal(merge(densities, (0.1, 0.15), deltas), merge(densities, (0.1, 0.15), [d.clone() for d in deltas]))
+        states = [fused._della_state(d) for d in deltas]
+        assert all((s["coded_for"] is not None) == (n > 0) for s in states), n
+    coded = fused._della_state(deltas[0])["values"]
+    assert not torch.equal(coded, fractions[0])  # overwritten in place: no second buffer
+    assert int(fused._code_steps(coded).min()) >= -1 and int(fused._code_steps(coded).max()) < 1 << fused.DENSITY_BITS
+    assert torch.equal(merge((0.5, 0.6), (0.1, 0.2), deltas), merge((0.5, 0.6), (0.1, 0.2), [d.clone() for d in deltas]))
+    first, second = (fused._della_state(d) for d in deltas)
+    assert first["coded_for"] is not None and second["coded_for"] is None and second["given_up"]
+    assert torch.equal(second["values"], fractions[1])  # sorted again
+    for _ in range(2):  # the second source never codes again, and mixed kinds merge the same
+        assert torch.equal(merge((0.4, 0.5), (0.1, 0.2), deltas), merge((0.4, 0.5), (0.1, 0.2), [d.clone() for d in deltas]))
+    kinds, _ = fused.della_inputs(deltas, *fused.source_params("rank", deltas, [0.4, 0.5], [0.0] * 2, [1, 2], torch.float32, [0.1, 0.2]))
+    assert kinds == ("rank", "rank")  # another seed word: a new key for the first source, too
+
+
+def test_della_kept_norm_tables_from_codes_equal_the_direct_pass():
+    g = torch.Generator().manual_seed(9)
+    delta = torch.randn(1100, 1000, generator=g) * 0.01
+    fractions = fused.row_rank_fractions(delta)
+    for density in (0.2, 0.5, 0.85):
+        fp, ip = fused.source_params("rank", [delta], [density], [0.0], [42], torch.float32, [0.1])
+        (direct,) = fused.kept_l1("rank", [delta], fp.clone(), ip, [fractions])
+        kinds, values = fused.della_inputs([delta], fp, ip)
+        if kinds == ("rank",):  # first sight of (seed, ε)
+            kinds, values = fused.della_inputs([delta], fp, ip)
+        assert kinds == ("coded",)
+        assert fused.kept_l1(kinds, [delta], fp, ip, values)[0] == pytest.approx(direct, rel=1e-9)
+        assert fused.tabled_kept_l1("coded", delta, fp, ip, values[0]) == pytest.approx(direct, rel=1e-6)
+
+
 def test_the_direct_kept_norm_sums_each_sources_mask_in_one_pass():
     deltas = [torch.randn(5000), torch.randn(5000) * 3]
     fp, ip = fused.source_params("random", deltas, [0.3, 0.6], [0.0, 0.0], [42, 7], torch.float32)
@@ -233,6 +279,9 @@ def test_compiled_kernels_match_eager(method, dtype, monkeypatch):
     assert not fused._compile_failed, "torch.compile failed; the eager fallback ran instead"
     tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-5}  # bf16: one rounding step
     torch.testing.assert_close(compiled, eager, **tol)
+    if method == "della":  # that was the second sight of its (seed, ε): margin codes; fresh copies hash instead
+        assert fused._della_state(deltas[0])["coded_for"] is not None
+        torch.testing.assert_close(merge_deltas(method, base, [d.clone() for d in deltas], params, global_params, seed=9, key="layer.0"), eager, **tol)
 
 
 @pytest.mark.slow

@@ -48,14 +48,14 @@ def task_arithmetic(
     gammas = [float(p.get("gamma", 0.0)) for p in source_params]
     epsilons = [float(p.get("epsilon", 0.0)) for p in source_params]
     fp, ip = fused.source_params(kind, deltas, densities, gammas, seeds or [0] * len(deltas), work, epsilons)
-    ranks = [fused.row_rank_fractions(d) for d in deltas] if kind == "rank" else []
+    kinds, ranks = fused.della_inputs(deltas, fp, ip) if kind == "rank" else ((kind,) * len(deltas), [])
     rescaled = [i for i, d in enumerate(densities) if mode is not None and d < 1.0]
     after: dict[int, float] = {}  # ‖δ ⊙ keep‖₁, with ‖δ‖₁ the l1 rescale's only inputs
     if mode == "l1" and rescaled:
-        after = {i: fused.tabled_kept_l1(kind, deltas[i], fp[i : i + 1], ip[i : i + 1], ranks[i] if ranks else None) for i in rescaled}
+        after = {i: fused.tabled_kept_l1(kinds[i], deltas[i], fp[i : i + 1], ip[i : i + 1], ranks[i] if ranks else None) for i in rescaled}
         direct = [i for i in rescaled if after[i] is None]  # no table: one pass over these sources
         if direct:
-            after.update(zip(direct, fused.kept_l1(kind, [deltas[i] for i in direct], fp[direct], ip[direct], [ranks[i] for i in direct] if ranks else [])))
+            after.update(zip(direct, fused.kept_l1([kinds[i] for i in direct], [deltas[i] for i in direct], fp[direct], ip[direct], [ranks[i] for i in direct] if ranks else [])))
     for i, (delta, w, d) in enumerate(zip(deltas, weights, densities)):
         scale = 1.0
         if i in rescaled:
@@ -63,7 +63,7 @@ def task_arithmetic(
             scale = rescale_factor(None, fast.delta_l1(delta) if mode == "l1" else 0.0, mode, kept_fraction, after=after.get(i, 0.0))
         fp[i, 2] = w * scale * (1.0 if spec.consensus else lam / divisor)
         fp[i, 3] = w
-    return fused.merge_into(out, base, deltas, kind, fp, ip, lam, spec.consensus == "sum", normalize, ranks)
+    return fused.merge_into(out, base, deltas, kinds, fp, ip, lam, spec.consensus == "sum", normalize, ranks)
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
