@@ -40,11 +40,13 @@ def test_keep_largest_is_an_exact_top_k_with_positional_ties(dtype, n):
         assert torch.equal(got, reference_top_k(delta.abs().float(), k))
 
 
-@pytest.mark.parametrize("scan", [fused.BLOCK * 3, fused.SCAN])
-def test_tie_cut_scans_from_either_end_in_chunks(scan, monkeypatch):
-    """16-bit task vectors: the k-th value has many ties; its nth is found between two `tie_index` records,
-    or, in a stretch longer than SCAN, block by block from the nearer end."""
+@pytest.mark.parametrize("scan,numpy_scan", [(fused.BLOCK * 3, True), (fused.SCAN, True), (fused.SCAN, False)])
+def test_tie_cut_scans_from_either_end_in_chunks(scan, numpy_scan, monkeypatch):
+    """16-bit task vectors: the k-th value has many ties; its nth is found between two `tie_index` records
+    (numpy on the CPU, torch as on a GPU), or, in a stretch longer than SCAN, block by block from the nearer
+    end."""
     monkeypatch.setattr(fused, "SCAN", scan)
+    monkeypatch.setattr(fused, "NUMPY_SCAN", numpy_scan)
     g = torch.Generator().manual_seed(1)
     delta = (torch.randn(100_003, generator=g) * 0.01).to(torch.bfloat16)
     ks = [int(d * delta.numel()) for d in (0.05, 0.3, 0.5, 0.7, 0.95)] + [77_777, 100_002]
@@ -65,9 +67,11 @@ def test_tie_index_records_every_stride_th_entry_of_each_value(dtype, monkeypatc
     ties = fused.tie_index(delta)
     patterns = (delta.view(torch.int16) & 0x7FFF).long()
     order = torch.sort(patterns, stable=True).indices
-    for p in patterns.unique().tolist():
+    present = patterns.unique().tolist()
+    assert fused.magnitude_index(delta).patterns.tolist() == present and len(ties.first) == len(present)
+    for v, p in enumerate(present):
         expected = order[patterns[order] == p][:: fused.TIE_STRIDE].numpy()
-        assert ties.positions[ties.first[p] : ties.first[p] + expected.size].tolist() == expected.tolist()
+        assert ties.positions[ties.first[v] : ties.first[v] + expected.size].tolist() == expected.tolist()
     ks = [1, 2, 3, 4, 100, 12_345, 25_000, 37_001, n - 1]
     for k, (t, cut) in zip(ks, fused.keep_largest(delta, ks)):
         assert torch.equal(keep_mask(delta, t, cut), reference_top_k(delta.abs().float(), k)), k

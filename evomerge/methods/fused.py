@@ -203,7 +203,7 @@ def keep_largest(delta: torch.Tensor, ks: Sequence[int], index: MagnitudeIndex |
         bins.append((j, lo, hi, ks[i] - int(above[j + 1]), int(above[j] - above[j + 1])))
     if index.one_value_bins:  # t is the bin's value; only a cut inside its ties may need a pass
         for i, (j, lo, _, need, size) in zip(todo, bins):
-            result[i] = (lo, n if need >= size else _nth_tie(delta, int(index.patterns[j - 1]), need, size) + 1)
+            result[i] = (lo, n if need >= size else _nth_tie(delta, j - 1, int(index.patterns[j - 1]), need, size) + 1)
         return result  # type: ignore[return-value]
     positions, values = _bin_members(flat, [(lo, hi) for _, lo, hi, _, _ in bins])
     for i, (_, lo, hi, need, _) in zip(todo, bins):
@@ -229,7 +229,9 @@ class TieIndex:
     records, which holds 64 entries of that value (typically ~10⁴ entries in all), instead of anywhere in the
     tensor. 4 bytes per 64 entries: 3 % of a 16-bit task vector."""
 
-    first: np.ndarray  # int64; [p] = index in `positions` of the first record of |δ| bit pattern p
+    first: np.ndarray  # [v] = index in `positions` of the first record of the vth |δ| value present (the
+    # order of `MagnitudeIndex.patterns`); one entry per value present, not per bit pattern: 2¹⁵ int64s each
+    # would cost 256 KiB per task vector and tensor, more than a norm vector's whole index
     positions: np.ndarray  # int32 or int64
 
 
@@ -262,25 +264,29 @@ def tie_index(delta: torch.Tensor) -> TieIndex:
         positions[first[value] + done[value] + nth] = (order[in_order] + s).to(positions.dtype)
         seen += counts
     fast.return_freed_memory()  # the chunks' temporaries, freed around a long-lived index
-    return TieIndex(first.cpu().numpy(), positions.cpu().numpy())
+    present = first.cpu()[torch.from_numpy(index.patterns).long()]
+    return TieIndex(present.to(positions.dtype).numpy(), positions.cpu().numpy())
 
 
-def _nth_tie(delta: torch.Tensor, pattern: int, nth: int, total: int) -> int:
-    """Position of the nth (1-based, in position order) of the `total` entries of 16-bit δ whose |δ| has bit
-    pattern `pattern`: a scan between the two `tie_index` records around it."""
+def _nth_tie(delta: torch.Tensor, value: int, pattern: int, nth: int, total: int) -> int:
+    """Position of the nth (1-based, in position order) of the `total` entries of 16-bit δ whose |δ| is the
+    `value`th value present (bit pattern `pattern`): a scan between the two `tie_index` records around it."""
     flat = delta.reshape(-1)
     ties = tie_index(delta)
     j = (nth - 1) // TIE_STRIDE  # the last record at or before the nth entry
-    record = int(ties.first[pattern]) + j
+    record = int(ties.first[value]) + j
     begin = int(ties.positions[record])
     end = int(ties.positions[record + 1]) if (j + 1) * TIE_STRIDE < total else flat.numel()
     stretch, nth = flat[begin:end], nth - j * TIE_STRIDE
     if stretch.numel() > SCAN:  # a rare value's last stretch: counted block by block
         value = float(torch.tensor(pattern, dtype=torch.int16).view(flat.dtype))
         return begin + _nth_position(stretch, value, nth, min(TIE_STRIDE, total - j * TIE_STRIDE))
-    if stretch.device.type == "cpu":  # numpy: ~15 µs on a typical stretch, torch's small-tensor ops ~70
+    if stretch.device.type == "cpu" and NUMPY_SCAN:  # numpy: ~15 µs on a typical stretch, torch's small-tensor ops ~70
         return begin + int(np.flatnonzero((stretch.view(torch.int16).numpy() & 0x7FFF) == pattern)[nth - 1])
-    return begin + int((_abs_patterns(stretch) == pattern).nonzero()[nth - 1])
+    return begin + int((_abs_patterns(stretch) == pattern).nonzero()[nth - 1])  # a GPU's scan
+
+
+NUMPY_SCAN = True  # the CPU scans tie stretches in numpy (tests switch it off to run the GPU's torch scan)
 
 
 def _rows(delta: torch.Tensor) -> torch.Tensor:
