@@ -27,9 +27,11 @@ def keep_mask(delta: torch.Tensor, t: float, cut: int) -> torch.Tensor:
     return (a > t) | ((a == t) & (idx < cut))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n", [1000, 3_000_001])
-def test_keep_largest_is_an_exact_top_k_with_positional_ties(dtype, n):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n", [1000, 100_001, 3_000_001])
+@pytest.mark.parametrize("host_numpy", [True, False])  # False: the torch code a GPU runs
+def test_keep_largest_is_an_exact_top_k_with_positional_ties(dtype, n, host_numpy, monkeypatch):
+    monkeypatch.setattr(fused, "HOST_NUMPY", host_numpy)
     g = torch.Generator().manual_seed(n)
     delta = (torch.randn(n, generator=g) * 0.01).to(dtype)
     delta[::7] = 0.0  # a block of exact ties at zero
@@ -40,13 +42,13 @@ def test_keep_largest_is_an_exact_top_k_with_positional_ties(dtype, n):
         assert torch.equal(got, reference_top_k(delta.abs().float(), k))
 
 
-@pytest.mark.parametrize("scan,numpy_scan", [(fused.BLOCK * 3, True), (fused.SCAN, True), (fused.SCAN, False)])
-def test_tie_cut_scans_from_either_end_in_chunks(scan, numpy_scan, monkeypatch):
+@pytest.mark.parametrize("scan,host_numpy", [(fused.BLOCK * 3, True), (fused.SCAN, True), (fused.SCAN, False)])
+def test_tie_cut_scans_from_either_end_in_chunks(scan, host_numpy, monkeypatch):
     """16-bit task vectors: the k-th value has many ties; its nth is found between two `tie_index` records
     (numpy on the CPU, torch as on a GPU), or, in a stretch longer than SCAN, block by block from the nearer
     end."""
     monkeypatch.setattr(fused, "SCAN", scan)
-    monkeypatch.setattr(fused, "NUMPY_SCAN", numpy_scan)
+    monkeypatch.setattr(fused, "HOST_NUMPY", host_numpy)
     g = torch.Generator().manual_seed(1)
     delta = (torch.randn(100_003, generator=g) * 0.01).to(torch.bfloat16)
     ks = [int(d * delta.numel()) for d in (0.05, 0.3, 0.5, 0.7, 0.95)] + [77_777, 100_002]
