@@ -16,6 +16,7 @@ the median of the repeats after them.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -160,6 +161,15 @@ def main() -> None:
         if method == "della":  # it also reads each task vector's resident 16-bit margin codes (or rank fractions)
             all_bytes = moved_m + n * n_params * 2
             notes.append(f"della also reads its 16-bit margin codes ({n} × 2 bytes an entry): {all_bytes / 1e9:.2f} GB in all, {t / (all_bytes / copy_bw):.1f}× the copy time of those bytes")
+            calls = itertools.count()
+
+            def run_new_epsilon():  # a search varying ε every candidate: no margin codes, a hash per position
+                e = p["epsilon"] + 1e-3 * (next(calls) % 50)
+                for i, (b, ds, o) in enumerate(zip(base, deltas, out)):
+                    merge_deltas(method, b, ds[:n], [dict(q, epsilon=e) for q in sp], gp, seed=0, key=str(i), out=o)
+
+            t_eps, _ = bench(run_new_epsilon, device, args.repeats)
+            notes.append(f"della with a new ε every candidate (rank fractions, hashed per candidate): {t_eps * 1000:.1f} ms, {t_eps / limit_m:.1f}× the limit")
     for line in notes:
         print(line)
     if device.type == "cuda":
