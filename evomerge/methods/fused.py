@@ -12,7 +12,8 @@ merge is one fused loop that reads the base and each task vector once and writes
 - random (DARE) keep rules use a counter-based hash of (seed, position): no random numbers are stored,
   and the CPU, the GPU, eager and compiled code all draw the same mask.
 - rank (DELLA) keep rules compare the same hash with a probability linear in the entry's rank within its
-  row; the ranks depend on δ alone and are kept resident (`row_rank_fractions`).
+  row; the ranks depend on δ alone and are kept resident (`row_rank_fractions`). With the seed and ε fixed
+  for a search, they become margin codes (`della_inputs`): one stored value per entry against a threshold.
 """
 from __future__ import annotations
 
@@ -235,14 +236,14 @@ def _nth_in_bins(flat: torch.Tensor, bins: Sequence[tuple[float, float, int]]) -
     """CPU, fp32/fp64 δ: for each bin lo ≤ |δ| < hi, the (t, cut) keeping its `need` largest members (ties by
     position). The members come from the blocks the counting pass found; one lexsort by (−|δ|, position)
     puts the needth member at index need − 1. In numpy: a few µs an op, where the same in torch's small-tensor
-    ops cost ~0.7 ms per task vector and tensor (a 1M-entry fp32 breadcrumbs merge: ~4.7 ms in all)."""
+    ops (`_bin_members`, still a GPU's way) cost ~0.5 ms more per task vector and tensor."""
     n = flat.numel()
     bounds = torch.tensor([(lo, hi) for lo, hi, _ in bins], dtype=torch.float32)
     blocks = np.flatnonzero(_block_counts_into(flat, bounds).numpy())
     pos = (blocks[:, None] * BLOCK + np.arange(BLOCK)).ravel()
     if n % BLOCK:  # the last block is partial
         pos = pos[pos < n]
-    a = np.abs(flat.numpy()[pos])
+    a = np.abs(flat.detach().numpy()[pos])
     binned = a.astype(np.float32)  # bins are fp32, as counted
     found = []
     for lo, hi, need in bins:
@@ -317,9 +318,8 @@ def _nth_tie(delta: torch.Tensor, value: int, pattern: int, nth: int, total: int
         value = float(torch.tensor(pattern, dtype=torch.int16).view(flat.dtype))
         return begin + _nth_position(stretch, value, nth, min(TIE_STRIDE, total - j * TIE_STRIDE))
     if stretch.device.type == "cpu" and HOST_NUMPY:  # numpy: ~15 µs on a typical stretch, torch's small-tensor ops ~70
-        return begin + int(np.flatnonzero((stretch.view(torch.int16).numpy() & 0x7FFF) == pattern)[nth - 1])
+        return begin + int(np.flatnonzero((stretch.detach().view(torch.int16).numpy() & 0x7FFF) == pattern)[nth - 1])
     return begin + int((_abs_patterns(stretch) == pattern).nonzero()[nth - 1])  # a GPU's scan
-
 
 
 def _rows(delta: torch.Tensor) -> torch.Tensor:
