@@ -67,6 +67,28 @@ def test_engine_writes_candidates_in_place_into_one_model(llama_family):
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, expected)
 
 
+def test_della_candidates_of_a_search_equal_a_fresh_engines_merge(llama_family):
+    """From the second candidate with the same ε, the resident engine's DELLA reads margin codes instead of
+    rank fractions; every candidate must still be what a fresh engine (first sight: fractions) merges."""
+    from evomerge.methods import fused
+
+    base, fts = llama_family
+    engine = Engine(base, fts)
+    model = engine.load_target_model()
+    target = engine.bind(model)
+    for density in (0.5, 0.7, 0.4):
+        data = recipe_dict(base, fts, method="della")
+        for m in data["models"]:
+            m["parameters"] = {"weight": [0.3, 0.7], "density": density, "epsilon": 0.1}
+        recipe = Recipe.from_dict(data)
+        engine.materialize(recipe, target)
+        expected = Engine(base, fts).merged(recipe)
+        state = model.state_dict()
+        for name in engine.names:
+            assert torch.equal(state[name], expected[name]), (density, name)
+    assert any(fused._della_state(d)["coded_for"] is not None for ds in engine.deltas.values() for d in ds)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "task_arithmetic"])
 def test_cuda_engine_materializes_what_the_cpu_engine_does(llama_family, method):
