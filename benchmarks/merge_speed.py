@@ -141,9 +141,9 @@ def main() -> None:
         gp = {"t": 0.5} if method == "slerp" else {}
         sp = [dict(p) for _ in range(n)] if p else []
 
-        def run():
+        def run(params=sp):
             for i, (b, ds, o) in enumerate(zip(base, deltas, out)):
-                merge_deltas(method, b, ds[:n], sp, gp, seed=0, key=str(i), out=o)
+                merge_deltas(method, b, ds[:n], params, gp, seed=0, key=str(i), out=o)
 
         t, setup = bench(run, device, args.repeats)
         moved_m = (n + 2) * model_bytes  # n sources + base read, target written
@@ -165,8 +165,7 @@ def main() -> None:
 
             def run_new_epsilon():  # a search varying ε every candidate: no margin codes, a hash per position
                 e = p["epsilon"] + 1e-3 * (next(calls) % 50)
-                for i, (b, ds, o) in enumerate(zip(base, deltas, out)):
-                    merge_deltas(method, b, ds[:n], [dict(q, epsilon=e) for q in sp], gp, seed=0, key=str(i), out=o)
+                run([dict(q, epsilon=e) for q in sp])
 
             t_eps, _ = bench(run_new_epsilon, device, args.repeats)
             notes.append(f"della with a new ε every candidate (rank fractions, hashed per candidate): {t_eps * 1000:.1f} ms, {t_eps / limit_m:.1f}× the limit")

@@ -115,6 +115,14 @@ def delta_l1(delta: torch.Tensor) -> float:
     return float(sum(flat[s : s + CHUNK].abs().sum(dtype=torch.float64) for s in range(0, flat.numel(), CHUNK)))
 
 
+def kth_largest(a: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """(t, cut) for a flat non-negative `a` and 0 < k < a.numel(): the k largest entries are those > t and
+    those == t at positions < cut — ties at the threshold broken by position, first positions first."""
+    t = a.kthvalue(a.numel() - k + 1).values
+    above = int(torch.count_nonzero(a > t))
+    return t, int((a == t).nonzero()[k - above - 1]) + 1
+
+
 def top_k_mask(absval: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly the k largest entries (the reference sparsifiers' top-k). Ties at the
     threshold are broken by position, first positions first, so exactly k survive as with a top-k."""
@@ -122,13 +130,10 @@ def top_k_mask(absval: torch.Tensor, k: int) -> torch.Tensor:
     flat = absval.reshape(-1)
     if k >= n or k <= 0:
         return torch.full(absval.shape, k >= n, dtype=torch.bool, device=flat.device)
-    work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-    t = torch.kthvalue(work, n - k + 1).values
+    work = flat.to(work_dtype(flat))
+    t, cut = kth_largest(work, k)
     mask = work >= t
-    extra = int(torch.count_nonzero(mask)) - k
-    if extra > 0:  # ties at the threshold: drop the last `extra` of them
-        ties = (work == t).nonzero().view(-1)
-        mask[ties[ties.numel() - extra :]] = False
+    mask[cut:] = work[cut:] > t  # ties after the cut are dropped
     return mask.view(absval.shape)
 
 

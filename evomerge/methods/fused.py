@@ -198,9 +198,8 @@ def keep_largest(delta: torch.Tensor, ks: Sequence[int], index: MagnitudeIndex |
     if n <= DIRECT_TOP_K:  # a norm vector or bias: kthvalue on the whole tensor is cheaper than its index
         a = flat.abs().to(fast.work_dtype(flat))
         for i in todo:
-            t = a.kthvalue(n - ks[i] + 1).values
-            above = int(torch.count_nonzero(a > t))
-            result[i] = (float(t), int((a == t).nonzero()[ks[i] - above - 1]) + 1)
+            t, cut = fast.kth_largest(a, ks[i])
+            result[i] = (float(t), cut)
         return result  # type: ignore[return-value]
     index = index or magnitude_index(delta)
     above, edges = index.at_or_above, index.edges
