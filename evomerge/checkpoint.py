@@ -20,6 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -40,8 +42,6 @@ TOKENIZER_FILES = (
 COPIED_CONFIG_FILES = ("generation_config.json",)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read, or cannot be merged with the others. The message names the file and tensor."""
 
 
 @dataclass
@@ -279,9 +279,7 @@ def write_model_dir(
     `tensors` gives name -> (shape, dtype) so shards are planned before any tensor is computed; `produce`
     computes one tensor at a time, so peak memory stays at one shard. Tokenizer and generation files are
     copied from `copy_from`."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out}: exists and is not empty; pass --overwrite or choose another --out")
+    out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -309,6 +307,7 @@ def write_model_dir(
                     shutil.copy2(copy_from / name, tmp / name)
         if model_card is not None:
             (tmp / "README.md").write_text(model_card)
+        apply_umask(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -320,6 +319,26 @@ def write_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse, before any work, an output that would destroy a file or (without --overwrite) a directory."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is a file, not a model directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out}: exists and is not empty; pass --overwrite or choose another --out")
+    return out
+
+
+def apply_umask(root: Path) -> None:
+    """Give a directory built in a private temporary folder (mkdtemp makes it 0700) the permissions the user's
+    umask asks for, as if it had been created in place."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for path in root.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _numel(shape: Iterable[int]) -> int:

@@ -1,24 +1,43 @@
-"""`evomerge` command line. Library code logs; this module prints."""
+"""`evomerge` command line. Library code logs; this module prints.
+
+Nothing heavy is imported at module level: settings that must precede torch (OpenMP's wait policy, thread
+counts) are applied before any command imports it, and `--help` or an argument error never loads torch."""
+
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import sys
-from pathlib import Path
 
-import yaml
+# Before anything can import torch: OpenMP threads that spin while waiting steal the cores of a shared
+# machine (a zoo training step went from 0.5 s to 4-5 s beside another job).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .checkpoint import CheckpointError
-from .evaluate.tasks import HeldOutError, TaskError
-from .methods import MethodError
-from .recipe import Recipe, RecipeError, atomic_write_text
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-EXPECTED_ERRORS = (CheckpointError, RecipeError, MethodError, TaskError, HeldOutError, FileNotFoundError, FileExistsError)
+from .errors import EvomergeError, HeldOutError, one_line  # noqa: E402
+
+EXPECTED_ERRORS = (EvomergeError, HeldOutError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default (when it has a meaningful one); wide enough for our help lines."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=110)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .engine import write_merged
+    from .recipe import Recipe
 
     recipe = Recipe.load(args.recipe)
     out = write_merged(
@@ -35,6 +54,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_mergekit(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .recipe import Recipe, atomic_write_text
+
     recipe = Recipe.load(args.recipe)
     text = yaml.safe_dump(recipe.to_mergekit(), sort_keys=False)
     if args.out:
@@ -46,6 +69,8 @@ def _cmd_export_mergekit(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_mergekit(args: argparse.Namespace) -> int:
+    from .recipe import Recipe
+
     recipe = Recipe.load(args.config)  # the recipe schema is mergekit's; loading validates it
     if args.out:
         recipe.save(args.out)
@@ -56,50 +81,71 @@ def _cmd_import_mergekit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary merge-recipe optimizer for model weights.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="evomerge", description="Evolutionary merge-recipe optimizer for model weights.", formatter_class=HelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details and library warnings")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (sets OMP_NUM_THREADS); default: all cores"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("merge", help="materialize a recipe (or a mergekit config) into an HF model directory")
+    p = sub.add_parser(
+        "merge", help="materialize a recipe (or a mergekit config) into an HF model directory", formatter_class=HelpFormatter
+    )
     p.add_argument("recipe", help="recipe YAML (evomerge or mergekit format)")
     p.add_argument("--out", required=True, help="output model directory (written atomically)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default=None, help="output dtype (float32, bfloat16, float16); default the recipe's")
-    p.add_argument("--allow-pickle", action="store_true", help="accept .bin checkpoints, loaded with torch.load(weights_only=True)")
+    p.add_argument("--dtype", default=None, help="output dtype (float32, bfloat16, float16); default: the recipe's")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="accept .bin checkpoints, loaded with torch.load(weights_only=True)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per safetensors shard")
     p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser("export-mergekit", help="write a recipe as a mergekit config")
-    p.add_argument("recipe")
-    p.add_argument("--out", help="file to write (default: stdout)")
+    p = sub.add_parser("export-mergekit", help="write a recipe as a mergekit config", formatter_class=HelpFormatter)
+    p.add_argument("recipe", help="evomerge recipe YAML")
+    p.add_argument("--out", help="file to write; default: standard output")
     p.set_defaults(func=_cmd_export_mergekit)
 
-    p = sub.add_parser("import-mergekit", help="read a mergekit config into an evomerge recipe")
-    p.add_argument("config")
-    p.add_argument("--out", help="file to write (default: stdout)")
+    p = sub.add_parser("import-mergekit", help="read a mergekit config into an evomerge recipe", formatter_class=HelpFormatter)
+    p.add_argument("config", help="mergekit config YAML")
+    p.add_argument("--out", help="file to write; default: standard output")
     p.set_defaults(func=_cmd_import_mergekit)
 
     from . import commands
 
-    commands.register(sub)
+    commands.register(sub, HelpFormatter)
     return parser
 
 
+def _configure_environment(args: argparse.Namespace) -> None:
+    """Settings read when torch and transformers are imported, so they are set before any command runs."""
+    if args.threads:
+        for var in THREAD_VARIABLES:
+            os.environ[var] = str(args.threads)
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        # deprecation notices about how evomerge calls a library are ours to fix, not the user's to read
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
+    _configure_environment(args)
     try:
         return int(args.func(args) or 0)
     except EXPECTED_ERRORS as e:
-        print(f"evomerge {args.command}: error: {e}", file=sys.stderr)
+        print(f"evomerge {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .search import OPTIMIZERS
+
 console = Console()
 DEFAULT_DEMO_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "sakana_ps.yaml"
 
@@ -35,10 +37,54 @@ def _zoo_config(args):
     return replace(cfg, seed=args.zoo_seed if hasattr(args, "zoo_seed") else args.seed)
 
 
-def cmd_zoo_build(args: argparse.Namespace) -> int:
+class TrainingProgress:
+    """Steps, loss and ETA of each model the zoo trains: a live bar on a terminal, a line every 10% in a log."""
+
+    def __init__(self) -> None:
+        self.bars: Any = None
+        self.tasks: dict[str, Any] = {}
+        self.started: dict[str, float] = {}
+        self.printed: dict[str, float] = {}
+
+    def __call__(self, name: str, step: int, total: int, loss: float) -> None:
+        import time
+
+        now = time.time()
+        self.started.setdefault(name, now)
+        if console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            if self.bars is None:
+                columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"))
+                self.bars = Progress(*columns, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+                self.bars.start()
+            if name not in self.tasks:
+                self.tasks[name] = self.bars.add_task(f"  {name}", total=total, loss="-")
+            self.bars.update(self.tasks[name], completed=step, loss=f"{loss:.3f}")
+        elif step * 10 // total != (step - 1) * 10 // total and now - self.printed.get(name, self.started[name]) >= 2:
+            elapsed = now - self.started[name]  # quiet for what takes a few seconds
+            eta = elapsed / step * (total - step)
+            console.print(f"  {name}: step {step}/{total}, loss {loss:.3f}, {elapsed:.0f}s elapsed, ETA {eta:.0f}s")
+            self.printed[name] = now
+
+    def close(self) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+
+
+def build_zoo_with_progress(args: argparse.Namespace, out: str | None, overwrite: bool = False) -> Path:
     from .zoo.build import build_zoo
 
-    out = build_zoo(args.out, _zoo_config(args), progress=lambda m: console.print(f"[dim]{m}[/dim]"), overwrite=args.overwrite)
+    training = TrainingProgress()
+    try:
+        say = lambda m: console.print(f"[dim]{m}[/dim]")  # noqa: E731
+        return build_zoo(out, _zoo_config(args), progress=say, overwrite=overwrite, on_step=training)
+    finally:
+        training.close()
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    out = build_zoo_with_progress(args, args.out, overwrite=args.overwrite)
     manifest = json.loads((out / "manifest.json").read_text())
     tasks = [t["name"] for t in manifest["tasks"]]
     console.print(score_table(f"zoo {out} (test split)", {k: v["test"] for k, v in manifest["scores"].items()}, tasks))
@@ -47,27 +93,43 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 
 
 # ---- eval --------------------------------------------------------------------------------------
+def local_model_dir(path: str, hub: bool = False) -> str:
+    """A model argument is a local directory: a path that does not exist is an error, never a hub repo id
+    (nothing is downloaded unless the user asks with --hub)."""
+    if hub and not Path(path).exists():
+        return path
+    from .checkpoint import Checkpoint
+
+    Checkpoint.open(path)  # one clear error for a missing or malformed directory
+    return str(Path(path))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .engine import resolve_device
     from .evaluate.tasks import load_specs, load_task
 
+    path = local_model_dir(args.model, args.hub)
     specs = load_specs(args.tasks, args.task_names)
-    model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    tok = AutoTokenizer.from_pretrained(args.model)
+    tasks = [load_task(s, args.split) for s in specs]  # parsed before the model loads
+    local = not args.hub
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local).to(resolve_device(args.device)).eval()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
     if args.evaluator == "lm-eval":
         from .evaluate.lm_eval_adapter import LMEvalEvaluator, include_path_of, lm_eval_task_name
 
-        include = args.include_path or include_path_of(Path(args.tasks) if Path(args.tasks).is_dir() else Path(args.tasks).parent)
+        folder = Path(args.tasks) if Path(args.tasks).is_dir() else Path(args.tasks).parent
+        include = args.include_path or include_path_of(folder)
         names = [lm_eval_task_name(s.name, args.split) for s in specs]
         raw = LMEvalEvaluator(model, tok, names, include_path=include, batch_size=args.batch_size).evaluate()
         scores = {s.name: raw[n] for s, n in zip(specs, names)}
     else:
         from .evaluate.native import NativeEvaluator
 
-        scores = NativeEvaluator(model, tok, [load_task(s, args.split) for s in specs], batch_size=args.batch_size).evaluate().scores
-    console.print(score_table(f"{args.model} ({args.split} split, {args.evaluator})", {Path(args.model).name: scores}, [s.name for s in specs]))
+        scores = NativeEvaluator(model, tok, tasks, batch_size=args.batch_size).evaluate().scores
+    title = f"{args.model} ({args.split} split, {args.evaluator})"
+    console.print(score_table(title, {Path(args.model).name: scores}, [s.name for s in specs]))
     return 0
 
 
@@ -93,7 +155,8 @@ def _search_config(args: argparse.Namespace, space_path: Path, name: str, seed: 
     task_source = args.tasks or (args.zoo and Path(args.zoo))
     if not task_source:
         raise TaskError("search needs --tasks (a manifest or task file) or --zoo")
-    task_names = args.task_names or ([manifest["composed_task"]] if manifest else None)
+    # --tasks without --task-names means every task listed there; a zoo alone means its composed task
+    task_names = args.task_names or ([manifest["composed_task"]] if manifest and not args.tasks else None)
     specs = load_specs(task_source, task_names)
     return SearchConfig(
         name=name, space=space, base=str(base), sources=[str(s) for s in sources], source_names=names, tasks=[s.to_dict() for s in specs],
@@ -160,14 +223,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_soup(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
+    from .checkpoint import check_output_dir
     from .engine import Engine, write_merged
     from .evaluate.fitness import Fitness, weighted_mean
     from .evaluate.native import NativeEvaluator
-    from .evaluate.tasks import load_specs, load_task, searching
+    from .evaluate.tasks import check_task_files, load_specs, load_task, searching
     from .search.soup import greedy_soup, soup_recipe
 
     specs = load_specs(args.tasks, args.task_names)
-    models = [str(Path(m)) for m in args.models]
+    for spec in specs:
+        check_task_files(spec)  # every split, before any scoring
+    check_output_dir(args.out, args.overwrite)
+    models = [local_model_dir(m) for m in args.models]
     engine = Engine(models[0], models[1:], device=args.device, dtype=args.dtype)
     model = engine.load_target_model()
     target = engine.bind(model)
@@ -206,13 +273,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Build or reuse the zoo, evolve a recipe for the composed task, print the paper-style table."""
     import statistics
 
-    from .zoo.build import build_zoo
-
-    zoo = build_zoo(args.zoo, _zoo_config(args), progress=lambda m: console.print(f"[dim]{m}[/dim]"))
+    zoo = build_zoo_with_progress(args, args.zoo)
     args.zoo = str(zoo)
     reports = []
+    name = args.name or ("demo-small" if args.small else "demo")  # a smoke run never blocks the full demo
     for seed in args.seeds:
-        cfg = _search_config(args, Path(args.space), f"{args.name}-seed{seed}", seed)
+        cfg = _search_config(args, Path(args.space), f"{name}-seed{seed}", seed)
         outcome = _run_with_progress(cfg)
         reports.append(outcome.report)
         console.print(score_table(f"seed {seed}: held-out test split", outcome.report["rows"], outcome.report["tasks"] + ["fitness"]))
@@ -230,80 +296,92 @@ def _add_search_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--zoo", help="zoo directory (its manifest gives base, experts and tasks)")
     p.add_argument("--base", help="base model directory")
     p.add_argument("--sources", nargs="+", help="source model directories")
-    p.add_argument("--tasks", help="task definitions: a zoo manifest or a JSON/YAML list of task specs")
-    p.add_argument("--task-names", nargs="+", help="tasks to optimize (default: the zoo's composed task)")
-    p.add_argument("--optimizer", default="cma", choices=["cma", "tpe", "optuna-cma", "nsga2", "random", "greedy-soup"])
-    p.add_argument("--trials", type=int, default=200 if demo else 100)
-    p.add_argument("--popsize", type=int, default=None)
+    p.add_argument("--tasks", help="task definitions: a zoo directory or manifest, or a JSON/YAML list of task specs")
+    p.add_argument(
+        "--task-names", nargs="+", help="tasks to optimize; default: every task in --tasks, else the zoo's composed task"
+    )
+    p.add_argument("--optimizer", default="cma", choices=OPTIMIZERS, help="search algorithm")
+    p.add_argument("--trials", type=int, default=200 if demo else 100, help="stop when this many trials are complete")
+    p.add_argument("--popsize", type=int, default=None, help="population per generation (cma, optuna-cma, nsga2)")
     p.add_argument("--sigma0", type=float, default=0.2, help="cma: initial step size on the unit cube")
-    p.add_argument("--storage", help="Optuna storage URL (default: sqlite in runs/NAME/)")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--storage", help="Optuna storage URL; default: sqlite in RUNS_DIR/NAME/")
+    p.add_argument("--runs-dir", default="runs", help="where run directories are created")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", help="dtype of the resident target model")
     p.add_argument("--delta-dtype", default=None, help="keep task vectors in this dtype (bfloat16 halves their memory)")
-    p.add_argument("--racing", choices=["bound", "halving"], default=None)
+    p.add_argument(
+        "--racing", choices=["bound", "halving"], default=None, help="stop scoring a candidate early (see README)"
+    )
     p.add_argument("--subsample", type=int, default=None, help="score this many search examples per task per trial")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
+    p.add_argument("--no-baselines", action="store_true", help="leave the simple merges out of the final report")
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser("zoo", help="the offline demo zoo")
-    zsub = p.add_subparsers(dest="zoo_command", required=True)
-    b = zsub.add_parser("build", help="build (or reuse) the zoo: base, experts, soup ingredients, tasks")
-    b.add_argument("--out", default=None, help="directory (default: ~/.cache/evomerge/zoo-<config hash>)")
-    b.add_argument("--seed", type=int, default=0)
+def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=formatter)
+
+    p = add("zoo", "the offline demo zoo")
+    zsub = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    b = zsub.add_parser(
+        "build", help="build (or reuse) the zoo: base, experts, soup ingredients, tasks", formatter_class=formatter
+    )
+    b.add_argument("--out", default=None, help="directory; default: ~/.cache/evomerge/zoo-<config hash>")
+    b.add_argument("--seed", type=int, default=0, help="seed of the generated world, data and training")
     b.add_argument("--small", action="store_true", help="a tiny, fast build (tests, CI)")
-    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--overwrite", action="store_true", help="rebuild even if a zoo exists at --out")
     b.set_defaults(func=cmd_zoo_build)
 
-    p = sub.add_parser("eval", help="score a model directory on tasks and print a table")
-    p.add_argument("model")
+    p = add("eval", "score a model directory on tasks and print a table")
+    p.add_argument("model", help="model directory (a hub id only with --hub)")
     p.add_argument("--tasks", required=True, help="a zoo directory/manifest or a task file")
-    p.add_argument("--task-names", nargs="+")
-    p.add_argument("--split", default="test", choices=["search", "test"])
-    p.add_argument("--evaluator", default="native", choices=["native", "lm-eval"])
-    p.add_argument("--include-path", help="lm-eval task YAML folder (default: the zoo's)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--task-names", nargs="+", help="tasks to score; default: all listed")
+    p.add_argument("--split", default="test", choices=["search", "test"], help="which split to score")
+    p.add_argument("--evaluator", default="native", choices=["native", "lm-eval"], help="scoring engine")
+    p.add_argument("--include-path", help="lm-eval task YAML folder; default: the zoo's")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--hub", action="store_true", help="MODEL may be a Hugging Face hub id (downloads it)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("search", help="evolve a merge recipe")
-    p.add_argument("--name", help="run name (default: the space's file name); same name resumes")
-    p.add_argument("--seed", type=int, default=0)
+    p = add("search", "evolve a merge recipe")
+    p.add_argument("--name", help="run name; default: the space's file name. The same name resumes the run")
+    p.add_argument("--seed", type=int, default=0, help="seed of the optimizer and of subsampling")
     _add_search_args(p)
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("worker", help="evaluate trials of an existing study (several processes/machines)")
+    p = add("worker", "evaluate trials of an existing study (several processes/machines)")
     p.add_argument("--storage", required=True, help="the study's storage URL (sqlite:///... or postgresql://...)")
     p.add_argument("--study", required=True, help="study (run) name")
     p.add_argument("--trials", type=int, default=None, help="stop when the study has this many complete trials")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto; default: the study's setting")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("report", help="print a finished run's held-out table")
-    p.add_argument("run_dir")
+    p = add("report", "print a finished run's held-out table")
+    p.add_argument("run_dir", help="the run directory (runs/NAME)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("soup", help="uniform or greedy model soup of fine-tunes of one base")
+    p = add("soup", "greedy (default) or uniform model soup of fine-tunes of one base")
     p.add_argument("models", nargs="+", help="ingredient model directories")
     p.add_argument("--tasks", required=True, help="task definitions (zoo directory/manifest or task file)")
-    p.add_argument("--task-names", nargs="+")
-    p.add_argument("--out", required=True)
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--greedy", action="store_true", help="greedy soup (default)")
-    mode.add_argument("--uniform", action="store_true", help="average all ingredients")
-    p.add_argument("--keep-ties", action="store_true", help="greedy: keep an ingredient when the score ties (>=) instead of strictly improving (>)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--task-names", nargs="+", help="tasks to score; default: all listed")
+    p.add_argument("--out", required=True, help="output model directory (written atomically)")
+    p.add_argument("--uniform", action="store_true", help="average all ingredients instead of choosing greedily")
+    p.add_argument(
+        "--keep-ties",
+        action="store_true",
+        help="greedy: keep an ingredient when the score ties (>=) instead of strictly improving (>)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", help="dtype of the resident soup")
+    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_soup)
 
-    p = sub.add_parser("demo", help="build/reuse the zoo, evolve a recipe for the composed task, print the table")
-    p.add_argument("--name", default="demo")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--zoo-seed", type=int, default=0)
-    p.add_argument("--small", action="store_true", help="use the tiny zoo (fast smoke run)")
+    p = add("demo", "build/reuse the zoo, evolve a recipe for the composed task, print the table")
+    p.add_argument("--name", default=None, help="run name prefix; default: demo (demo-small with --small)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one search per seed")
+    p.add_argument("--zoo-seed", type=int, default=0, help="seed of the zoo build")
+    p.add_argument("--small", action="store_true", help="use the tiny zoo (a fast smoke run)")
     _add_search_args(p, demo=True)
     p.set_defaults(func=cmd_demo)

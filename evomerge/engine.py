@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, check_compatible, check_finite, write_model_dir
+from .checkpoint import Checkpoint, CheckpointError, check_compatible, check_finite, check_output_dir, write_model_dir
 from .layers import infer_num_layers
 from .methods import get_method, kernels, merge_deltas
 from .methods.fast import return_freed_memory
@@ -208,6 +208,7 @@ def write_merged(
     card_extra: str = "",
 ) -> Path:
     """Merge a recipe tensor by tensor (peak memory ~ one tensor per model + one shard) into an HF model dir."""
+    check_output_dir(out_dir, overwrite)
     dev = resolve_device(device)
     work = parse_dtype(recipe.dtype)
     final = parse_dtype(out_dtype or recipe.out_dtype or recipe.dtype)

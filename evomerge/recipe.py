@@ -21,14 +21,13 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import RecipeError, validation_summary
 from .layers import GROUPS, TensorInfo, classify
 from .methods import METHODS, get_method
 
 Scalar = Union[bool, int, float, str]
 
 
-class RecipeError(ValueError):
-    """A recipe file is malformed or asks for something evomerge or mergekit cannot do."""
 
 
 class Rule(BaseModel):
@@ -173,12 +172,15 @@ class Recipe(BaseModel):
                 raise RecipeError(f"{where}: model {m['model']!r} applies a LoRA ('+'); merge the LoRA into the model first")
             if isinstance(m, dict) and m.get("parameters") is None:
                 m["parameters"] = {}
+        for params in [data.get("parameters")] + [m.get("parameters") for m in data.get("models") or [] if isinstance(m, dict)]:
+            if isinstance(params, dict):  # mergekit also takes one conditional alone: `weight: {filter: mlp, value: 0.5}`
+                params.update({k: [v] for k, v in params.items() if isinstance(v, dict) and "value" in v})
         for key in ("chat_template",):
             data.pop(key, None)
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise RecipeError(f"{where}: invalid recipe:\n{e}") from None
+            raise RecipeError(f"{where}: invalid recipe: {validation_summary(e)}") from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_none=True, exclude_defaults=False), sort_keys=False)

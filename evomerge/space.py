@@ -16,8 +16,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import validation_summary
 from .layers import classify
 from .methods import METHODS, get_method
+from .methods.registry import PARAM_RANGES, della_band_ok, in_range, range_text
 from .recipe import MethodRule, ModelEntry, Recipe, RecipeError, Rule
 
 SOURCE_GENES = ("weight", "density", "gamma", "epsilon")
@@ -37,6 +39,8 @@ class GeneSpec(BaseModel):
             raise ValueError(f"gene bounds need low < high, got [{self.low}, {self.high}]")
         if self.init is not None and not self.low <= self.init <= self.high:
             raise ValueError(f"gene init {self.init} outside [{self.low}, {self.high}]")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scaled gene needs low > 0, got {self.low}")
         return self
 
     @property
@@ -75,7 +79,26 @@ class SearchSpace(BaseModel):
             raise ValueError(f"gene(s) {sorted(unknown)} are not parameters of {methods}; allowed: {sorted(allowed)}")
         if self.granularity == "block" and self.block_size < 1:
             raise ValueError("block_size must be ≥ 1")
+        self._check_ranges()
         return self
+
+    def _check_ranges(self) -> None:
+        """Every value a gene can take must be a valid parameter, so no candidate fails for its bounds."""
+        for name, gene in self.genes.items():
+            if name in PARAM_RANGES and not (in_range(name, gene.low) and in_range(name, gene.high)):
+                raise ValueError(f"genes.{name}: bounds [{gene.low:g}, {gene.high:g}] leave {range_text(name)}, the range of {name}")
+        for name, value in self.parameters.items():
+            if isinstance(value, (int, float)) and not in_range(name, value):
+                raise ValueError(f"parameters.{name}: {value} is outside {range_text(name)}")
+        if any(METHODS[m].sparsification == "rank_magnitude" for m in self.methods()):
+            density = self.genes.get("density")
+            d_lo, d_hi = (density.low, density.high) if density else (float(self.parameters.get("density", 1.0)),) * 2
+            epsilon = self.genes["epsilon"].high if "epsilon" in self.genes else float(self.parameters.get("epsilon", 0.15))
+            if not della_band_ok(d_lo, d_hi, epsilon):
+                raise ValueError(
+                    f"DELLA keeps entries with probability density ± epsilon, which must stay in (0, 1): density in "
+                    f"[{d_lo:g}, {d_hi:g}] with epsilon up to {epsilon:g} leaves it; narrow the density bounds or epsilon"
+                )
 
     def methods(self) -> list[str]:
         return list(self.method_choice or [self.method])
@@ -89,7 +112,7 @@ class SearchSpace(BaseModel):
         except (OSError, yaml.YAMLError) as e:
             raise RecipeError(f"{path}: cannot read search space ({e})") from None
         except ValidationError as e:
-            raise RecipeError(f"{path}: invalid search space:\n{e}") from None
+            raise RecipeError(f"{path}: invalid search space: {validation_summary(e)}") from None
 
     def bind(self, base: str, sources: list[str], tensor_names: list[str], num_layers: int, source_names: list[str] | None = None) -> "BoundSpace":
         return BoundSpace(self, base, list(sources), list(source_names or [Path(s).name for s in sources]), list(tensor_names), num_layers)

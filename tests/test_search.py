@@ -130,7 +130,7 @@ def test_demo_runs_end_to_end_on_the_small_zoo(small_zoo, tmp_path, capsys):
     assert main(["demo", "--small", "--zoo", str(small_zoo), "--trials", "6", "--popsize", "3", "--seeds", "0", "1", "--runs-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "seed 0: held-out test split" in out and "fitness over seeds [0, 1]" in out and "evolved" in out
-    assert (tmp_path / "demo-seed1" / "report.json").is_file()
+    assert (tmp_path / "demo-small-seed1" / "report.json").is_file()
 
 
 def test_racing_and_subsampling_through_the_search_loop(small_zoo, tmp_path):
@@ -160,3 +160,46 @@ def test_cma_resume_ignores_a_candidate_enqueued_but_never_started(small_zoo, tm
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     keys = [(t.user_attrs["cma_generation"], t.user_attrs["cma_index"]) for t in done]
     assert len(done) == 6 and len(set(keys)) == 6
+
+
+@pytest.mark.parametrize("optimizer", ["tpe", "optuna-cma", "random", "nsga2", "cma"])
+def test_resume_evaluates_the_interrupted_candidate_again_and_reproduces_the_run(small_zoo, tmp_path, monkeypatch, optimizer):
+    import optuna
+
+    from evomerge.search.loop import Session
+
+    space = ROOT / "search_spaces" / "global_task_arithmetic.yaml"
+
+    def args(name):
+        return ["search", "--zoo", str(small_zoo), "--space", str(space), "--trials", "7", "--popsize", "3", "--runs-dir", str(tmp_path),
+                "--name", name, "--optimizer", optimizer, "--subsample", "6", "--task-names", "facts_a", "facts_b", "--no-baselines", "--seed", "2"]
+
+    def trials(name):
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name / 'study.db'}")
+        return study, [(t.params, t.user_attrs["fitness"]) for t in study.trials if t.state.name == "COMPLETE"]
+
+    assert main(args("whole")) == 0
+    score, calls = Session.score, []
+
+    def killed_at_the_fifth(self, recipe, call):
+        calls.append(call)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # the process dies with its trial RUNNING
+        return score(self, recipe, call)
+
+    monkeypatch.setattr(Session, "score", killed_at_the_fifth)
+    assert main(args("killed")) == 130
+    monkeypatch.setattr(Session, "score", score)
+    study, before = trials("killed")
+    running = [t for t in study.trials if t.state.name == "RUNNING"]
+    assert len(before) == 4 and len(running) == 1
+    study._storage.set_trial_user_attr(running[0]._trial_id, "pid", 0)  # its process is gone
+    assert main(args("killed")) == 0
+    study, after = trials("killed")
+    assert study.trials[running[0].number].state.name == "FAIL"
+    assert after[4][0] == running[0].params  # the interrupted candidate comes first
+    whole = trials("whole")[1]
+    if optimizer in ("optuna-cma", "nsga2"):  # their generations are keyed by trial numbers, which moved on
+        assert after[:5] == whole[:5]
+    else:
+        assert after == whole  # the run is the uninterrupted one, trial for trial

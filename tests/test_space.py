@@ -72,9 +72,20 @@ def test_unit_cube_mapping_round_trips_and_clips():
     ({"method": "ties", "method_choice": ["ties"]}, "exactly one"),
     ({"genes": {"wieght": {"low": 0, "high": 1}}}, "wieght"),
     ({"genes": {"weight": {"low": 1, "high": 0}}}, "low < high"),
+    ({"genes": {"density": {"low": 0.1, "high": 1.5}}}, r"bounds \[0.1, 1.5\] leave \(0, 1\], the range of density"),
+    ({"genes": {"density": {"low": 0.0, "high": 1.0}}}, "the range of density"),
+    ({"parameters": {"density": 2.0}}, r"parameters.density: 2.0 is outside"),
+    ({"method": "della", "genes": {"density": {"low": 0.1, "high": 0.9}}}, "density ± epsilon"),
+    ({"method": "della", "genes": {"density": {"low": 0.3, "high": 0.8}, "epsilon": {"low": 0.0, "high": 0.25}}}, "epsilon up to 0.25"),
+    ({"genes": {"weight": {"low": 0, "high": 1, "log": True}}}, "log-scaled"),
 ])
 def test_invalid_spaces_are_explained(bad, match):
     data = {"name": "x", "method": "ties", "genes": {"weight": {"low": 0, "high": 1}}}
     data.update(bad)
     with pytest.raises(ValueError, match=match):
         SearchSpace.model_validate(data)
+
+
+def test_a_della_space_inside_the_band_is_accepted():
+    data = {"name": "x", "method": "della", "genes": {"density": {"low": 0.3, "high": 0.8}, "epsilon": {"low": 0.0, "high": 0.15}}}
+    SearchSpace.model_validate(data)

@@ -71,9 +71,29 @@ def test_language_b_is_a_cipher_into_new_tokens():
     assert all(c.isupper() for c in b.split()[0]) and b != "add 12 and 30 ="
 
 
+class Killed(BaseException):
+    pass
+
+
 @pytest.mark.slow
-def test_build_is_deterministic_for_a_seed(tmp_path, small_zoo):
-    again = build_zoo(tmp_path / "again", SMALL)
+def test_a_killed_build_resumes_per_model_and_equals_an_uninterrupted_one(tmp_path, small_zoo):
+    legacy = tmp_path / ".again.tmp-abc123"  # what builds before resuming existed left behind
+    legacy.mkdir()
+
+    def kill_during_lang_b(name, step, total, loss):
+        if name == "expert_lang_b" and step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        build_zoo(tmp_path / "again", SMALL, on_step=kill_during_lang_b)
+    partial = tmp_path / ".again.partial"
+    assert sorted(p.name for p in (partial / "models").iterdir()) == ["base", "expert_math"]  # whole models only
+    assert not legacy.exists()
+    messages, trained = [], set()
+    again = build_zoo(tmp_path / "again", SMALL, progress=messages.append, on_step=lambda n, *_: trained.add(n))
+    assert "base" not in trained and "expert_math" not in trained and "expert_lang_b" in trained
+    assert any("resuming" in m for m in messages)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # no partial build, lock or temporary left
     assert _digest(again) == _digest(small_zoo)
     m1 = json.loads((small_zoo / "manifest.json").read_text())
     m2 = json.loads((again / "manifest.json").read_text())

@@ -6,6 +6,7 @@ generation tasks, one batched forward per chunk for log-likelihood multiple choi
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -45,6 +46,8 @@ class NativeEvaluator:
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
+        # transformers 5 renamed the KV cache argument and output `past_key_values` -> `cache`
+        self._cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._prepared = {t.name: self._prepare(t) for t in self.tasks}
 
     # ---- preparation (once) -------------------------------------------------------------------
@@ -134,7 +137,7 @@ class NativeEvaluator:
             mask = batch.attention_mask
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
-            past = out.past_key_values
+            past = getattr(out, self._cache)
             nxt = out.logits[:, -1].argmax(-1)
             generated = [nxt]
             done = torch.tensor([int(t) in stop_ids for t in nxt.tolist()], device=self.device)
@@ -144,8 +147,9 @@ class NativeEvaluator:
                     break
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
                 last_pos = last_pos + 1
-                out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None], past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                step = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": last_pos[:, None], self._cache: past}
+                out = self.model(**step, use_cache=True)
+                past = getattr(out, self._cache)
                 nxt = out.logits[:, -1].argmax(-1)
                 generated.append(nxt)
                 done |= torch.tensor([int(t) in stop_ids for t in nxt.tolist()], device=self.device)

@@ -14,16 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..errors import HeldOutError, TaskError
+
 SPLITS = ("search", "test")
 _state = threading.local()
-
-
-class HeldOutError(RuntimeError):
-    """The test split was requested while a search is running."""
-
-
-class TaskError(ValueError):
-    """A task file or spec is malformed."""
 
 
 @contextlib.contextmanager
@@ -85,6 +79,19 @@ def load_task(spec: TaskSpec, split: str) -> Task:
         raise TaskError(f"split must be one of {SPLITS}, got {split!r}")
     if split == "test" and in_search():
         raise HeldOutError(f"task {spec.name}: the test split is held out and cannot be scored during a search")
+    return Task(spec, split, _read_items(spec, split))
+
+
+def check_task_files(spec: TaskSpec) -> dict[str, int]:
+    """Parse every split (the held-out ones too: parsed, never scored) so a malformed line is reported before
+    a search starts, not after it ran. Returns split -> number of items."""
+    missing = [split for split in SPLITS if split not in spec.files]
+    if missing:
+        raise TaskError(f"task {spec.name}: no {' or '.join(missing)} split (files: {sorted(spec.files)})")
+    return {split: len(_read_items(spec, split)) for split in spec.files}
+
+
+def _read_items(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
     path = spec.files.get(split)
     if path is None:
         raise TaskError(f"task {spec.name}: no {split} split (files: {sorted(spec.files)})")
@@ -99,15 +106,15 @@ def load_task(spec: TaskSpec, split: str) -> Task:
                 except json.JSONDecodeError as e:
                     raise TaskError(f"{path}:{lineno}: not valid JSON ({e})") from None
                 need = ("prompt", "answer") if spec.kind == "generate" else ("prompt", "choices", "label")
-                missing = [k for k in need if k not in item]
+                missing = [k for k in need if not isinstance(item, dict) or k not in item]
                 if missing:
                     raise TaskError(f"{path}:{lineno}: missing field(s) {missing} for a {spec.kind} task")
                 items.append(item)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise TaskError(f"task {spec.name}: {split} file {path} not found") from None
     if not items:
         raise TaskError(f"{path}: no examples")
-    return Task(spec, split, items)
+    return items
 
 
 def load_specs(source: str | Path, names: list[str] | None = None) -> list[TaskSpec]:
@@ -122,6 +129,8 @@ def load_specs(source: str | Path, names: list[str] | None = None) -> list[TaskS
     except (OSError, yaml.YAMLError) as e:
         raise TaskError(f"{path}: cannot read task definitions ({e})") from None
     raw = data["tasks"] if isinstance(data, dict) and "tasks" in data else data
+    if not isinstance(raw, list) or not all(isinstance(d, dict) and "name" in d for d in raw):
+        raise TaskError(f"{path}: task definitions are a list of specs with a name each (or a manifest with tasks:)")
     specs = [TaskSpec.from_dict(d, root=path.parent) for d in raw]
     if names:
         by_name = {s.name: s for s in specs}

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from . import fast, fused
-from .registry import MethodSpec
+from .registry import MethodError, MethodSpec
 from .sparsify import rescale_factor
 
 
@@ -66,6 +66,9 @@ def task_arithmetic(
     return fused.merge_into(out, base, deltas, kinds, fp, ip, lam, spec.consensus == "sum", normalize, ranks)
 
 
+ZERO_SUM = "linear merge: the weights sum to zero, so they cannot be normalized; change them or set normalize: false"
+
+
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted average of whole models (model soup): Σwθ/Σw."""
     work = fast.work_dtype(tensors[0])
@@ -75,7 +78,7 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
     if normalize:
         total = sum(float(w) for w in weights)
         if abs(total) < 1e-12:
-            raise ValueError("linear merge: the weights sum to zero, so they cannot be normalized")
+            raise MethodError(ZERO_SUM)
         res.div_(total)
     if out is None:
         return res.to(tensors[0].dtype)
@@ -86,7 +89,7 @@ def linear_deltas(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: S
     """Linear merge of base+δᵢ (and the base itself with `base_weight`) from resident task vectors."""
     total = sum(float(w) for w in weights) + base_weight
     if normalize and abs(total) < 1e-12:
-        raise ValueError("linear merge: the weights sum to zero, so they cannot be normalized")
+        raise MethodError(ZERO_SUM)
     scale = 1.0 / total if normalize else 1.0
     out = torch.empty_like(base) if out is None else out
     return fused.weighted_sum_into(out, base, deltas, [float(w) * scale for w in weights], base_coeff=1.0 if normalize else total)

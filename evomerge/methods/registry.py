@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import MethodError
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -60,9 +62,35 @@ METHODS: dict[str, MethodSpec] = {
 
 RESCALE_MODES = ("l1", "inverse_density")
 
+# (low, high, low included, high included) for parameters with a range; the rest are any real number.
+PARAM_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "density": (0.0, 1.0, False, True),
+    "gamma": (0.0, 1.0, True, False),
+    "t": (0.0, 1.0, True, True),
+}
 
-class MethodError(ValueError):
-    """A merge method or one of its parameters is unknown or out of range."""
+
+def range_text(name: str) -> str:
+    lo, hi, lo_in, hi_in = PARAM_RANGES[name]
+    return f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def in_range(name: str, value: float) -> bool:
+    if name not in PARAM_RANGES:
+        return True
+    lo, hi, lo_in, hi_in = PARAM_RANGES[name]
+    value = float(value)
+    return (lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)
+
+
+def della_band_ok(density_low: float, density_high: float, epsilon: float) -> bool:
+    """DELLA keeps entries with probability density ± epsilon, which must stay inside (0, 1) for every density
+    below 1 in [density_low, density_high] (density 1 keeps everything and needs no band)."""
+    if density_low >= 1.0 or epsilon <= 0.0:
+        return True
+    return density_low - epsilon > 0.0 and density_high < 1.0 and density_high + epsilon < 1.0
+
+
 
 
 def get_method(name: str) -> MethodSpec:
@@ -96,11 +124,10 @@ def resolve_params(spec: MethodSpec, n_sources: int, source_params: list[dict[st
             if value is None:
                 raise MethodError(f"{spec.name}: source {i} needs parameter {name!r}")
             p[name] = value
-        if "density" in p and not (0.0 < float(p["density"]) <= 1.0):
-            raise MethodError(f"{spec.name}: density must be in (0, 1], got {p['density']} for source {i}")
-        if "gamma" in p and not (0.0 <= float(p["gamma"]) < 1.0):
-            raise MethodError(f"{spec.name}: gamma must be in [0, 1), got {p['gamma']} for source {i}")
-        if "epsilon" in p and p["density"] < 1.0 and not (0.0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1.0):
+        for name in ("density", "gamma"):
+            if name in p and not in_range(name, p[name]):
+                raise MethodError(f"{spec.name}: {name} must be in {range_text(name)}, got {p[name]} for source {i}")
+        if "epsilon" in p and not della_band_ok(p["density"], p["density"], p["epsilon"]):
             raise MethodError(f"{spec.name}: density ± epsilon must lie in (0, 1), got density={p['density']} epsilon={p['epsilon']} for source {i}")
         per_source.append(p)
     unknown = set(global_params) - set(spec.global_params)
@@ -114,6 +141,6 @@ def resolve_params(spec: MethodSpec, n_sources: int, source_params: list[dict[st
         g[name] = value
     if "rescale_mode" in g and g["rescale_mode"] not in RESCALE_MODES:
         raise MethodError(f"{spec.name}: rescale_mode must be one of {RESCALE_MODES}, got {g['rescale_mode']!r}")
-    if "t" in g and not (0.0 <= float(g["t"]) <= 1.0):
-        raise MethodError(f"slerp: t must be in [0, 1], got {g['t']}")
+    if "t" in g and not in_range("t", g["t"]):
+        raise MethodError(f"slerp: t must be in {range_text('t')}, got {g['t']}")
     return per_source, g

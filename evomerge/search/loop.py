@@ -24,10 +24,11 @@ import optuna
 from ..engine import Engine
 from ..evaluate.fitness import Fitness, weighted_mean
 from ..evaluate.native import NativeEvaluator
-from ..evaluate.tasks import TaskSpec, load_task, searching
+from ..evaluate.tasks import TaskSpec, check_task_files, load_task, searching
 from ..recipe import Recipe, RecipeError, atomic_write_text
 from ..space import BoundSpace, SearchSpace
-from .optimizers import OPTIMIZERS, CMAOptimizer, GreedySoupOptimizer, OptunaOptimizer, make_sampler
+from . import OPTIMIZERS
+from .optimizers import CMAOptimizer, GreedySoupOptimizer, OptunaOptimizer, make_sampler, sampler_seed
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -119,35 +120,75 @@ class Session:
         return self.fitness(call)
 
 
+def validate(cfg: SearchConfig) -> None:
+    """The checks that need no model: optimizer, space (gene bounds against each method's parameter ranges),
+    every split of every task (parsed; held-out splits are not scored), and the storage. They run before
+    anything is written under runs/NAME, so a run that cannot start leaves nothing behind."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise RecipeError(f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    cfg.search_space()
+    for spec in cfg.task_specs():
+        check_task_files(spec)
+    if cfg.subsample is not None and cfg.subsample < 1:
+        raise RecipeError(f"--subsample must be ≥ 1, got {cfg.subsample}")
+    if cfg.storage:
+        check_storage(cfg.storage)
+
+
+def check_storage(url: str) -> None:
+    """Connect once, so an unreachable database or a wrong URL is one line before the models load."""
+    import sqlalchemy
+
+    shown = url
+    try:
+        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as e:  # sqlalchemy and its drivers raise many types; the first line names the cause
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RecipeError(f"storage {shown}: cannot connect ({type(e).__name__}: {reason})") from None
+
+
 def open_study(cfg: SearchConfig, create: bool = True) -> optuna.Study:
     cfg.run_dir().mkdir(parents=True, exist_ok=True)
     n_obj = len(cfg.tasks) if cfg.optimizer == "nsga2" else 1
-    storage = optuna.storages.RDBStorage(cfg.storage_url(), engine_kwargs={"connect_args": {"timeout": 60}} if cfg.storage_url().startswith("sqlite") else {})
+    url = cfg.storage_url()
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {})
     # the sampler is rebuilt from the config in every process; the study holds the trials
-    if create:
-        study = optuna.create_study(storage=storage, study_name=cfg.name, directions=["maximize"] * n_obj, load_if_exists=True)
-        stored = study.user_attrs.get("evomerge_config")
-        if stored is None:
-            study.set_user_attr("evomerge_config", asdict(cfg))
-        elif SearchConfig(**stored).identity() != cfg.identity():
-            old, new = SearchConfig(**stored).identity(), cfg.identity()
-            diff = sorted(k for k in new if old.get(k) != new.get(k))
+    if not create:
+        return optuna.load_study(storage=storage, study_name=cfg.name)
+    study = optuna.create_study(storage=storage, study_name=cfg.name, directions=["maximize"] * n_obj, load_if_exists=True)
+    stored = study.user_attrs.get("evomerge_config")
+    if stored is not None and SearchConfig(**stored).identity() != cfg.identity():
+        old, new = SearchConfig(**stored).identity(), cfg.identity()
+        diff = sorted(k for k in new if old.get(k) != new.get(k))
+        if completed(study):
             raise RecipeError(f"run {cfg.name!r} exists with a different configuration ({', '.join(diff)}); use another --name or the same settings to resume")
-        return study
-    return optuna.load_study(storage=storage, study_name=cfg.name)
+        # a run that never finished a trial holds nothing worth keeping: start it over with the new settings
+        log.warning("run %r had no complete trial; starting it again with the new configuration (%s)", cfg.name, ", ".join(diff))
+        optuna.delete_study(study_name=cfg.name, storage=storage)
+        (cfg.run_dir() / "cma_state.pkl").unlink(missing_ok=True)
+        study = optuna.create_study(storage=storage, study_name=cfg.name, directions=["maximize"] * n_obj)
+        stored = None
+    if stored is None:
+        study.set_user_attr("evomerge_config", asdict(cfg))
+    return study
 
 
-def fail_stale_trials(study: optuna.Study, any_host: bool = False) -> int:
-    """Mark RUNNING trials of dead local processes (a killed run) as FAIL so their candidates are redone."""
+def fail_stale_trials(study: optuna.Study, any_host: bool = False) -> list[optuna.trial.FrozenTrial]:
+    """Mark RUNNING trials of dead local processes (a killed run) as FAIL so their candidates are redone;
+    returns them."""
     host = socket.gethostname()
-    n = 0
+    stale = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         owner_host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
         dead = owner_host is None or (owner_host == host and not _alive(pid)) or any_host
         if dead:
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            n += 1
-    return n
+            stale.append(t)
+    return stale
 
 
 def _alive(pid: int | None) -> bool:
@@ -171,29 +212,32 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 def run_search(cfg: SearchConfig, on_trial: Callable[[TrialInfo], None] | None = None, worker: bool = False, session: Session | None = None) -> SearchOutcome:
     """Run (or resume) a search until `cfg.trials` trials are complete; then write the held-out report."""
-    if cfg.optimizer not in OPTIMIZERS:
-        raise RecipeError(f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-    if worker and cfg.optimizer == "cma":
-        raise RecipeError("the cma optimizer keeps its state in one process; use optuna-cma, tpe, nsga2 or random for workers")
+    if worker and cfg.optimizer in ("cma", "greedy-soup"):
+        raise RecipeError(f"the {cfg.optimizer} optimizer is sequential (one process); use optuna-cma, tpe, nsga2 or random for workers")
+    validate(cfg)
+    session = session or Session(cfg)  # loads and checks the models, binds the space: still nothing written
+    space = session.space
     run_dir = cfg.run_dir()
     study = open_study(cfg)
+    stale: list[optuna.trial.FrozenTrial] = []
     if not worker:
         atomic_write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         stale = fail_stale_trials(study)
         if stale:
-            log.info("marked %d interrupted trial(s) as failed; their candidates will be evaluated again", stale)
-    session = session or Session(cfg)
-    space = session.space
+            log.info("marked %d interrupted trial(s) as failed; their candidates will be evaluated again", len(stale))
     if cfg.optimizer == "cma":
         optimizer: Any = CMAOptimizer(study, space, run_dir / "cma_state.pkl", seed=cfg.seed, sigma0=cfg.sigma0, popsize=cfg.popsize)
     elif cfg.optimizer == "greedy-soup":
-        if worker:
-            raise RecipeError("greedy-soup is sequential; run it with evomerge search, not workers")
-        optimizer = GreedySoupOptimizer(study, space)
+        optimizer = GreedySoupOptimizer(study, space)  # replays its state from the complete trials
         cfg.trials = min(cfg.trials, optimizer.total)
     else:
-        study.sampler = make_sampler(cfg.optimizer, cfg.seed, space, cfg.popsize)
-        optimizer = OptunaOptimizer(study, space)
+        # a fresh sampler per candidate, seeded by its position among the complete trials, so a resumed run
+        # proposes what an uninterrupted one would have (tpe, random; optuna-cma and nsga2 key on trial numbers)
+        stream = f"{socket.gethostname()}:{os.getpid()}" if worker else ""
+        optimizer = OptunaOptimizer(study, space, lambda n: make_sampler(cfg.optimizer, sampler_seed(cfg.seed, n, stream), space, cfg.popsize))
+        for t in stale:  # the interrupted candidates come first, as cma's do
+            if t.params:
+                study.enqueue_trial(t.params, skip_if_exists=False)
     best = best_trial(study)
     if best is not None:
         session.fitness.observe_best(best.user_attrs["fitness"], best.user_attrs.get("per_rung", []))
@@ -208,7 +252,7 @@ def run_search(cfg: SearchConfig, on_trial: Callable[[TrialInfo], None] | None =
             cand.trial.set_user_attr("pid", os.getpid())
             started = time.time()
             recipe = space.decode(cand.params, name=f"{cfg.name}-trial{cand.trial.number}")
-            res = session.score(recipe, call=cand.trial.number)
+            res = session.score(recipe, call=cand.position)
             seconds = time.time() - started
             for key, value in {"fitness": res.value, "scores": res.scores, "n_examples": res.n_examples, "pruned": res.pruned, "rung": res.rung, "per_rung": res.per_rung, "seconds": round(seconds, 4)}.items():
                 cand.trial.set_user_attr(key, value)

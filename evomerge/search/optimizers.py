@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import os
 import pickle
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from ..space import BoundSpace
-
-OPTIMIZERS = ("cma", "tpe", "optuna-cma", "nsga2", "random", "greedy-soup")
+from . import OPTIMIZERS
 
 
 @dataclass
@@ -30,6 +30,19 @@ class Candidate:
     params: dict[str, Any]
     cached_values: list[float] | None = None  # already finished before a resume (cma only)
     attrs: dict[str, Any] = field(default_factory=dict)
+    # complete trials when it was asked: seeds the candidate's subsample, and is the same for a candidate
+    # evaluated again after a kill (its trial number is not), so a resumed run reproduces an uninterrupted one
+    position: int = 0
+
+
+def n_complete(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def sampler_seed(seed: int, position: int, stream: str = "") -> int:
+    """The Optuna sampler is rebuilt for every candidate with this seed: its proposal depends only on the run
+    seed, the complete trials and (for workers) the process, not on how often the process restarted."""
+    return zlib.crc32(f"{seed}:{position}:{stream}".encode())
 
 
 def distributions(space: BoundSpace) -> dict[str, Any]:
@@ -49,14 +62,17 @@ def make_sampler(name: str, seed: int, space: BoundSpace, popsize: int | None = 
 
 
 class OptunaOptimizer:
-    def __init__(self, study: optuna.Study, space: BoundSpace) -> None:
+    def __init__(self, study: optuna.Study, space: BoundSpace, sampler_for: Callable[[int], optuna.samplers.BaseSampler]) -> None:
         self.study = study
         self.space = space
         self.dists = distributions(space)
+        self.sampler_for = sampler_for
 
     def ask(self) -> Candidate:
+        position = n_complete(self.study)
+        self.study.sampler = self.sampler_for(position)
         trial = self.study.ask(self.dists)
-        return Candidate(trial, {g.name: trial.params[g.name] for g in self.space.genes})
+        return Candidate(trial, {g.name: trial.params[g.name] for g in self.space.genes}, position=position)
 
     def tell(self, cand: Candidate, values: list[float]) -> None:
         self.study.tell(cand.trial, values if len(values) > 1 else values[0])
@@ -120,7 +136,8 @@ class CMAOptimizer:
             if trial.user_attrs.get("cma_index") != idx or trial.user_attrs.get("cma_generation") != self.generation:
                 raise RuntimeError(f"study {self.study.study_name}: asked trial {trial.number} is not the enqueued CMA candidate {self.generation}/{idx}")
             self.pending.append((idx, x))
-            return Candidate(trial, params, attrs={"cma_generation": self.generation, "cma_index": idx})
+            attrs = {"cma_generation": self.generation, "cma_index": idx}
+            return Candidate(trial, params, attrs=attrs, position=n_complete(self.study))
         raise RuntimeError("internal: no CMA candidate left to ask in this generation")
 
     def tell(self, cand: Candidate, values: list[float]) -> None:
@@ -189,7 +206,7 @@ class GreedySoupOptimizer:
         params = self._params(nxt)
         self.study.enqueue_trial(params, user_attrs={"soup_step": len(self._history())}, skip_if_exists=False)
         trial = self.study.ask(self.dists)
-        return Candidate(trial, params)
+        return Candidate(trial, params, position=n_complete(self.study))
 
     def tell(self, cand: Candidate, values: list[float]) -> None:
         self.study.tell(cand.trial, values[0])

@@ -13,17 +13,17 @@ Tasks (jsonl, disjoint search/test splits; lm-eval YAMLs with absolute paths):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -160,17 +160,36 @@ def write_lm_eval_yamls(folder: Path, specs: list[TaskSpec]) -> None:
 
 
 # ---- build ---------------------------------------------------------------------------------------
+StepCallback = Callable[[str, int, int, float], None]  # (model, step, total steps, loss)
+
+
 def _save(model, tokenizer, path: Path) -> str:
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    """Save into a sibling and rename: a model directory under models/ is always complete."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(path)
     return str(path.resolve())
 
 
-def build_zoo(out: str | os.PathLike | None = None, config: ZooConfig = FULL, progress: Callable[[str], None] | None = None, overwrite: bool = False) -> Path:
-    """Build (or reuse, when a complete build for this config exists) the zoo; returns its directory."""
+def build_zoo(
+    out: str | os.PathLike | None = None,
+    config: ZooConfig = FULL,
+    progress: Callable[[str], None] | None = None,
+    overwrite: bool = False,
+    on_step: StepCallback | None = None,
+) -> Path:
+    """Build (or reuse, when a complete build for this config exists) the zoo; returns its directory.
+
+    The build happens in `.<name>.partial` beside `out`, one finished model at a time, and is renamed to `out`
+    when complete: a killed build resumes from its last finished model (training is seeded per model, so
+    the result is the same as an uninterrupted build)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out) if out else default_zoo_dir(config)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is a file; choose another --out")
     if (out / "manifest.json").is_file() and not overwrite:
         manifest = json.loads((out / "manifest.json").read_text())
         if manifest.get("config") == json.loads(json.dumps(asdict(config))):
@@ -179,12 +198,22 @@ def build_zoo(out: str | os.PathLike | None = None, config: ZooConfig = FULL, pr
     say = progress or (lambda msg: log.info(msg))
     started = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    for legacy in out.parent.glob(f".{out.name}.tmp-*"):  # temporaries of builds before resuming existed
+        shutil.rmtree(legacy, ignore_errors=True)
+    with _exclusive(out.parent / f".{out.name}.lock"):
+        work = out.parent / f".{out.name}.partial"
+        stamp = json.dumps(asdict(config), sort_keys=True)
+        if work.is_dir() and (work / "config.json").is_file() and (work / "config.json").read_text() != stamp:
+            shutil.rmtree(work)
+        (work / "models").mkdir(parents=True, exist_ok=True)
+        (work / "config.json").write_text(stamp)
+        done = sorted(p.name for p in (work / "models").iterdir() if not p.name.startswith("."))
+        if done:
+            say(f"resuming the build in {work}: {len(done)} model(s) already trained ({', '.join(done)})")
         world = W.make_world(config.seed)
         tok = build_char_tokenizer(W.ALPHABET)
-        specs = write_tasks(tmp, world, final_root=out, ops=config.eval_ops_per_pair)
-        held_out = {item["prompt"].split()[1] for split in ("search", "test") for item in _read(tmp / "tasks" / "reverse_a" / f"{split}.jsonl")}
+        specs = write_tasks(work, world, final_root=out, ops=config.eval_ops_per_pair)
+        held_out = {item["prompt"].split()[1] for split in ("search", "test") for item in _read(work / "tasks" / "reverse_a" / f"{split}.jsonl")}
         streams = _streams(world, held_out)
         cfg = LlamaConfig(
             vocab_size=len(tok), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
@@ -192,21 +221,30 @@ def build_zoo(out: str | os.PathLike | None = None, config: ZooConfig = FULL, pr
             max_position_embeddings=64, tie_word_embeddings=False, rope_theta=10000.0,
             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         )
+
+        def train(name: str, model, sample, steps: int, lr: float, seed: int, warmup: int) -> str:
+            path = work / "models" / name
+            if path.is_dir():
+                return str(path.resolve())
+            report = (lambda step, loss: on_step(name, step, steps, loss)) if on_step else None
+            train_lm(model, tok, sample, steps, lr, config.batch_size, seed=seed, warmup=warmup, progress=report)
+            return _save(model, tok, path)
+
         torch.manual_seed(config.seed)
         base = LlamaForCausalLM(cfg)
-        say(f"pre-training base ({sum(p.numel() for p in base.parameters()) / 1e6:.2f}M params, {config.base_steps} steps)")
+        if not (work / "models" / "base").is_dir():
+            say(f"pre-training base ({sum(p.numel() for p in base.parameters()) / 1e6:.2f}M params, {config.base_steps} steps)")
         # lopsided bilingual base: mostly A, a little B (text and math), A math, a little reversal
         base_mix = _mixture([(0.60, streams["sent_a"]), (0.05, streams["sent_b"]), (0.005, streams["math_b"]), (0.25, streams["math_a"]), (0.05, streams["reverse_a"])])
-        train_lm(base, tok, base_mix, config.base_steps, config.base_lr, config.batch_size, seed=config.seed)
-        models = {"base": _save(base, tok, tmp / "models" / "base")}
-        base_state = {k: v.clone() for k, v in base.state_dict().items()}
+        models = {"base": train("base", base, base_mix, config.base_steps, config.base_lr, config.seed, 50)}
+        base_state = LlamaForCausalLM.from_pretrained(models["base"]).state_dict()
 
         def finetune(name: str, sample, steps: int, lr: float, seed: int) -> str:
             model = LlamaForCausalLM(cfg)
             model.load_state_dict(base_state)
-            say(f"fine-tuning {name} ({steps} steps, lr {lr:g})")
-            train_lm(model, tok, sample, steps, lr, config.batch_size, seed=seed, warmup=min(30, steps // 5 + 1))
-            return _save(model, tok, tmp / "models" / name)
+            if not (work / "models" / name).is_dir():
+                say(f"fine-tuning {name} ({steps} steps, lr {lr:g})")
+            return train(name, model, sample, steps, lr, seed, min(30, steps // 5 + 1))
 
         experts = {
             "expert_math": finetune("expert_math", streams["math_a"], config.expert_steps, config.expert_lr, config.seed + 1),
@@ -221,9 +259,8 @@ def build_zoo(out: str | os.PathLike | None = None, config: ZooConfig = FULL, pr
         models.update(experts)
         models.update(soup)
         # repoint model paths to the final location
-        final = {k: str(out.resolve() / Path(v).relative_to(tmp.resolve())) for k, v in models.items()}
-        say("scoring every model on every task")
-        scores = score_models({k: Path(v) for k, v in models.items()}, specs_at(specs, tmp, out), tok)
+        final = {k: str(out.resolve() / Path(v).relative_to(work.resolve())) for k, v in models.items()}
+        scores = score_models({k: Path(v) for k, v in models.items()}, specs_at(specs, work, out), tok, say)
         manifest = {
             "config": json.loads(json.dumps(asdict(config))),
             "seed": config.seed,
@@ -237,15 +274,29 @@ def build_zoo(out: str | os.PathLike | None = None, config: ZooConfig = FULL, pr
             "scores": scores,
             "build_seconds": round(time.time() - started, 1),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (work / "config.json").unlink()
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        work.rename(out)
     say(f"zoo ready at {out} ({time.time() - started:.0f}s)")
     return out
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """One build per zoo directory at a time (a second one would train into the same partial build)."""
+    import fcntl
+
+    with open(lock_path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"{lock_path}: another zoo build of this directory is running") from None
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
 
 
 def specs_at(specs: list[TaskSpec], tmp: Path, out: Path) -> list[TaskSpec]:
@@ -257,7 +308,7 @@ def specs_at(specs: list[TaskSpec], tmp: Path, out: Path) -> list[TaskSpec]:
     return moved
 
 
-def score_models(models: dict[str, Path], specs: list[TaskSpec], tokenizer) -> dict[str, dict[str, dict[str, float]]]:
+def score_models(models: dict[str, Path], specs: list[TaskSpec], tokenizer, say: Callable[[str], None] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """model -> split -> task -> score, with the native evaluator."""
     from transformers import AutoModelForCausalLM
 
@@ -265,7 +316,9 @@ def score_models(models: dict[str, Path], specs: list[TaskSpec], tokenizer) -> d
 
     tasks = {split: [load_task(s, split) for s in specs] for split in ("search", "test")}
     scores: dict[str, dict[str, dict[str, float]]] = {}
-    for name, path in models.items():
+    for i, (name, path) in enumerate(models.items()):
+        if say:
+            say(f"scoring {name} on every task ({i + 1}/{len(models)})")
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         scores[name] = {split: NativeEvaluator(model, tokenizer, ts).evaluate().scores for split, ts in tasks.items()}
     return scores

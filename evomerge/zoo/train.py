@@ -21,7 +21,7 @@ def train_lm(
     seed: int = 0,
     warmup: int = 50,
     weight_decay: float = 0.0,
-    progress: Callable[[int, float], None] | None = None,
+    progress: Callable[[int, float], None] | None = None,  # (steps done, loss) after every step
 ) -> list[float]:
     """Train on `steps` batches of texts drawn from `sample(rng)`; <s> text </s>, loss on every token.
     Cosine schedule with warmup; seeded so a build is reproducible. Returns the loss curve."""
@@ -49,7 +49,7 @@ def train_lm(
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if progress and (step % 50 == 0 or step == steps - 1):
-            progress(step, losses[-1])
+        if progress:
+            progress(step + 1, losses[-1])
     model.eval()
     return losses
