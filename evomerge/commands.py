@@ -37,50 +37,57 @@ def _zoo_config(args):
     return replace(cfg, seed=args.zoo_seed if hasattr(args, "zoo_seed") else args.seed)
 
 
-class TrainingProgress:
-    """Steps, loss and ETA of each model the zoo trains: a live bar on a terminal, a line every 10% in a log."""
+class StepProgress:
+    """Steps, a status and the ETA of long loops (model training, search trials): a live bar per label on a
+    terminal; in a log, a line every 10% (at most one per 2 s, so what takes a few seconds stays quiet)."""
 
-    def __init__(self) -> None:
+    def __init__(self, status: str = "") -> None:
+        self.status = status  # shown after the step count, e.g. "loss {}" or "best {}"
         self.bars: Any = None
         self.tasks: dict[str, Any] = {}
         self.started: dict[str, float] = {}
         self.printed: dict[str, float] = {}
 
-    def __call__(self, name: str, step: int, total: int, loss: float) -> None:
+    def __call__(self, label: str, step: int, total: int, value: str) -> None:
         import time
 
         now = time.time()
-        self.started.setdefault(name, now)
+        self.started.setdefault(label, now)
         if console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             if self.bars is None:
-                columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"))
+                columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"))
                 self.bars = Progress(*columns, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
                 self.bars.start()
-            if name not in self.tasks:
-                self.tasks[name] = self.bars.add_task(f"  {name}", total=total, loss="-")
-            self.bars.update(self.tasks[name], completed=step, loss=f"{loss:.3f}")
-        elif step * 10 // total != (step - 1) * 10 // total and now - self.printed.get(name, self.started[name]) >= 2:
-            elapsed = now - self.started[name]  # quiet for what takes a few seconds
+            if label not in self.tasks:
+                self.tasks[label] = self.bars.add_task(f"  {label}", total=total, status="")
+            self.bars.update(self.tasks[label], completed=step, total=total, status=self.status.format(value))
+        elif step * 10 // total != (step - 1) * 10 // total and now - self.printed.get(label, self.started[label]) >= 2:
+            elapsed = now - self.started[label]
             eta = elapsed / step * (total - step)
-            console.print(f"  {name}: step {step}/{total}, loss {loss:.3f}, {elapsed:.0f}s elapsed, ETA {eta:.0f}s")
-            self.printed[name] = now
+            console.print(f"  {label}: {step}/{total}, {self.status.format(value)}, {elapsed:.0f}s elapsed, ETA {eta:.0f}s")
+            self.printed[label] = now
 
     def close(self) -> None:
         if self.bars is not None:
             self.bars.stop()
+            self.bars = None
 
 
 def build_zoo_with_progress(args: argparse.Namespace, out: str | None, overwrite: bool = False) -> Path:
     from .zoo.build import build_zoo
 
-    training = TrainingProgress()
+    training = StepProgress("loss {}")
     try:
-        say = lambda m: console.print(f"[dim]{m}[/dim]")  # noqa: E731
-        return build_zoo(out, _zoo_config(args), progress=say, overwrite=overwrite, on_step=training)
+        on_step = lambda name, step, total, loss: training(name, step, total, f"{loss:.3f}")  # noqa: E731
+        return build_zoo(out, _zoo_config(args), progress=say, overwrite=overwrite, on_step=on_step)
     finally:
         training.close()
+
+
+def say(message: str) -> None:
+    console.print(f"[dim]{message}[/dim]")
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:
@@ -167,17 +174,16 @@ def _search_config(args: argparse.Namespace, space_path: Path, name: str, seed: 
 
 
 def _run_with_progress(cfg, worker: bool = False):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from .search.loop import run_search
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
-        bar = progress.add_task(cfg.name, total=cfg.trials, best="-")
-
+    trials = StepProgress("best {}")
+    try:
         def on_trial(info):
-            progress.update(bar, completed=info.completed, best=f"{info.best:.3f}")
+            trials(cfg.name, info.completed, info.total, f"{info.best:.3f}")
 
-        return run_search(cfg, on_trial=on_trial, worker=worker)
+        return run_search(cfg, on_trial=on_trial, worker=worker, say=say)
+    finally:
+        trials.close()
 
 
 def cmd_search(args: argparse.Namespace) -> int:

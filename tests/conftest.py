@@ -5,6 +5,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("EVOMERGE_COMPILE", "off")  # compiled kernels are tested on their own (test_fused), once
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # bounded memory on many-core machines too
 
 from pathlib import Path  # noqa: E402
 

@@ -210,12 +210,21 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return max(done, key=lambda t: (t.user_attrs["fitness"], -t.number)) if done else None
 
 
-def run_search(cfg: SearchConfig, on_trial: Callable[[TrialInfo], None] | None = None, worker: bool = False, session: Session | None = None) -> SearchOutcome:
-    """Run (or resume) a search until `cfg.trials` trials are complete; then write the held-out report."""
+def run_search(
+    cfg: SearchConfig,
+    on_trial: Callable[[TrialInfo], None] | None = None,
+    worker: bool = False,
+    session: Session | None = None,
+    say: Callable[[str], None] = log.info,
+) -> SearchOutcome:
+    """Run (or resume) a search until `cfg.trials` trials are complete; then write the held-out report.
+    `say` reports the steps that take a while (loading the models, the held-out report)."""
     if worker and cfg.optimizer in ("cma", "greedy-soup"):
         raise RecipeError(f"the {cfg.optimizer} optimizer is sequential (one process); use optuna-cma, tpe, nsga2 or random for workers")
     validate(cfg)
-    session = session or Session(cfg)  # loads and checks the models, binds the space: still nothing written
+    if session is None:
+        say(f"loading the base and {len(cfg.sources)} source(s), preparing {len(cfg.tasks)} task(s)")
+        session = Session(cfg)  # loads and checks the models, binds the space: still nothing written
     space = session.space
     run_dir = cfg.run_dir()
     study = open_study(cfg)
@@ -270,6 +279,7 @@ def run_search(cfg: SearchConfig, on_trial: Callable[[TrialInfo], None] | None =
     outcome = SearchOutcome(run_dir, best_recipe, best_value)
     if best_recipe is not None and not worker:
         write_best(run_dir, best_recipe)
+        say(f"scoring the base, {len(cfg.sources)} source(s), {'the baselines and ' if cfg.baselines else ''}the evolved recipe on the held-out test split")
         outcome.report = final_report(cfg, session, best_recipe, study)
     return outcome
 
