@@ -6,6 +6,7 @@ model, measured side by side in one run.
 
 Overhead is measured with one example per task (`limit=1`); throughput with the whole search split.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,18 +69,54 @@ def main() -> None:
 
     rows = []
     rows.append(("native", timed(lambda: native.evaluate(one), args.repeats), timed(native.evaluate, args.repeats)))
-    rows.append(("lm-eval adapter (tasks built once)", timed(lambda: adapter.evaluate(limit=1), args.repeats), timed(adapter.evaluate, args.repeats)))
+    rows.append(
+        (
+            "lm-eval adapter (tasks built once)",
+            timed(lambda: adapter.evaluate(limit=1), args.repeats),
+            timed(adapter.evaluate, args.repeats),
+        )
+    )
     prebuilt = TaskManager(include_path=include, include_defaults=False)
-    rows.append(("simple_evaluate, prebuilt TaskManager", timed(lambda: simple_evaluate(model=hflm, tasks=names, task_manager=prebuilt, limit=1, verbosity="ERROR"), args.repeats),
-                 timed(lambda: simple_evaluate(model=hflm, tasks=names, task_manager=prebuilt, verbosity="ERROR"), args.repeats)))
-    rows.append(("simple_evaluate, stock (default TaskManager)", timed(lambda: simple_evaluate(model=hflm, tasks=names, task_manager=TaskManager(include_path=include), limit=1, verbosity="ERROR"), 1), float("nan")))
+    rows.append(
+        (
+            "simple_evaluate, prebuilt TaskManager",
+            timed(
+                lambda: simple_evaluate(model=hflm, tasks=names, task_manager=prebuilt, limit=1, verbosity="ERROR"),
+                args.repeats,
+            ),
+            timed(
+                lambda: simple_evaluate(model=hflm, tasks=names, task_manager=prebuilt, verbosity="ERROR"), args.repeats
+            ),
+        )
+    )
+    rows.append(
+        (
+            "simple_evaluate, stock (default TaskManager)",
+            timed(
+                lambda: simple_evaluate(
+                    model=hflm, tasks=names, task_manager=TaskManager(include_path=include), limit=1, verbosity="ERROR"
+                ),
+                1,
+            ),
+            float("nan"),
+        )
+    )
 
     base_overhead, base_full = rows[0][1], rows[0][2]
-    print(f"model {Path(path).name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), tasks {args.tasks}, {n_examples} search examples, median of {args.repeats}")
-    print(f"{'evaluator':46s} {'per-call overhead':>18s} {'vs native':>10s} {'full split':>11s} {'examples/s':>11s} {'vs native':>10s}")
+    print(
+        f"model {Path(path).name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), tasks "
+        f"{args.tasks}, {n_examples} search examples, median of {args.repeats}"
+    )
+    print(
+        f"{'evaluator':46s} {'per-call overhead':>18s} {'vs native':>10s} {'full split':>11s} {'examples/s':>11s} "
+        f"{'vs native':>10s}"
+    )
     for name, overhead, full in rows:
         eps = n_examples / full if full == full else float("nan")
-        print(f"{name:46s} {overhead * 1000:15.1f} ms {overhead / base_overhead:9.1f}× {full:10.3f}s {eps:11.0f} {full / base_full:9.1f}×")
+        print(
+            f"{name:46s} {overhead * 1000:15.1f} ms {overhead / base_overhead:9.1f}× {full:10.3f}s {eps:11.0f} "
+            f"{full / base_full:9.1f}×"
+        )
 
 
 if __name__ == "__main__":

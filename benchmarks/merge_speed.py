@@ -13,6 +13,7 @@ the median of the repeats after them.
     python benchmarks/merge_speed.py [--params 300e6] [--dtype float32|bfloat16] [--sources 3] [--device cpu|cuda]
     python benchmarks/merge_speed.py --shape 7b --dtype bfloat16 --device cuda --no-mergekit   # the GPU run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,17 @@ METHODS = {
     "slerp": {},
     "model_stock": {},
 }
-TARGET = {"linear": 2, "task_arithmetic": 2, "ties": 4, "dare_ties": 4, "dare_linear": 4, "breadcrumbs": 4, "della": 4, "slerp": 3, "model_stock": 3}
+TARGET = {
+    "linear": 2,
+    "task_arithmetic": 2,
+    "ties": 4,
+    "dare_ties": 4,
+    "dare_linear": 4,
+    "breadcrumbs": 4,
+    "della": 4,
+    "slerp": 3,
+    "model_stock": 3,
+}
 
 
 def llama_shapes(params: float, hidden: int = 1024, inter: int = 2816, vocab: int = 32000) -> list[tuple[int, ...]]:
@@ -57,7 +68,9 @@ def sync(device):
 
 def bench(fn, device, repeats):
     t = time.perf_counter()
-    for _ in range(2):  # warm-up: torch.compile, bin counts of the resident task vectors; DELLA codes its margins when a (seed, ε) comes twice
+    # warm-up: torch.compile, bin counts of the resident task vectors; DELLA codes its margins when a (seed, ε)
+    # comes twice
+    for _ in range(2):
         fn()
     sync(device)
     setup = time.perf_counter() - t
@@ -107,7 +120,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
-    ap.add_argument("--shape", choices=["small", "7b"], default="small", help="7b: Llama-2-7B tensor shapes (hidden 4096, 32 layers), ignoring --params")
+    ap.add_argument(
+        "--shape",
+        choices=["small", "7b"],
+        default="small",
+        help="7b: Llama-2-7B tensor shapes (hidden 4096, 32 layers), ignoring --params",
+    )
     ap.add_argument("--no-mergekit", action="store_true", help="skip the mergekit column even when it is installed")
     ap.add_argument("--mergekit-repeats", type=int, default=1)
     args = ap.parse_args()
@@ -117,11 +135,18 @@ def main() -> None:
     g = torch.Generator(device=gen).manual_seed(0)
     shapes = llama_shapes(6.74e9, hidden=4096, inter=11008) if args.shape == "7b" else llama_shapes(args.params)
     base = [torch.randn(s, generator=g, device=gen).to(device=device, dtype=dtype) for s in shapes]
-    deltas = [[(torch.randn(s, generator=g, device=gen) * 0.01).to(device=device, dtype=dtype) for _ in range(args.sources)] for s in shapes]
+    deltas = [
+        [(torch.randn(s, generator=g, device=gen) * 0.01).to(device=device, dtype=dtype) for _ in range(args.sources)]
+        for s in shapes
+    ]
     out = [torch.empty_like(b) for b in base]
     n_params = sum(b.numel() for b in base)
     model_bytes = sum(b.numel() * b.element_size() for b in base)
-    print(f"{n_params / 1e6:.0f}M params, {args.dtype}, {args.sources} sources, {len(shapes)} tensors, device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, EVOMERGE_COMPILE={os.environ.get('EVOMERGE_COMPILE', 'auto')}")
+    print(
+        f"{n_params / 1e6:.0f}M params, {args.dtype}, {args.sources} sources, {len(shapes)} tensors, device {device}, "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"EVOMERGE_COMPILE={os.environ.get('EVOMERGE_COMPILE', 'auto')}"
+    )
 
     # (a) the limit: copy bandwidth (base → target, tensor by tensor), applied to the bytes a merge moves
     def copy_all():
@@ -132,8 +157,14 @@ def main() -> None:
     copy_bw = 2 * model_bytes / t_copy
     moved = (args.sources + 2) * model_bytes
     limit = moved / copy_bw
-    print(f"copy: {copy_bw / 1e9:.1f} GB/s read+write; a {args.sources}-source merge moves {moved / 1e9:.2f} GB → limit {limit * 1000:.0f} ms\n")
-    print(f"{'method':16s} {'ms':>9s} {'GB/s':>7s} {'× limit':>8s} {'target':>9s} {'setup s':>8s} {'mergekit ms':>12s} {'speedup':>8s}" + (f" {'GPU busy ms':>12s}" if device.type == "cuda" else ""))
+    print(
+        f"copy: {copy_bw / 1e9:.1f} GB/s read+write; a {args.sources}-source merge moves {moved / 1e9:.2f} GB → limit "
+        f"{limit * 1000:.0f} ms\n"
+    )
+    print(
+        f"{'method':16s} {'ms':>9s} {'GB/s':>7s} {'× limit':>8s} {'target':>9s} {'setup s':>8s} {'mergekit ms':>12s} "
+        f"{'speedup':>8s}" + (f" {'GPU busy ms':>12s}" if device.type == "cuda" else "")
+    )
     notes = []
     for method in args.methods:
         p = METHODS[method]
@@ -157,10 +188,17 @@ def main() -> None:
             mk_col = f"{t_mk * 1000:12.0f} {t_mk / t:7.0f}×"
         busy = device_busy(run, device)
         busy_col = f" {busy * 1000:12.1f}" if busy is not None else ""
-        print(f"{method:16s} {t * 1000:9.1f} {moved_m / t / 1e9:7.1f} {ratio:7.1f}× {'≤' + str(TARGET[method]) + '× ' + flag:>9s} {setup:8.1f} {mk_col}{busy_col}", flush=True)
+        print(
+            f"{method:16s} {t * 1000:9.1f} {moved_m / t / 1e9:7.1f} {ratio:7.1f}× "
+            f"{'≤' + str(TARGET[method]) + '× ' + flag:>9s} {setup:8.1f} {mk_col}{busy_col}",
+            flush=True,
+        )
         if method == "della":  # it also reads each task vector's resident 16-bit margin codes (or rank fractions)
             all_bytes = moved_m + n * n_params * 2
-            notes.append(f"della also reads its 16-bit margin codes ({n} × 2 bytes an entry): {all_bytes / 1e9:.2f} GB in all, {t / (all_bytes / copy_bw):.1f}× the copy time of those bytes")
+            notes.append(
+                f"della also reads its 16-bit margin codes ({n} × 2 bytes an entry): {all_bytes / 1e9:.2f} GB in all, "
+                f"{t / (all_bytes / copy_bw):.1f}× the copy time of those bytes"
+            )
             calls = itertools.count()
 
             def run_new_epsilon():  # a search varying ε every candidate: no margin codes, a hash per position
@@ -168,11 +206,17 @@ def main() -> None:
                 run([dict(q, epsilon=e) for q in sp])
 
             t_eps, _ = bench(run_new_epsilon, device, args.repeats)
-            notes.append(f"della with a new ε every candidate (rank fractions, hashed per candidate): {t_eps * 1000:.1f} ms, {t_eps / limit_m:.1f}× the limit")
+            notes.append(
+                f"della with a new ε every candidate (rank fractions, hashed per candidate): {t_eps * 1000:.1f} ms, "
+                f"{t_eps / limit_m:.1f}× the limit"
+            )
     for line in notes:
         print(line)
     if device.type == "cuda":
-        print(f"\nGPU memory: model {model_bytes / 2**30:.1f} GiB; peak allocated {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+        print(
+            f"\nGPU memory: model {model_bytes / 2**30:.1f} GiB; peak allocated "
+            f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,11 @@ def timed_build(setting: str, out: str) -> float:
     if setting == "exported":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     args = ["zoo", "build", "--small", "--out", out]
-    cmd = [sys.executable, "-c", TORCH_FIRST, *args] if setting == "torch first" else [sys.executable, "-m", "evomerge", *args]
+    cmd = (
+        [sys.executable, "-c", TORCH_FIRST, *args]
+        if setting == "torch first"
+        else [sys.executable, "-m", "evomerge", *args]
+    )
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # the other job on the machine
     try:
         started = time.perf_counter()
@@ -58,7 +62,9 @@ def main() -> int:
                 times[s].append(timed_build(s, os.path.join(tmp, f"zoo-{r}-{s.replace(' ', '_')}")))
                 print(f"  {s:12s} run {r + 1}: {times[s][-1]:.1f} s", flush=True)
     med = {s: statistics.median(v) for s, v in times.items()}
-    print(f"\nevomerge zoo build --small beside one CPU-bound process, {os.cpu_count()} cores, median of {args.repeats}:")
+    print(
+        f"\nevomerge zoo build --small beside one CPU-bound process, {os.cpu_count()} cores, median of {args.repeats}:"
+    )
     for s in settings:
         print(f"  {s:12s} {med[s]:6.1f} s   {med[s] / med['exported']:.2f}x exported")
     ok = med["unset"] <= 1.5 * med["exported"]

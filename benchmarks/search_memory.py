@@ -12,6 +12,7 @@ only bf16 task vectors (the trade-off that halves their share) leave room for th
 
     python benchmarks/search_memory.py [--params 100e6] [--sources 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,15 @@ def make_models(root: Path, params: float, sources: int) -> tuple[str, list[str]
 
     hidden, inter, vocab = 1024, 2816, 32000
     layers = max(1, int((params - 2 * vocab * hidden) // (4 * hidden * hidden + 3 * hidden * inter)))
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     paths = []
@@ -69,12 +78,28 @@ def child(base: str, sources: list[str], delta_dtype: str | None) -> None:
     baseline = rss_mb()  # code, not model: counted apart as "imports"
     engine = Engine(base, sources, delta_dtype=delta_dtype)
     after_engine = rss_mb()
-    print(json.dumps({"engine peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline}), file=sys.stderr)
+    print(
+        json.dumps({"engine peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline}),
+        file=sys.stderr,
+    )
     model = engine.load_target_model()
     target = engine.bind(model)
-    steps = {"target": rss_mb() - baseline, "peak so far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline}
-    for method, params in (("ties", {"weight": 0.5, "density": 0.4}), ("dare_ties", {"weight": 0.5, "density": 0.4}), ("task_arithmetic", {"weight": 0.5})):
-        recipe = Recipe.from_dict({"merge_method": method, "base_model": base, "models": [{"model": s, "parameters": params} for s in sources]})
+    steps = {
+        "target": rss_mb() - baseline,
+        "peak so far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline,
+    }
+    for method, params in (
+        ("ties", {"weight": 0.5, "density": 0.4}),
+        ("dare_ties", {"weight": 0.5, "density": 0.4}),
+        ("task_arithmetic", {"weight": 0.5}),
+    ):
+        recipe = Recipe.from_dict(
+            {
+                "merge_method": method,
+                "base_model": base,
+                "models": [{"model": s, "parameters": params} for s in sources],
+            }
+        )
         engine.materialize(recipe, target)
         steps[method] = rss_mb() - baseline
         with torch.no_grad():
@@ -82,7 +107,16 @@ def child(base: str, sources: list[str], delta_dtype: str | None) -> None:
         steps[method + "+forward"] = rss_mb() - baseline
     print(json.dumps(steps), file=sys.stderr)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"imports_mb": baseline - before_imports, "engine_mb": after_engine - baseline, "weights_mb": steps["target"], "peak_mb": peak - baseline}))
+    print(
+        json.dumps(
+            {
+                "imports_mb": baseline - before_imports,
+                "engine_mb": after_engine - baseline,
+                "weights_mb": steps["target"],
+                "peak_mb": peak - baseline,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -99,17 +133,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base, sources, size = make_models(Path(tmp), args.params, args.sources)
         size_mb = size / 2**20
-        print(f"model {size_mb:.0f} MiB fp32, {args.sources} sources; bound (sources + 2) × model = {(args.sources + 2) * size_mb:.0f} MiB")
-        print(f"{'task vectors':14s} {'imports MiB':>12s} {'engine MiB':>11s} {'+ target MiB':>13s} {'× model':>8s} {'peak MiB':>9s} {'× model':>8s} {'working MiB':>12s} {'bound':>6s}")
+        print(
+            f"model {size_mb:.0f} MiB fp32, {args.sources} sources; bound (sources + 2) × model = "
+            f"{(args.sources + 2) * size_mb:.0f} MiB"
+        )
+        print(
+            f"{'task vectors':14s} {'imports MiB':>12s} {'engine MiB':>11s} {'+ target MiB':>13s} {'× model':>8s} "
+            f"{'peak MiB':>9s} {'× model':>8s} {'working MiB':>12s} {'bound':>6s}"
+        )
         bound = args.sources + 2
         for delta_dtype in ("same", "bfloat16"):
-            res = subprocess.run([sys.executable, __file__, "--child", base, delta_dtype, *sources], capture_output=True, text=True, check=True)
+            res = subprocess.run(
+                [sys.executable, __file__, "--child", base, delta_dtype, *sources],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(res.stdout.strip().splitlines()[-1])
             if args.verbose:
                 print("\n".join(res.stderr.strip().splitlines()[-2:]))
             ratio = r["peak_mb"] / size_mb
             name = "fp32" if delta_dtype == "same" else delta_dtype
-            print(f"{name:14s} {r['imports_mb']:12.0f} {r['engine_mb']:11.0f} {r['weights_mb']:13.0f} {r['weights_mb'] / size_mb:7.2f}× {r['peak_mb']:9.0f} {ratio:7.2f}× {r['peak_mb'] - r['weights_mb']:12.0f} {bound:5.1f}× {'ok' if ratio <= bound else 'MISS'}")
+            print(
+                f"{name:14s} {r['imports_mb']:12.0f} {r['engine_mb']:11.0f} {r['weights_mb']:13.0f} "
+                f"{r['weights_mb'] / size_mb:7.2f}× {r['peak_mb']:9.0f} {ratio:7.2f}× "
+                f"{r['peak_mb'] - r['weights_mb']:12.0f} {bound:5.1f}× {'ok' if ratio <= bound else 'MISS'}"
+            )
 
 
 if __name__ == "__main__":

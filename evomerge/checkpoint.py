@@ -4,6 +4,7 @@ Reading is memory-mapped through `safetensors.safe_open`; nothing is loaded unti
 Writing goes to a temporary sibling directory that is renamed into place only when complete, so a
 failure or a kill never leaves a half-written model behind.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,6 @@ TOKENIZER_FILES = (
 COPIED_CONFIG_FILES = ("generation_config.json",)
 
 
-
-
 @dataclass
 class Checkpoint:
     """A lazily opened HF model directory."""
@@ -70,7 +69,9 @@ class Checkpoint:
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
         if config.get("auto_map"):
-            raise CheckpointError(f"{config_path}: declares auto_map (custom code); evomerge never runs trust_remote_code models")
+            raise CheckpointError(
+                f"{config_path}: declares auto_map (custom code); evomerge never runs trust_remote_code models"
+            )
         pickled = False
         if (path / SAFE_INDEX).is_file():
             weight_map = cls._read_index(path / SAFE_INDEX)
@@ -210,7 +211,16 @@ def _data_end(file: Path) -> int | None:
 
 
 # ---- compatibility -------------------------------------------------------------------------------
-ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
+ARCH_KEYS = (
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+)
 
 
 def check_compatible(base: Checkpoint, others: Iterable[Checkpoint], check_tokenizer: bool = True) -> None:
@@ -241,7 +251,10 @@ def check_compatible(base: Checkpoint, others: Iterable[Checkpoint], check_token
         if check_tokenizer:
             tok = other.tokenizer_fingerprint()
             if base_tok is not None and tok is not None and tok != base_tok:
-                raise CheckpointError(f"{other.path}: tokenizer differs from the base's ({base.path}); merged weights would index different tokens")
+                raise CheckpointError(
+                    f"{other.path}: tokenizer differs from the base's ({base.path}); merged weights would index "
+                    "different tokens"
+                )
 
 
 def check_finite(name: str, tensor: torch.Tensor, where: Path | str) -> None:
@@ -292,7 +305,9 @@ def write_model_dir(
             for n in names:
                 t = produce(n)
                 if tuple(t.shape) != tuple(tensors[n][0]):
-                    raise CheckpointError(f"internal: {n} produced shape {list(t.shape)}, planned {list(tensors[n][0])}")
+                    raise CheckpointError(
+                        f"internal: {n} produced shape {list(t.shape)}, planned {list(tensors[n][0])}"
+                    )
                 data[n] = t.to(tensors[n][1]).contiguous().cpu()
             save_file(data, str(tmp / file), metadata={"format": "pt"})
             del data

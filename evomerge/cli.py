@@ -19,7 +19,14 @@ from pathlib import Path  # noqa: E402
 
 from .errors import EvomergeError, HeldOutError, one_line  # noqa: E402
 
-EXPECTED_ERRORS = (EvomergeError, HeldOutError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+EXPECTED_ERRORS = (
+    EvomergeError,
+    HeldOutError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -82,7 +89,9 @@ def _cmd_import_mergekit(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="evomerge", description="Evolutionary merge-recipe optimizer for model weights.", formatter_class=HelpFormatter
+        prog="evomerge",
+        description="Evolutionary merge-recipe optimizer for model weights.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details and library warnings")
     parser.add_argument(
@@ -91,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
-        "merge", help="materialize a recipe (or a mergekit config) into an HF model directory", formatter_class=HelpFormatter
+        "merge",
+        help="materialize a recipe (or a mergekit config) into an HF model directory",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("recipe", help="recipe YAML (evomerge or mergekit format)")
     p.add_argument("--out", required=True, help="output model directory (written atomically)")
@@ -109,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="file to write; default: standard output")
     p.set_defaults(func=_cmd_export_mergekit)
 
-    p = sub.add_parser("import-mergekit", help="read a mergekit config into an evomerge recipe", formatter_class=HelpFormatter)
+    p = sub.add_parser(
+        "import-mergekit", help="read a mergekit config into an evomerge recipe", formatter_class=HelpFormatter
+    )
     p.add_argument("config", help="mergekit config YAML")
     p.add_argument("--out", help="file to write; default: standard output")
     p.set_defaults(func=_cmd_import_mergekit)

@@ -1,10 +1,10 @@
 """CLI commands beyond merging: zoo, eval, search, worker, report, soup, demo. Printing and progress bars
 live here; the library modules only log."""
+
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,9 @@ def score_table(title: str, rows: dict[str, dict[str, float]], columns: list[str
     for c in columns:
         table.add_column(c, justify="right")
     for name, row in rows.items():
-        table.add_row(name, *[f"{row[c]:.3f}" if c in row else "-" for c in columns], style="bold" if name == "evolved" else None)
+        table.add_row(
+            name, *[f"{row[c]:.3f}" if c in row else "-" for c in columns], style="bold" if name == "evolved" else None
+        )
     return table
 
 
@@ -54,11 +56,25 @@ class StepProgress:
         now = time.time()
         self.started.setdefault(label, now)
         if console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             if self.bars is None:
-                columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"))
-                self.bars = Progress(*columns, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+                columns = (
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("{task.fields[status]}"),
+                )
+                self.bars = Progress(
+                    *columns, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console
+                )
                 self.bars.start()
             if label not in self.tasks:
                 self.tasks[label] = self.bars.add_task(f"  {label}", total=total, status="")
@@ -66,7 +82,9 @@ class StepProgress:
         elif step * 10 // total != (step - 1) * 10 // total and now - self.printed.get(label, self.started[label]) >= 2:
             elapsed = now - self.started[label]
             eta = elapsed / step * (total - step)
-            console.print(f"  {label}: {step}/{total}, {self.status.format(value)}, {elapsed:.0f}s elapsed, ETA {eta:.0f}s")
+            console.print(
+                f"  {label}: {step}/{total}, {self.status.format(value)}, {elapsed:.0f}s elapsed, ETA {eta:.0f}s"
+            )
             self.printed[label] = now
 
     def close(self) -> None:
@@ -158,7 +176,9 @@ def _search_config(args: argparse.Namespace, space_path: Path, name: str, seed: 
         names = list(manifest["experts"])
         sources = [manifest["experts"][k] for k in names]
     if not base or not sources:
-        raise RecipeError("search needs a base and sources: --zoo DIR, or --base and --sources, or base:/sources: in the space")
+        raise RecipeError(
+            "search needs a base and sources: --zoo DIR, or --base and --sources, or base:/sources: in the space"
+        )
     task_source = args.tasks or (args.zoo and Path(args.zoo))
     if not task_source:
         raise TaskError("search needs --tasks (a manifest or task file) or --zoo")
@@ -166,10 +186,26 @@ def _search_config(args: argparse.Namespace, space_path: Path, name: str, seed: 
     task_names = args.task_names or ([manifest["composed_task"]] if manifest and not args.tasks else None)
     specs = load_specs(task_source, task_names)
     return SearchConfig(
-        name=name, space=space, base=str(base), sources=[str(s) for s in sources], source_names=names, tasks=[s.to_dict() for s in specs],
-        optimizer=args.optimizer, trials=args.trials, seed=seed, popsize=args.popsize, sigma0=args.sigma0, storage=args.storage,
-        runs_dir=args.runs_dir, device=args.device, dtype=args.dtype, delta_dtype=args.delta_dtype, racing=args.racing,
-        subsample=args.subsample, batch_size=args.batch_size, baselines=not args.no_baselines,
+        name=name,
+        space=space,
+        base=str(base),
+        sources=[str(s) for s in sources],
+        source_names=names,
+        tasks=[s.to_dict() for s in specs],
+        optimizer=args.optimizer,
+        trials=args.trials,
+        seed=seed,
+        popsize=args.popsize,
+        sigma0=args.sigma0,
+        storage=args.storage,
+        runs_dir=args.runs_dir,
+        device=args.device,
+        dtype=args.dtype,
+        delta_dtype=args.delta_dtype,
+        racing=args.racing,
+        subsample=args.subsample,
+        batch_size=args.batch_size,
+        baselines=not args.no_baselines,
     )
 
 
@@ -178,6 +214,7 @@ def _run_with_progress(cfg, worker: bool = False):
 
     trials = StepProgress("best {}")
     try:
+
         def on_trial(info):
             trials(cfg.name, info.completed, info.total, f"{info.best:.3f}")
 
@@ -220,7 +257,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     report = json.loads((Path(args.run_dir) / "report.json").read_text())
-    console.print(score_table(f"{report['name']}: held-out {report['split']} split", report["rows"], report["tasks"] + ["fitness"]))
+    console.print(
+        score_table(
+            f"{report['name']}: held-out {report['split']} split", report["rows"], report["tasks"] + ["fitness"]
+        )
+    )
     console.print(f"HTML report: {Path(args.run_dir) / 'report.html'}")
     return 0
 
@@ -246,7 +287,10 @@ def cmd_soup(args: argparse.Namespace) -> int:
     target = engine.bind(model)
     tok = AutoTokenizer.from_pretrained(models[0])
     with searching():
-        fitness = Fitness(NativeEvaluator(model, tok, [load_task(s, "search") for s in specs], batch_size=args.batch_size), {s.name: s.weight for s in specs})
+        fitness = Fitness(
+            NativeEvaluator(model, tok, [load_task(s, "search") for s in specs], batch_size=args.batch_size),
+            {s.name: s.weight for s in specs},
+        )
 
         def score(recipe):
             engine.materialize(recipe, target)
@@ -257,19 +301,49 @@ def cmd_soup(args: argparse.Namespace) -> int:
     test = NativeEvaluator(model, tok, [load_task(s, "test") for s in specs], batch_size=args.batch_size)
     weights = {s.name: s.weight for s in specs}
     rows = {}
-    for label, members in [*[(Path(m).name, [m]) for m in models], ("uniform soup", models)] + ([("greedy soup", chosen)] if greedy else []):
+    for label, members in [*[(Path(m).name, [m]) for m in models], ("uniform soup", models)] + (
+        [("greedy soup", chosen)] if greedy else []
+    ):
         engine.materialize(soup_recipe(models[0], members), target)
         row = test.evaluate().scores
         row["fitness"] = weighted_mean(row, weights)
         if greedy:
-            row["search"] = greedy.ingredient_scores.get(members[0], float("nan")) if len(members) == 1 else (greedy.score if label == "greedy soup" else float("nan"))
+            row["search"] = (
+                greedy.ingredient_scores.get(members[0], float("nan"))
+                if len(members) == 1
+                else (greedy.score if label == "greedy soup" else float("nan"))
+            )
         rows[label] = row
     columns = [s.name for s in specs] + ["fitness"] + (["search"] if greedy else [])
-    card = "## Soup\n\n" + ("Greedy soup (strict improvement on the search split)" if greedy else "Uniform soup") + f" of {len(chosen)} of {len(models)} ingredients:\n\n"
-    card += "".join(f"- {m}\n" for m in chosen) + "\n| model | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
-    card += "".join(f"| {k} | " + " | ".join(f"{v.get(c, float('nan')):.3f}" for c in columns) + " |\n" for k, v in rows.items()) + "\n(test split unless the column says search)\n\n"
-    out = write_merged(soup_recipe(models[0], chosen, name="greedy soup" if greedy else "uniform soup"), args.out, device=args.device, overwrite=args.overwrite, card_extra=card)
-    console.print(score_table("soups (test split; 'search' = search-split score used for the greedy choice)", rows, columns))
+    card = (
+        "## Soup\n\n"
+        + ("Greedy soup (strict improvement on the search split)" if greedy else "Uniform soup")
+        + f" of {len(chosen)} of {len(models)} ingredients:\n\n"
+    )
+    card += (
+        "".join(f"- {m}\n" for m in chosen)
+        + "\n| model | "
+        + " | ".join(columns)
+        + " |\n|---|"
+        + "---|" * len(columns)
+        + "\n"
+    )
+    card += (
+        "".join(
+            f"| {k} | " + " | ".join(f"{v.get(c, float('nan')):.3f}" for c in columns) + " |\n" for k, v in rows.items()
+        )
+        + "\n(test split unless the column says search)\n\n"
+    )
+    out = write_merged(
+        soup_recipe(models[0], chosen, name="greedy soup" if greedy else "uniform soup"),
+        args.out,
+        device=args.device,
+        overwrite=args.overwrite,
+        card_extra=card,
+    )
+    console.print(
+        score_table("soups (test split; 'search' = search-split score used for the greedy choice)", rows, columns)
+    )
     console.print(f"chose {len(chosen)}/{len(models)}: {', '.join(Path(m).name for m in chosen)}\nwrote {out}")
     return 0
 
@@ -287,13 +361,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cfg = _search_config(args, Path(args.space), f"{name}-seed{seed}", seed)
         outcome = _run_with_progress(cfg)
         reports.append(outcome.report)
-        console.print(score_table(f"seed {seed}: held-out test split", outcome.report["rows"], outcome.report["tasks"] + ["fitness"]))
+        console.print(
+            score_table(
+                f"seed {seed}: held-out test split", outcome.report["rows"], outcome.report["tasks"] + ["fitness"]
+            )
+        )
     if len(reports) > 1:
         rows = {}
         for label in reports[0]["rows"]:
             vals = [r["rows"][label]["fitness"] for r in reports]
-            rows[label] = {"mean": statistics.mean(vals), "stdev": statistics.stdev(vals), "min": min(vals), "max": max(vals)}
-        console.print(score_table(f"fitness over seeds {args.seeds} (test split)", rows, ["mean", "stdev", "min", "max"]))
+            rows[label] = {
+                "mean": statistics.mean(vals),
+                "stdev": statistics.stdev(vals),
+                "min": min(vals),
+                "max": max(vals),
+            }
+        console.print(
+            score_table(f"fitness over seeds {args.seeds} (test split)", rows, ["mean", "stdev", "min", "max"])
+        )
     return 0
 
 
@@ -304,7 +389,9 @@ def _add_search_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--sources", nargs="+", help="source model directories")
     p.add_argument("--tasks", help="task definitions: a zoo directory or manifest, or a JSON/YAML list of task specs")
     p.add_argument(
-        "--task-names", nargs="+", help="tasks to optimize; default: every task in --tasks, else the zoo's composed task"
+        "--task-names",
+        nargs="+",
+        help="tasks to optimize; default: every task in --tasks, else the zoo's composed task",
     )
     p.add_argument("--optimizer", default="cma", choices=OPTIMIZERS, help="search algorithm")
     p.add_argument("--trials", type=int, default=200 if demo else 100, help="stop when this many trials are complete")

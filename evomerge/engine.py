@@ -2,6 +2,7 @@
 recipe straight into a target model's parameters, with no disk I/O and no new model per candidate.
 `write_merged` is the streaming counterpart for `evomerge merge`: one tensor at a time, to disk.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,7 +20,15 @@ from .recipe import Recipe, RecipeError, TensorPlan
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 UNMAP_EVERY = 256 << 20  # bytes of a source read between unmapping its files while task vectors are built
@@ -103,7 +112,9 @@ class Engine:
             try:
                 index.append(keys.index(_key(entry.model)))
             except ValueError:
-                raise RecipeError(f"recipe model {entry.model} is not among the engine's sources {self.source_paths}") from None
+                raise RecipeError(
+                    f"recipe model {entry.model} is not among the engine's sources {self.source_paths}"
+                ) from None
         return index
 
     def materialize(self, recipe: Recipe, target: Mapping[str, torch.Tensor]) -> None:
@@ -114,7 +125,17 @@ class Engine:
             deltas = [self.deltas[name][i] for i in index]
             out = target[name]
             with torch.no_grad():
-                merge_deltas(plan.method, self.base[name], deltas, plan.source_params, plan.global_params, seed=recipe.seed, key=name, out=out, base_weight=plan.base_weight)
+                merge_deltas(
+                    plan.method,
+                    self.base[name],
+                    deltas,
+                    plan.source_params,
+                    plan.global_params,
+                    seed=recipe.seed,
+                    key=name,
+                    out=out,
+                    base_weight=plan.base_weight,
+                )
 
     def merged(self, recipe: Recipe) -> dict[str, torch.Tensor]:
         """Fresh tensors for every name (tests and one-off use; the search uses `materialize`)."""
@@ -127,12 +148,16 @@ class Engine:
         state = model.state_dict(keep_vars=True)
         missing = [n for n in self.names if n not in state]
         if missing:
-            raise CheckpointError(f"{type(model).__name__} has no parameter(s) {missing[:3]} from {self.base_ckpt.path}")
+            raise CheckpointError(
+                f"{type(model).__name__} has no parameter(s) {missing[:3]} from {self.base_ckpt.path}"
+            )
         target = {}
         for n in self.names:
             t = state[n].data if isinstance(state[n], torch.nn.Parameter) else state[n]
             if tuple(t.shape) != tuple(self.base[n].shape):
-                raise CheckpointError(f"model parameter {n} has shape {list(t.shape)}, checkpoint {list(self.base[n].shape)}")
+                raise CheckpointError(
+                    f"model parameter {n} has shape {list(t.shape)}, checkpoint {list(self.base[n].shape)}"
+                )
             target[n] = t
         return target
 
@@ -165,7 +190,9 @@ class Engine:
         target = self.bind(model)
         filled = {t.data_ptr() for t in target.values()}
         if not all(t.data_ptr() in filled or t.numel() == 0 for t in model.state_dict().values()):
-            log.info("%s has weights the checkpoint does not cover; loading it with from_pretrained", type(model).__name__)
+            log.info(
+                "%s has weights the checkpoint does not cover; loading it with from_pretrained", type(model).__name__
+            )
             return None
         with torch.no_grad():
             for name, t in target.items():
@@ -190,11 +217,18 @@ def model_card(recipe: Recipe, extra: str = "") -> str:
     import yaml
 
     uses_base = any(get_method(m).needs_base for m in {recipe.merge_method} | {r.method for r in recipe.method_rules})
-    models = ([recipe.base_model] if recipe.base_model and uses_base else []) + [m.model for m in recipe.models if not (uses_base and m.model == recipe.base_model)]
-    front = yaml.safe_dump({"library_name": "transformers", "tags": ["merge", "evomerge"], "base_model": models}, sort_keys=False)
+    models = ([recipe.base_model] if recipe.base_model and uses_base else []) + [
+        m.model for m in recipe.models if not (uses_base and m.model == recipe.base_model)
+    ]
+    front = yaml.safe_dump(
+        {"library_name": "transformers", "tags": ["merge", "evomerge"], "base_model": models}, sort_keys=False
+    )
     methods = f" (per-group methods: {sorted({r.method for r in recipe.method_rules})})" if recipe.method_rules else ""
     title = recipe.name or "Merged model"
-    return f"---\n{front}---\n\n# {title}\n\nMerged with evomerge using `{recipe.merge_method}`{methods}.\n\n{extra}## Recipe\n\n```yaml\n{recipe.to_yaml()}```\n"
+    return (
+        f"---\n{front}---\n\n# {title}\n\nMerged with evomerge using "
+        f"`{recipe.merge_method}`{methods}.\n\n{extra}## Recipe\n\n```yaml\n{recipe.to_yaml()}```\n"
+    )
 
 
 def write_merged(
@@ -236,12 +270,26 @@ def write_merged(
                     raise RecipeError(f"linear: every model needs a weight (tensor {name})")
                 return kernels.linear(tensors, weights, normalize=bool(plan.global_params.get("normalize", True)))
             deltas = [t - b for t in tensors]
-            return merge_deltas(plan.method, b, deltas, plan.source_params, plan.global_params, seed=recipe.seed, key=name, base_weight=plan.base_weight)
+            return merge_deltas(
+                plan.method,
+                b,
+                deltas,
+                plan.source_params,
+                plan.global_params,
+                seed=recipe.seed,
+                key=name,
+                base_weight=plan.base_weight,
+            )
 
     floats = {n: reference.get(n).is_floating_point() for n in names}
     shapes = {n: (reference.shape(n), final if floats[n] else reference.get(n).dtype) for n in names}
     config = dict(reference.config)
-    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}[final]
+    dtype_name = {
+        torch.float32: "float32",
+        torch.bfloat16: "bfloat16",
+        torch.float16: "float16",
+        torch.float64: "float64",
+    }[final]
     for key in ("torch_dtype", "dtype"):
         if key in config:
             config[key] = dtype_name
@@ -251,4 +299,13 @@ def write_merged(
     if recipe.tokenizer_source not in (None, "base"):
         tok_src = Path(recipe.tokenizer_source)
     log.info("merging %d tensors (%s) into %s", len(names), recipe.merge_method, out_dir)
-    return write_model_dir(out_dir, shapes, produce, config, copy_from=tok_src, model_card=model_card(recipe, card_extra), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    return write_model_dir(
+        out_dir,
+        shapes,
+        produce,
+        config,
+        copy_from=tok_src,
+        model_card=model_card(recipe, card_extra),
+        max_shard_bytes=max_shard_bytes,
+        overwrite=overwrite,
+    )

@@ -3,6 +3,7 @@
 Groups: embed, attn, mlp, norm, head (and "other" for anything unrecognised). Names follow the common HF
 conventions (Llama/Mistral/Qwen `model.layers.N.self_attn...`, GPT-2 `transformer.h.N.attn...`).
 """
+
 from __future__ import annotations
 
 import re

@@ -10,6 +10,7 @@ The schema is mergekit's (`merge_method`, `base_model`, `models[].parameters`, `
   (an evomerge extension mergekit cannot express).
 evomerge adds `method_rules` (a merge method per group) and `seed` (DARE/DELLA masks).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,6 @@ from .layers import GROUPS, TensorInfo, classify
 from .methods import METHODS, get_method
 
 Scalar = Union[bool, int, float, str]
-
-
 
 
 class Rule(BaseModel):
@@ -98,10 +97,14 @@ class Recipe(BaseModel):
             if spec.needs_base and self.base_model is None:
                 raise ValueError(f"merge method {m} needs base_model")
         known |= {"int8_mask"}  # accepted for mergekit compatibility; a no-op here
-        for where, params in [("parameters", self.parameters)] + [(f"models[{i}] ({m.model})", m.parameters) for i, m in enumerate(self.models)]:
+        for where, params in [("parameters", self.parameters)] + [
+            (f"models[{i}] ({m.model})", m.parameters) for i, m in enumerate(self.models)
+        ]:
             unknown = set(params) - known
             if unknown:
-                raise ValueError(f"{where}: parameter(s) {sorted(unknown)} are not used by {sorted(methods)}; known: {sorted(known)}")
+                raise ValueError(
+                    f"{where}: parameter(s) {sorted(unknown)} are not used by {sorted(methods)}; known: {sorted(known)}"
+                )
         if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in [m.model for m in self.models]:
             raise ValueError(f"tokenizer_source must be 'base' or one of the models, got {self.tokenizer_source!r}")
         return self
@@ -166,14 +169,28 @@ class Recipe(BaseModel):
     def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
         data = dict(data)
         if "slices" in data:
-            raise RecipeError(f"{where}: mergekit 'slices' (frankenmerges, layer stacking) are not supported; use models: with per-layer gradient values")
+            raise RecipeError(
+                f"{where}: mergekit 'slices' (frankenmerges, layer stacking) are not supported; use models: with "
+                "per-layer gradient values"
+            )
         for m in data.get("models") or []:
-            if isinstance(m, dict) and isinstance(m.get("model"), str) and "+" in m["model"] and not Path(m["model"]).exists():
-                raise RecipeError(f"{where}: model {m['model']!r} applies a LoRA ('+'); merge the LoRA into the model first")
+            if (
+                isinstance(m, dict)
+                and isinstance(m.get("model"), str)
+                and "+" in m["model"]
+                and not Path(m["model"]).exists()
+            ):
+                raise RecipeError(
+                    f"{where}: model {m['model']!r} applies a LoRA ('+'); merge the LoRA into the model first"
+                )
             if isinstance(m, dict) and m.get("parameters") is None:
                 m["parameters"] = {}
-        for params in [data.get("parameters")] + [m.get("parameters") for m in data.get("models") or [] if isinstance(m, dict)]:
-            if isinstance(params, dict):  # mergekit also takes one conditional alone: `weight: {filter: mlp, value: 0.5}`
+        for params in [data.get("parameters")] + [
+            m.get("parameters") for m in data.get("models") or [] if isinstance(m, dict)
+        ]:
+            if isinstance(
+                params, dict
+            ):  # mergekit also takes one conditional alone: `weight: {filter: mlp, value: 0.5}`
                 params.update({k: [v] for k, v in params.items() if isinstance(v, dict) and "value" in v})
         for key in ("chat_template",):
             data.pop(key, None)
@@ -192,7 +209,10 @@ class Recipe(BaseModel):
         """A mergekit 0.1.5 config. Raises RecipeError for what mergekit cannot express."""
         methods = {r.method for r in self.method_rules}
         if methods - {self.merge_method}:
-            raise RecipeError(f"mergekit takes one merge_method per config; this recipe picks {sorted(methods | {self.merge_method})} per group")
+            raise RecipeError(
+                "mergekit takes one merge_method per config; this recipe picks "
+                f"{sorted(methods | {self.merge_method})} per group"
+            )
         if self.parameters.get("rescale_mode", "l1") != "l1":
             raise RecipeError("mergekit only rescales by the L1 norm (rescale_mode: l1)")
 
@@ -201,7 +221,10 @@ class Recipe(BaseModel):
                 out = []
                 for r in v:
                     if r.layers is not None:
-                        raise RecipeError(f"rule {r.model_dump(exclude_none=True)} selects layers by index; mergekit cannot; use a gradient list instead")
+                        raise RecipeError(
+                            f"rule {r.model_dump(exclude_none=True)} selects layers by index; mergekit cannot; use a "
+                            "gradient list instead"
+                        )
                     out.append({"filter": r.filter, "value": r.value} if r.filter is not None else {"value": r.value})
                 return out
             return v
@@ -267,4 +290,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["Recipe", "RecipeError", "ModelEntry", "Rule", "MethodRule", "TensorPlan", "evaluate", "GROUPS", "atomic_write_text"]
+__all__ = [
+    "Recipe",
+    "RecipeError",
+    "ModelEntry",
+    "Rule",
+    "MethodRule",
+    "TensorPlan",
+    "evaluate",
+    "GROUPS",
+    "atomic_write_text",
+]

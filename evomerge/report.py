@@ -1,5 +1,6 @@
 """Run report: the held-out table, best-so-far fitness vs evaluations, and a heatmap of the best recipe's
 per-layer parameters, as one self-contained HTML file (plots embedded as PNG)."""
+
 from __future__ import annotations
 
 import base64
@@ -26,7 +27,12 @@ def recipe_matrix(recipe: Recipe, space) -> tuple[list[str], list[str], list[lis
             columns.append(g.name)
             names.append(g.tensors[0])
         elif g.layers is not None:
-            layer_names = [n for n in space.tensor_names if classify(n).layer == g.layers[0] and (g.part is None or (classify(n).group == "mlp") == (g.part == "mlp"))]
+            layer_names = [
+                n
+                for n in space.tensor_names
+                if classify(n).layer == g.layers[0]
+                and (g.part is None or (classify(n).group == "mlp") == (g.part == "mlp"))
+            ]
             if layer_names:
                 columns.append(g.name)
                 names.append(layer_names[0])
@@ -38,8 +44,16 @@ def recipe_matrix(recipe: Recipe, space) -> tuple[list[str], list[str], list[lis
     for p in params:
         for si, sname in enumerate(space.source_names):
             rows.append(f"{p}[{sname}]")
-            values.append([float(recipe.plan(n, space.num_layers).source_params[si].get(p, float("nan"))) for n in names])
+            values.append(
+                [float(recipe.plan(n, space.num_layers).source_params[si].get(p, float("nan"))) for n in names]
+            )
     return rows, columns, values
+
+
+STYLE = (
+    "body{font-family:sans-serif;max-width:960px;margin:2em auto}td,th{padding:4px 10px;text-align:right}"
+    "td:first-child{text-align:left}"
+)
 
 
 def write_html_report(run_dir: Path, report: dict[str, Any], best: Recipe, space) -> Path:
@@ -53,7 +67,11 @@ def write_html_report(run_dir: Path, report: dict[str, Any], best: Recipe, space
     table = "<table><tr><th>model</th>" + "".join(f"<th>{html.escape(t)}</th>" for t in tasks) + "<th>fitness</th></tr>"
     for name, row in rows.items():
         style = ' style="font-weight:bold"' if name == "evolved" else ""
-        table += f"<tr{style}><td>{html.escape(name)}</td>" + "".join(f"<td>{row[t]:.3f}</td>" for t in tasks) + f"<td>{row['fitness']:.3f}</td></tr>"
+        table += (
+            f"<tr{style}><td>{html.escape(name)}</td>"
+            + "".join(f"<td>{row[t]:.3f}</td>" for t in tasks)
+            + f"<td>{row['fitness']:.3f}</td></tr>"
+        )
     table += "</table>"
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -83,14 +101,19 @@ def write_html_report(run_dir: Path, report: dict[str, Any], best: Recipe, space
             fig.colorbar(im, ax=ax)
             heat = f'<h2>Best recipe, per layer group</h2><img src="data:image/png;base64,{_png(fig)}">'
             plt.close(fig)
-    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>evomerge run {html.escape(report['name'])}</title>
-<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td,th{{padding:4px 10px;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
-<h1>evomerge run {html.escape(report['name'])}</h1>
-<p>{report['n_trials']} trials, optimizer {html.escape(str(report['optimizer']))}, seed {report['seed']}; best trial #{report['best_trial']} (search fitness {report['best_search_fitness']}).</p>
-<h2>Held-out ({report['split']} split) scores</h2>{table}
+    name = html.escape(report["name"])
+    summary = (
+        f"{report['n_trials']} trials, optimizer {html.escape(str(report['optimizer']))}, seed {report['seed']}; "
+        f"best trial #{report['best_trial']} (search fitness {report['best_search_fitness']})."
+    )
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>evomerge run {name}</title>
+<style>{STYLE}</style></head><body>
+<h1>evomerge run {name}</h1>
+<p>{summary}</p>
+<h2>Held-out ({report["split"]} split) scores</h2>{table}
 <h2>Search progress</h2><img src="data:image/png;base64,{curve}">
 {heat}
-<h2>Best recipe</h2><pre>{html.escape(best.to_yaml() if best else '')}</pre></body></html>"""
+<h2>Best recipe</h2><pre>{html.escape(best.to_yaml() if best else "")}</pre></body></html>"""
     path = run_dir / "report.html"
     atomic_write_text(path, body)
     return path

@@ -6,6 +6,7 @@ bounds. Bound to concrete models it becomes a flat list of named genes; a point 
 deterministically into a Recipe whose per-layer values are mergekit gradient lists (one entry per layer)
 and whose embedding/head values are per-tensor filters, so most searched recipes export to mergekit.
 """
+
 from __future__ import annotations
 
 import os
@@ -86,18 +87,23 @@ class SearchSpace(BaseModel):
         """Every value a gene can take must be a valid parameter, so no candidate fails for its bounds."""
         for name, gene in self.genes.items():
             if name in PARAM_RANGES and not (in_range(name, gene.low) and in_range(name, gene.high)):
-                raise ValueError(f"genes.{name}: bounds [{gene.low:g}, {gene.high:g}] leave {range_text(name)}, the range of {name}")
+                raise ValueError(
+                    f"genes.{name}: bounds [{gene.low:g}, {gene.high:g}] leave {range_text(name)}, the range of {name}"
+                )
         for name, value in self.parameters.items():
             if isinstance(value, (int, float)) and not in_range(name, value):
                 raise ValueError(f"parameters.{name}: {value} is outside {range_text(name)}")
         if any(METHODS[m].sparsification == "rank_magnitude" for m in self.methods()):
             density = self.genes.get("density")
             d_lo, d_hi = (density.low, density.high) if density else (float(self.parameters.get("density", 1.0)),) * 2
-            epsilon = self.genes["epsilon"].high if "epsilon" in self.genes else float(self.parameters.get("epsilon", 0.15))
+            epsilon = (
+                self.genes["epsilon"].high if "epsilon" in self.genes else float(self.parameters.get("epsilon", 0.15))
+            )
             if not della_band_ok(d_lo, d_hi, epsilon):
                 raise ValueError(
                     f"DELLA keeps entries with probability density ± epsilon, which must stay in (0, 1): density in "
-                    f"[{d_lo:g}, {d_hi:g}] with epsilon up to {epsilon:g} leaves it; narrow the density bounds or epsilon"
+                    f"[{d_lo:g}, {d_hi:g}] with epsilon up to {epsilon:g} leaves it; narrow the density bounds or "
+                    "epsilon"
                 )
 
     def methods(self) -> list[str]:
@@ -114,8 +120,22 @@ class SearchSpace(BaseModel):
         except ValidationError as e:
             raise RecipeError(f"{path}: invalid search space: {validation_summary(e)}") from None
 
-    def bind(self, base: str, sources: list[str], tensor_names: list[str], num_layers: int, source_names: list[str] | None = None) -> "BoundSpace":
-        return BoundSpace(self, base, list(sources), list(source_names or [Path(s).name for s in sources]), list(tensor_names), num_layers)
+    def bind(
+        self,
+        base: str,
+        sources: list[str],
+        tensor_names: list[str],
+        num_layers: int,
+        source_names: list[str] | None = None,
+    ) -> "BoundSpace":
+        return BoundSpace(
+            self,
+            base,
+            list(sources),
+            list(source_names or [Path(s).name for s in sources]),
+            list(tensor_names),
+            num_layers,
+        )
 
 
 @dataclass(frozen=True)
@@ -159,7 +179,15 @@ class _Group:
 class BoundSpace:
     """A search space bound to a base, sources and tensor names: a flat, ordered list of genes."""
 
-    def __init__(self, space: SearchSpace, base: str, sources: list[str], source_names: list[str], tensor_names: list[str], num_layers: int) -> None:
+    def __init__(
+        self,
+        space: SearchSpace,
+        base: str,
+        sources: list[str],
+        source_names: list[str],
+        tensor_names: list[str],
+        num_layers: int,
+    ) -> None:
         self.space = space
         self.base = base
         self.sources = sources
@@ -209,7 +237,10 @@ class BoundSpace:
         return len(self.genes)
 
     def initial(self) -> dict[str, float | str]:
-        return {g.name: (g.choices[min(len(g.choices) - 1, int(g.init * len(g.choices)))] if g.choices else g.init) for g in self.genes}
+        return {
+            g.name: (g.choices[min(len(g.choices) - 1, int(g.init * len(g.choices)))] if g.choices else g.init)
+            for g in self.genes
+        }
 
     def from_unit(self, x) -> dict[str, float | str]:
         return {g.name: g.from_unit(u) for g, u in zip(self.genes, x)}
@@ -224,24 +255,46 @@ class BoundSpace:
             raise RecipeError(f"search point lacks gene(s) {missing[:5]}")
         s = self.space
         if s.granularity == "global":
-            models = [ModelEntry(model=src, parameters={p: float(params[f"{p}[{sn}]@all"]) for p in s.genes if p not in GLOBAL_GENES}) for src, sn in zip(self.sources, self.source_names)]
+            models = [
+                ModelEntry(
+                    model=src, parameters={p: float(params[f"{p}[{sn}]@all"]) for p in s.genes if p not in GLOBAL_GENES}
+                )
+                for src, sn in zip(self.sources, self.source_names)
+            ]
             method = str(params["method@all"]) if s.method_choice else s.method
             rules: list[MethodRule] = []
         else:
             models = []
             for src, sn in zip(self.sources, self.source_names):
-                models.append(ModelEntry(model=src, parameters={p: self._rules(params, p, sn) for p in s.genes if p not in GLOBAL_GENES}))
+                models.append(
+                    ModelEntry(
+                        model=src, parameters={p: self._rules(params, p, sn) for p in s.genes if p not in GLOBAL_GENES}
+                    )
+                )
             method = s.method_choice[0] if s.method_choice else s.method
             rules = self._method_rules(params) if s.method_choice else []
         global_params = dict(s.parameters)
         for p in GLOBAL_GENES:
             if p in s.genes:
                 global_params[p] = float(params[p])
-        return Recipe(merge_method=method, base_model=self.base, models=models, parameters=global_params, method_rules=rules, dtype=s.dtype, seed=s.seed, name=name)
+        return Recipe(
+            merge_method=method,
+            base_model=self.base,
+            models=models,
+            parameters=global_params,
+            method_rules=rules,
+            dtype=s.dtype,
+            seed=s.seed,
+            name=name,
+        )
 
     def _rules(self, params: dict, pname: str, sname: str) -> list[Rule]:
         rules = []
-        layer_values: dict[str, list[float]] = {"attn": [0.0] * self.num_layers, "mlp": [0.0] * self.num_layers, None: [0.0] * self.num_layers}
+        layer_values: dict[str, list[float]] = {
+            "attn": [0.0] * self.num_layers,
+            "mlp": [0.0] * self.num_layers,
+            None: [0.0] * self.num_layers,
+        }
         for g in self.groups:
             value = float(params[f"{pname}[{sname}]@{g.name}"])
             if g.layers is None:

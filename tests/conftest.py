@@ -18,16 +18,28 @@ transformers.utils.logging.disable_progress_bar()
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
-def make_llama_family(root: Path, n_sources: int = 3, seed: int = 0, scale: float = 0.02, layers: int = 2) -> tuple[Path, list[Path]]:
+def make_llama_family(
+    root: Path, n_sources: int = 3, seed: int = 0, scale: float = 0.02, layers: int = 2
+) -> tuple[Path, list[Path]]:
     """A tiny random Llama base and `n_sources` fine-tunes (base + small noise), as HF directories."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from evomerge.zoo.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer("abcdefghijklmnopqrstuvwxyz0123456789 +-=?")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(seed)
     base = LlamaForCausalLM(cfg)
     base_dir = root / "base"

@@ -27,7 +27,9 @@ def test_sharded_write_round_trips_and_leaves_no_temp(tmp_path, llama_family):
     base, _ = llama_family
     ck = Checkpoint.open(base)
     shapes = {n: (ck.shape(n), torch.float32) for n in ck.tensor_names()}
-    out = write_model_dir(tmp_path / "out", shapes, ck.get, ck.config, copy_from=base, model_card="# card\n", max_shard_bytes=20_000)
+    out = write_model_dir(
+        tmp_path / "out", shapes, ck.get, ck.config, copy_from=base, model_card="# card\n", max_shard_bytes=20_000
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     back = Checkpoint.open(out)
@@ -84,11 +86,15 @@ def test_missing_and_extra_tensors_are_listed(tmp_path, llama_family):
     base, fts = llama_family
     bad = copy_dir(fts[0], tmp_path / "bad")
     _rewrite(bad, lambda t: (t.pop("model.norm.weight"), t.__setitem__("extra.weight", torch.ones(2))))
-    with pytest.raises(CheckpointError, match=r"missing 1 tensor.*model\.norm\.weight.*has 1 extra tensor.*extra\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"missing 1 tensor.*model\.norm\.weight.*has 1 extra tensor.*extra\.weight"
+    ):
         check_compatible(Checkpoint.open(base), [Checkpoint.open(bad)])
 
 
-@pytest.mark.parametrize("key,value,match", [("model_type", "mistral", "model_type is 'mistral'"), ("vocab_size", 999, "vocab size is 999")])
+@pytest.mark.parametrize(
+    "key,value,match", [("model_type", "mistral", "model_type is 'mistral'"), ("vocab_size", 999, "vocab size is 999")]
+)
 def test_config_mismatch_is_named(tmp_path, llama_family, key, value, match):
     base, fts = llama_family
     bad = copy_dir(fts[0], tmp_path / "bad")

@@ -77,8 +77,13 @@ def test_help_shows_defaults():
 # ---- one line, exit 2, nothing written --------------------------------------------------------------------
 def test_linear_weights_summing_to_zero(tmp_path, llama_family, capsys):
     base, fts = llama_family
-    recipe = {"merge_method": "linear", "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0}},
-                                                   {"model": str(fts[1]), "parameters": {"weight": -1.0}}]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(fts[0]), "parameters": {"weight": 1.0}},
+            {"model": str(fts[1]), "parameters": {"weight": -1.0}},
+        ],
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["merge", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")]) == 2
     assert "weights sum to zero" in one_line_error(capsys)
@@ -87,7 +92,11 @@ def test_linear_weights_summing_to_zero(tmp_path, llama_family, capsys):
 
 def test_out_pointing_at_an_existing_file(tmp_path, llama_family, capsys):
     base, fts = llama_family
-    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0}}]}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0}}],
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     (tmp_path / "existing").write_text("keep me")
     for extra in ([], ["--overwrite"]):
@@ -108,10 +117,20 @@ def test_eval_of_a_missing_model_is_one_line_and_never_asks_the_hub(tmp_path, sm
 
 
 def test_invalid_recipe_names_the_reason_on_the_first_line(tmp_path, capsys):
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 1}}]}))
+    (tmp_path / "r.yaml").write_text(
+        yaml.safe_dump({"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 1}}]})
+    )
     assert main(["merge", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 2
     assert "invalid recipe: merge method ties needs base_model" in one_line_error(capsys)
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": {"filter": "mlp"}}}]}))
+    (tmp_path / "r.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": [{"model": "a", "parameters": {"weight": {"filter": "mlp"}}}],
+            }
+        )
+    )
     assert main(["export-mergekit", str(tmp_path / "r.yaml")]) == 2
     assert "models.0.parameters.weight: {'filter': 'mlp'} is not a valid value" in one_line_error(capsys)
 
@@ -119,13 +138,34 @@ def test_invalid_recipe_names_the_reason_on_the_first_line(tmp_path, capsys):
 def test_mergekit_single_conditional_parameter_is_accepted():
     from evomerge.recipe import Recipe
 
-    recipe = Recipe.from_dict({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": {"filter": "mlp", "value": 0.5}, "density": 0.5}}]})
+    recipe = Recipe.from_dict(
+        {
+            "merge_method": "ties",
+            "base_model": "b",
+            "models": [{"model": "a", "parameters": {"weight": {"filter": "mlp", "value": 0.5}, "density": 0.5}}],
+        }
+    )
     assert recipe.models[0].parameters["weight"][0].filter == "mlp"
 
 
 def search_args(zoo, runs, name="r", space="sakana_ps.yaml", *extra):
-    return ["search", "--zoo", str(zoo), "--space", str(space if Path(space).is_absolute() else SPACES / space), "--trials", "2",
-            "--popsize", "2", "--runs-dir", str(runs), "--name", name, "--no-baselines", *extra]
+    return [
+        "search",
+        "--zoo",
+        str(zoo),
+        "--space",
+        str(space if Path(space).is_absolute() else SPACES / space),
+        "--trials",
+        "2",
+        "--popsize",
+        "2",
+        "--runs-dir",
+        str(runs),
+        "--name",
+        name,
+        "--no-baselines",
+        *extra,
+    ]
 
 
 def test_gene_bounds_outside_a_parameter_range_fail_before_anything_is_written(small_zoo, tmp_path, capsys):
@@ -145,7 +185,10 @@ def test_a_malformed_test_split_fails_before_the_first_trial(small_zoo, tmp_path
     bad_test.write_text(Path(spec["files"]["test"]).read_text() + '{"prompt": "no answer here"}\n')
     spec["files"]["test"] = str(bad_test)
     (tmp_path / "tasks.yaml").write_text(yaml.safe_dump([spec]))
-    assert main(search_args(small_zoo, tmp_path / "runs", "r", "sakana_ps.yaml", "--tasks", str(tmp_path / "tasks.yaml"))) == 2
+    assert (
+        main(search_args(small_zoo, tmp_path / "runs", "r", "sakana_ps.yaml", "--tasks", str(tmp_path / "tasks.yaml")))
+        == 2
+    )
     err = one_line_error(capsys)
     assert f"{bad_test}:" in err and "missing field(s) ['answer']" in err
     assert not (tmp_path / "runs").exists()
@@ -176,7 +219,16 @@ def test_tasks_without_task_names_means_every_listed_task(small_zoo, tmp_path):
     manifest = json.loads((small_zoo / "manifest.json").read_text())
     tasks = [t for t in manifest["tasks"] if t["name"] in ("facts_a", "reverse_a")]
     (tmp_path / "tasks.yaml").write_text(yaml.safe_dump(tasks))
-    args = search_args(small_zoo, tmp_path, "r", "global_task_arithmetic.yaml", "--tasks", str(tmp_path / "tasks.yaml"), "--optimizer", "random")
+    args = search_args(
+        small_zoo,
+        tmp_path,
+        "r",
+        "global_task_arithmetic.yaml",
+        "--tasks",
+        str(tmp_path / "tasks.yaml"),
+        "--optimizer",
+        "random",
+    )
     assert main(args) == 0
     header = (tmp_path / "r" / "trials.csv").read_text().splitlines()[0]
     assert "score:facts_a" in header and "score:reverse_a" in header and "score:math_b" not in header
@@ -185,7 +237,11 @@ def test_tasks_without_task_names_means_every_listed_task(small_zoo, tmp_path):
 # ---- outputs ----------------------------------------------------------------------------------------------
 def test_outputs_follow_the_users_umask(tmp_path, llama_family):
     base, fts = llama_family
-    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0}}]}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0}}],
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     old = os.umask(0o022)
     try:
@@ -198,5 +254,22 @@ def test_outputs_follow_the_users_umask(tmp_path, llama_family):
 
 
 def test_demo_smoke_run_does_not_take_the_full_demos_run_names(small_zoo, tmp_path):
-    assert main(["demo", "--small", "--zoo", str(small_zoo), "--trials", "2", "--popsize", "2", "--runs-dir", str(tmp_path), "--no-baselines"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--small",
+                "--zoo",
+                str(small_zoo),
+                "--trials",
+                "2",
+                "--popsize",
+                "2",
+                "--runs-dir",
+                str(tmp_path),
+                "--no-baselines",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-small-seed0"]

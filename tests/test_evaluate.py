@@ -40,16 +40,19 @@ def test_native_evaluator_is_deterministic_and_subsets_work(zoo_model):
 def test_batch_size_does_not_change_results(zoo_model):
     model, tok, zoo = zoo_model
     tasks = [load_task(s, "search") for s in load_specs(zoo, ["math_a", "facts_b"])]
-    assert NativeEvaluator(model, tok, tasks, batch_size=7).evaluate().per_item == NativeEvaluator(model, tok, tasks, batch_size=64).evaluate().per_item
+    assert (
+        NativeEvaluator(model, tok, tasks, batch_size=7).evaluate().per_item
+        == NativeEvaluator(model, tok, tasks, batch_size=64).evaluate().per_item
+    )
 
 
 def test_lm_eval_agrees_with_native_evaluator(zoo_model, tmp_path):
     """Multiple choice: same accuracy. Generation: a task whose answers are the native greedy outputs must
     score 1.0 under lm-eval too, i.e. both decode the same text."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from evomerge.evaluate.lm_eval_adapter import LMEvalEvaluator
     from evomerge.zoo.build import write_lm_eval_yamls
-
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     _, tok, zoo = zoo_model
     torch.manual_seed(0)  # a random-init model emits varied text: a demanding check of identical decoding
@@ -58,12 +61,18 @@ def test_lm_eval_agrees_with_native_evaluator(zoo_model, tmp_path):
     mc = load_task(specs["facts_a"], "search")
     gen_src = load_task(specs["math_b"], "search")
     native_gen = NativeEvaluator(model, tok, [gen_src]).generate(gen_src)
-    items = [{"prompt": it["prompt"], "answer": native_gen[i]} for i, it in enumerate(gen_src.items) if native_gen[i].strip()]
+    items = [
+        {"prompt": it["prompt"], "answer": native_gen[i]} for i, it in enumerate(gen_src.items) if native_gen[i].strip()
+    ]
     assert len(items) > 20
     write_jsonl(tmp_path / "echo.jsonl", items)
-    echo = TaskSpec("echo", "generate", {"search": str(tmp_path / "echo.jsonl")}, max_new_tokens=gen_src.spec.max_new_tokens)
+    echo = TaskSpec(
+        "echo", "generate", {"search": str(tmp_path / "echo.jsonl")}, max_new_tokens=gen_src.spec.max_new_tokens
+    )
     write_lm_eval_yamls(tmp_path / "yaml", [echo, specs["facts_a"]])
-    lm = LMEvalEvaluator(model, tok, ["zoo_echo_search", "zoo_facts_a_search"], include_path=tmp_path / "yaml", batch_size=32)
+    lm = LMEvalEvaluator(
+        model, tok, ["zoo_echo_search", "zoo_facts_a_search"], include_path=tmp_path / "yaml", batch_size=32
+    )
     got = lm.evaluate()
     native = NativeEvaluator(model, tok, [load_task(echo, "search"), mc]).evaluate().scores
     assert native["echo"] == 1.0
@@ -129,7 +138,24 @@ def test_eval_cli_prints_a_table(small_zoo, evaluator, capsys):
     from evomerge.cli import main
 
     m = json.loads((small_zoo / "manifest.json").read_text())
-    assert main(["eval", m["experts"]["expert_math"], "--tasks", str(small_zoo), "--task-names", "facts_a", "math_a", "--split", "search", "--evaluator", evaluator]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                m["experts"]["expert_math"],
+                "--tasks",
+                str(small_zoo),
+                "--task-names",
+                "facts_a",
+                "math_a",
+                "--split",
+                "search",
+                "--evaluator",
+                evaluator,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     expected = m["scores"]["expert_math"]["search"]["facts_a"]
     assert "facts_a" in out and "math_a" in out and f"{expected:.3f}" in out

@@ -1,5 +1,6 @@
 """The fused TIES/DARE/breadcrumbs kernels: exact thresholds, the counter-based random masks, and compiled
 code agreeing with the eager chunked code."""
+
 from __future__ import annotations
 
 import math
@@ -112,7 +113,14 @@ def test_row_rank_fractions_are_stable_ranks_within_each_row():
 def test_della_keep_probability_rises_with_rank():
     g = torch.Generator().manual_seed(2)
     delta = torch.randn(2000, 500, generator=g)
-    out = merge_deltas("della_linear", torch.zeros_like(delta), [delta], [{"weight": 1.0, "density": 0.5, "epsilon": 0.2}], seed=4, key="k")
+    out = merge_deltas(
+        "della_linear",
+        torch.zeros_like(delta),
+        [delta],
+        [{"weight": 1.0, "density": 0.5, "epsilon": 0.2}],
+        seed=4,
+        key="k",
+    )
     kept = out != 0
     ranks = (fused.row_rank_fractions(delta).float() * 499).round().long()
     assert abs(kept.float().mean().item() - 0.5) < 0.005
@@ -134,7 +142,9 @@ def test_random_bits_are_uniform_independent_and_position_keyed():
         # neighbouring seeds are independent: overlap ≈ density², not density
         assert abs(int((ka & kb).sum()) - density**2 * n) < 6 * math.sqrt(n * density**2 * (1 - density**2))
         # neighbouring positions are independent too
-        assert abs(int((ka[1:] & ka[:-1]).sum()) - density**2 * (n - 1)) < 6 * math.sqrt(n * density**2 * (1 - density**2))
+        assert abs(int((ka[1:] & ka[:-1]).sum()) - density**2 * (n - 1)) < 6 * math.sqrt(
+            n * density**2 * (1 - density**2)
+        )
     # a chunk starting at offset s draws what the whole tensor draws there
     assert torch.equal(fused.random_bits(idx[5000:9000], 77), fused.random_bits(idx, 77)[5000:9000])
 
@@ -162,7 +172,9 @@ def test_kept_norm_tables_equal_the_direct_pass(dtype):
     assert fused.tabled_kept_l1("random", delta[:10], fp, ip) is None  # small tensors: the direct pass
     delta.mul_(2)  # an in-place change rebuilds the table
     fp, ip = fused.source_params("random", [delta], [0.3], [0.0], [42], torch.float32)
-    assert fused.tabled_kept_l1("random", delta, fp, ip) == pytest.approx(fused.kept_l1("random", [delta], fp, ip)[0], rel=1e-6)
+    assert fused.tabled_kept_l1("random", delta, fp, ip) == pytest.approx(
+        fused.kept_l1("random", [delta], fp, ip)[0], rel=1e-6
+    )
 
 
 def test_della_with_a_new_epsilon_every_candidate_builds_no_table():
@@ -189,19 +201,27 @@ def test_della_codes_a_repeated_seed_and_epsilon_and_merges_the_same(dtype):
     fractions = [fused.row_rank_fractions(d) for d in deltas]
     steps = [(0.5, 0.6), (0.3, 0.8), (0.45, 1.0), (0.7, 0.2), (0.5, 0.6)]
     for n, densities in enumerate(steps):
-        assert torch.equal(merge(densities, (0.1, 0.15), deltas), merge(densities, (0.1, 0.15), [d.clone() for d in deltas]))
+        assert torch.equal(
+            merge(densities, (0.1, 0.15), deltas), merge(densities, (0.1, 0.15), [d.clone() for d in deltas])
+        )
         states = [fused._della_state(d) for d in deltas]
         assert all((s["coded_for"] is not None) == (n > 0) for s in states), n
     coded = fused._della_state(deltas[0])["values"]
     assert not torch.equal(coded, fractions[0])  # overwritten in place: no second buffer
     assert int(fused._code_steps(coded).min()) >= -1 and int(fused._code_steps(coded).max()) < 1 << fused.DENSITY_BITS
-    assert torch.equal(merge((0.5, 0.6), (0.1, 0.2), deltas), merge((0.5, 0.6), (0.1, 0.2), [d.clone() for d in deltas]))
+    assert torch.equal(
+        merge((0.5, 0.6), (0.1, 0.2), deltas), merge((0.5, 0.6), (0.1, 0.2), [d.clone() for d in deltas])
+    )
     first, second = (fused._della_state(d) for d in deltas)
     assert first["coded_for"] is not None and second["coded_for"] is None and second["given_up"]
     assert torch.equal(second["values"], fractions[1])  # sorted again
     for _ in range(2):  # the second source never codes again, and mixed kinds merge the same
-        assert torch.equal(merge((0.4, 0.5), (0.1, 0.2), deltas), merge((0.4, 0.5), (0.1, 0.2), [d.clone() for d in deltas]))
-    kinds, _ = fused.della_inputs(deltas, *fused.source_params("rank", deltas, [0.4, 0.5], [0.0] * 2, [1, 2], torch.float32, [0.1, 0.2]))
+        assert torch.equal(
+            merge((0.4, 0.5), (0.1, 0.2), deltas), merge((0.4, 0.5), (0.1, 0.2), [d.clone() for d in deltas])
+        )
+    kinds, _ = fused.della_inputs(
+        deltas, *fused.source_params("rank", deltas, [0.4, 0.5], [0.0] * 2, [1, 2], torch.float32, [0.1, 0.2])
+    )
     assert kinds == ("rank", "rank")  # another seed word: a new key for the first source, too
 
 
@@ -233,10 +253,20 @@ def test_the_direct_kept_norm_sums_each_sources_mask_in_one_pass():
 def test_dare_keeps_the_density_and_rescales_each_source():
     base = torch.zeros(200_000)
     delta = torch.randn(200_000)
-    out = merge_deltas("dare_linear", base, [delta], [{"weight": 1.0, "density": 0.2}], {"rescale_mode": "inverse_density"}, seed=0, key="k")
+    out = merge_deltas(
+        "dare_linear",
+        base,
+        [delta],
+        [{"weight": 1.0, "density": 0.2}],
+        {"rescale_mode": "inverse_density"},
+        seed=0,
+        key="k",
+    )
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.2) < 0.005
-    torch.testing.assert_close(out[kept], delta[kept] / (fused.density_threshold(0.2) / 2**fused.RANDOM_BITS))  # 1/P(keep)
+    torch.testing.assert_close(
+        out[kept], delta[kept] / (fused.density_threshold(0.2) / 2**fused.RANDOM_BITS)
+    )  # 1/P(keep)
 
 
 def test_ties_fused_equals_reference_trim_and_election():
@@ -255,11 +285,24 @@ def test_ties_fused_equals_reference_trim_and_election():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,dtype", [
-    ("ties", torch.float32), ("dare_ties", torch.float32), ("breadcrumbs_ties", torch.float32), ("dare_linear", torch.float32),
-    ("della", torch.float32), ("ties", torch.bfloat16), ("task_arithmetic", torch.bfloat16), ("linear", torch.float32), ("slerp", torch.float32), ("model_stock", torch.float32),
-    ("dare_ties", torch.bfloat16), ("breadcrumbs_ties", torch.bfloat16), ("della", torch.bfloat16),  # 16-bit lane tiling
-])
+@pytest.mark.parametrize(
+    "method,dtype",
+    [
+        ("ties", torch.float32),
+        ("dare_ties", torch.float32),
+        ("breadcrumbs_ties", torch.float32),
+        ("dare_linear", torch.float32),
+        ("della", torch.float32),
+        ("ties", torch.bfloat16),
+        ("task_arithmetic", torch.bfloat16),
+        ("linear", torch.float32),
+        ("slerp", torch.float32),
+        ("model_stock", torch.float32),
+        ("dare_ties", torch.bfloat16),
+        ("breadcrumbs_ties", torch.bfloat16),
+        ("della", torch.bfloat16),  # 16-bit lane tiling
+    ],
+)
 def test_compiled_kernels_match_eager(method, dtype, monkeypatch):
     """torch.compile'd merge (inductor) against the eager chunked code on the same inputs."""
     g = torch.Generator().manual_seed(5)
@@ -283,11 +326,17 @@ def test_compiled_kernels_match_eager(method, dtype, monkeypatch):
     monkeypatch.setenv("EVOMERGE_COMPILE", "on")
     compiled = merge_deltas(method, base, deltas, params, global_params, seed=9, key="layer.0")
     assert not fused._compile_failed, "torch.compile failed; the eager fallback ran instead"
-    tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-5}  # bf16: one rounding step
+    tol = (
+        {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-5}
+    )  # bf16: one rounding step
     torch.testing.assert_close(compiled, eager, **tol)
     if method == "della":  # that was the second sight of its (seed, ε): margin codes; fresh copies hash instead
         assert fused._della_state(deltas[0])["coded_for"] is not None
-        torch.testing.assert_close(merge_deltas(method, base, [d.clone() for d in deltas], params, global_params, seed=9, key="layer.0"), eager, **tol)
+        torch.testing.assert_close(
+            merge_deltas(method, base, [d.clone() for d in deltas], params, global_params, seed=9, key="layer.0"),
+            eager,
+            **tol,
+        )
 
 
 @pytest.mark.slow
@@ -314,7 +363,9 @@ def test_small_tensors_reuse_kernels_compiled_for_large_ones(monkeypatch):
         got = merge_deltas("della", base, deltas, params, seed=3, key="k")
         assert (not eager_chunks) == reused, n
         monkeypatch.setenv("EVOMERGE_COMPILE", "off")
-        torch.testing.assert_close(got, merge_deltas("della", base, deltas, params, seed=3, key="k"), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            got, merge_deltas("della", base, deltas, params, seed=3, key="k"), rtol=1e-6, atol=1e-7
+        )
         monkeypatch.setenv("EVOMERGE_COMPILE", "auto")
 
 
@@ -364,7 +415,9 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
     got = merge_deltas("dare_ties", base, [delta], [{"weight": 1.0, "density": 0.5}], seed=1, key="k")
     assert fused._compile_failed
     monkeypatch.setenv("EVOMERGE_COMPILE", "off")
-    torch.testing.assert_close(got, merge_deltas("dare_ties", base, [delta], [{"weight": 1.0, "density": 0.5}], seed=1, key="k"))
+    torch.testing.assert_close(
+        got, merge_deltas("dare_ties", base, [delta], [{"weight": 1.0, "density": 0.5}], seed=1, key="k")
+    )
 
 
 def test_scratch_and_outputs_are_reused_not_reallocated():
@@ -375,12 +428,18 @@ def test_scratch_and_outputs_are_reused_not_reallocated():
     for d in (0.2, 0.6):
         merge_deltas("ties", base, deltas, [{"weight": 1.0, "density": d}] * 2, out=out)
     assert out.data_ptr() == ptr
-    assert fast.scratch(10_000, torch.bool, base.device, slot=70).data_ptr() == fast.scratch(10_000, torch.bool, base.device, slot=70).data_ptr()
+    assert (
+        fast.scratch(10_000, torch.bool, base.device, slot=70).data_ptr()
+        == fast.scratch(10_000, torch.bool, base.device, slot=70).data_ptr()
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "della", "task_arithmetic", "slerp", "model_stock"])
+@pytest.mark.parametrize(
+    "method",
+    ["ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "della", "task_arithmetic", "slerp", "model_stock"],
+)
 def test_cuda_merge_matches_cpu(method, dtype, monkeypatch):
     """The GPU path (Triton through torch.compile) against the CPU's: same thresholds, same random bits.
     The base is as small as the task vectors, so a single entry kept on one side and not the other shows."""

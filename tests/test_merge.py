@@ -52,7 +52,9 @@ def test_merge_cli_output_loads_in_transformers_and_matches_engine(tmp_path, lla
 def test_engine_writes_candidates_in_place_into_one_model(llama_family):
     base, fts = llama_family
     engine = Engine(base, fts)
-    assert not engine.base_ckpt._handles and not any(c._handles for c in engine.source_ckpts)  # files unmapped once resident
+    assert not engine.base_ckpt._handles and not any(
+        c._handles for c in engine.source_ckpts
+    )  # files unmapped once resident
     model = engine.load_target_model()
     target = engine.bind(model)
     ptrs = {n: t.data_ptr() for n, t in target.items()}
@@ -119,7 +121,11 @@ def test_target_model_is_the_base_built_from_resident_tensors(llama_family):
     model = engine.load_target_model()
     maps = Path("/proc/self/maps")
     if maps.exists():  # Linux: no parameter lives in a mapping of the base's files
-        ranges = [[int(x, 16) for x in line.split()[0].split("-")] for line in maps.read_text().splitlines() if str(Path(base).resolve()) in line]
+        ranges = [
+            [int(x, 16) for x in line.split()[0].split("-")]
+            for line in maps.read_text().splitlines()
+            if str(Path(base).resolve()) in line
+        ]
         assert not [n for n, p in model.named_parameters() if any(lo <= p.data_ptr() < hi for lo, hi in ranges)]
     reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     ids = torch.tensor([[1, 5, 9, 2, 7]])
@@ -159,7 +165,11 @@ def test_merge_cli_reports_shape_mismatch_and_exits_nonzero(tmp_path, llama_fami
 
 def test_linear_without_base_and_bf16_output(tmp_path, llama_family):
     base, fts = llama_family
-    data = {"merge_method": "linear", "models": [{"model": str(d), "parameters": {"weight": 1.0}} for d in fts[:2]], "dtype": "float32"}
+    data = {
+        "merge_method": "linear",
+        "models": [{"model": str(d), "parameters": {"weight": 1.0}} for d in fts[:2]],
+        "dtype": "float32",
+    }
     rpath = write_yaml(tmp_path / "r.yaml", data)
     out = tmp_path / "soup"
     assert main(["merge", str(rpath), "--out", str(out), "--dtype", "bfloat16"]) == 0
@@ -176,7 +186,9 @@ def test_export_mergekit_cli(tmp_path, llama_family, capsys):
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["merge_method"] == "ties" and cfg["base_model"] == str(base)
     assert cfg["models"][0]["parameters"]["density"] == 0.6
-    assert Recipe.from_dict(cfg).plan("model.layers.1.mlp.up_proj.weight", 2) == Recipe.load(rpath).plan("model.layers.1.mlp.up_proj.weight", 2)
+    assert Recipe.from_dict(cfg).plan("model.layers.1.mlp.up_proj.weight", 2) == Recipe.load(rpath).plan(
+        "model.layers.1.mlp.up_proj.weight", 2
+    )
 
 
 def test_missing_recipe_file_is_a_clean_error(tmp_path, capsys):

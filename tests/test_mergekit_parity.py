@@ -1,10 +1,11 @@
 """Deterministic methods must equal mergekit 0.1.5's output (fixtures in ../shared) to 1e-6."""
+
 import json
 
 import pytest
+from conftest import SHARED
 from safetensors.torch import load_file
 
-from conftest import SHARED
 from evomerge.methods import merge_tensors
 
 FIXTURES = SHARED / "fixtures" / "mergekit"
@@ -19,7 +20,15 @@ def tensors():
 
 
 def test_fixtures_cover_every_deterministic_method():
-    assert {c["method"] for c in CASES} >= {"linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "model_stock", "slerp"}
+    assert {c["method"] for c in CASES} >= {
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "model_stock",
+        "slerp",
+    }
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["case"] + "-" + c["method"] for c in CASES])

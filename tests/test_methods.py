@@ -18,7 +18,9 @@ def test_task_arithmetic_negative_weight_negates_the_task_vector():
 
 def test_task_arithmetic_lambda_scales_the_summed_change():
     base = torch.zeros(3)
-    out = merge_tensors("task_arithmetic", [t(1, 2, 3), t(1, 0, 0)], [{"weight": 1.0}, {"weight": 2.0}], {"lambda": 0.5}, base=base)
+    out = merge_tensors(
+        "task_arithmetic", [t(1, 2, 3), t(1, 0, 0)], [{"weight": 1.0}, {"weight": 2.0}], {"lambda": 0.5}, base=base
+    )
     assert torch.allclose(out, t(1.5, 1.0, 1.5))
 
 
@@ -34,7 +36,9 @@ def test_ties_keeps_only_majority_sign():
 
 def test_ties_without_normalize_sums_agreeing_contributions():
     base = torch.zeros(2)
-    out = merge_tensors("ties", [t(1.0, -1.0), t(2.0, 3.0)], [{"weight": 1.0, "density": 1.0}] * 2, {"normalize": False}, base=base)
+    out = merge_tensors(
+        "ties", [t(1.0, -1.0), t(2.0, 3.0)], [{"weight": 1.0, "density": 1.0}] * 2, {"normalize": False}, base=base
+    )
     assert torch.allclose(out, t(3.0, 3.0))
 
 
@@ -56,7 +60,15 @@ def test_dare_rescale_l1_preserves_l1_norm_and_inverse_density_scales():
     base = torch.zeros_like(delta)
     kept = merge_deltas("dare_linear", base, [delta], [{"weight": 1.0, "density": 0.3}], seed=1, key="k")
     assert kept.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-5)
-    kept2 = merge_deltas("dare_linear", base, [delta], [{"weight": 1.0, "density": 0.3}], {"rescale_mode": "inverse_density"}, seed=1, key="k")
+    kept2 = merge_deltas(
+        "dare_linear",
+        base,
+        [delta],
+        [{"weight": 1.0, "density": 0.3}],
+        {"rescale_mode": "inverse_density"},
+        seed=1,
+        key="k",
+    )
     nz = kept2 != 0
     assert torch.allclose(kept2[nz], delta[nz] / 0.3, rtol=1e-4)  # 1/P(keep), P on DARE's 2⁻¹⁴ density grid
     assert 0.28 < nz.float().mean().item() < 0.32
@@ -89,7 +101,15 @@ def test_breadcrumbs_with_no_outliers_to_drop_keeps_the_largest():
 def test_della_keeps_larger_entries_more_often():
     delta = torch.linspace(0.01, 1.0, 1000).repeat(50, 1)
     base = torch.zeros_like(delta)
-    out = merge_deltas("della_linear", base, [delta], [{"weight": 1.0, "density": 0.5, "epsilon": 0.4}], {"rescale": False}, seed=0, key="x")
+    out = merge_deltas(
+        "della_linear",
+        base,
+        [delta],
+        [{"weight": 1.0, "density": 0.5, "epsilon": 0.4}],
+        {"rescale": False},
+        seed=0,
+        key="x",
+    )
     keep = (out != 0).float().mean(dim=0)
     assert keep[:100].mean() < 0.2 and keep[-100:].mean() > 0.8
 
@@ -127,7 +147,22 @@ def test_linear_is_the_weighted_average():
     assert torch.allclose(out, t(3.0, 5.0))
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "dare_linear",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "slerp",
+        "model_stock",
+    ],
+)
 def test_every_method_writes_into_a_preallocated_output(method):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(16, 8, generator=g)
@@ -197,7 +232,9 @@ def test_fast_paths_match_the_reference_on_large_tensors(method):
     for m, dens in zip(masks, densities):
         if method != "task_arithmetic":
             assert int(m.sum()) == int(dens * m.numel())
-    ref = _reference_gta(base, deltas, weights, masks, consensus=method.endswith("ties"), normalize=method == "ties", lam=0.7)
+    ref = _reference_gta(
+        base, deltas, weights, masks, consensus=method.endswith("ties"), normalize=method == "ties", lam=0.7
+    )
     assert (out - ref).abs().max().item() < 1e-5
 
 
@@ -241,18 +278,37 @@ def test_cached_angles_follow_in_place_changes_of_the_task_vectors():
     assert not torch.allclose(first, d1)
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "dare_linear",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "slerp",
+        "model_stock",
+    ],
+)
 def test_every_method_accepts_bf16_task_vectors_and_output(method):
     """bf16 inputs (e.g. --delta-dtype bfloat16) merge like their fp32 upcast, rounded once."""
     g = torch.Generator().manual_seed(0)
     base = torch.randn(64, 32, generator=g).bfloat16()
     n = 1 if method == "slerp" else 2
     deltas = [(torch.randn(64, 32, generator=g) * 0.1).bfloat16() for _ in range(n)]
-    params = [] if method in ("slerp", "model_stock") else [{"weight": 0.6, "density": 0.5, **({"epsilon": 0.1} if "della" in method else {})} for _ in range(n)]
+    params = (
+        []
+        if method in ("slerp", "model_stock")
+        else [{"weight": 0.6, "density": 0.5, **({"epsilon": 0.1} if "della" in method else {})} for _ in range(n)]
+    )
     if method in ("linear", "task_arithmetic"):
         params = [{"weight": 0.6}] * n
     gp = {"t": 0.3} if method == "slerp" else {}
     got = merge_deltas(method, base, deltas, params, gp, seed=1, key="k")
     ref = merge_deltas(method, base.float(), [d.float() for d in deltas], params, gp, seed=1, key="k")
     assert got.dtype == torch.bfloat16
-    assert (got.float() - ref).abs().max().item() <= 2 ** -7 * ref.abs().max().item()
+    assert (got.float() - ref).abs().max().item() <= 2**-7 * ref.abs().max().item()

@@ -49,11 +49,19 @@ def test_mergekit_export_round_trips():
 
 
 def test_per_layer_rules_and_method_rules():
-    r = Recipe.from_dict({
-        "merge_method": "ties", "base_model": "/b",
-        "models": [{"model": "/a", "parameters": {"weight": [{"layers": [0, 1], "value": 0.2}, {"value": 0.9}], "density": 0.5}}],
-        "method_rules": [{"filter": "attn", "method": "dare_ties"}],
-    })
+    r = Recipe.from_dict(
+        {
+            "merge_method": "ties",
+            "base_model": "/b",
+            "models": [
+                {
+                    "model": "/a",
+                    "parameters": {"weight": [{"layers": [0, 1], "value": 0.2}, {"value": 0.9}], "density": 0.5},
+                }
+            ],
+            "method_rules": [{"filter": "attn", "method": "dare_ties"}],
+        }
+    )
     p = r.plan("model.layers.1.self_attn.k_proj.weight", 4)
     assert p.method == "dare_ties" and p.source_params[0]["weight"] == 0.2
     p = r.plan("model.layers.3.mlp.gate_proj.weight", 4)
@@ -63,18 +71,29 @@ def test_per_layer_rules_and_method_rules():
 
 
 def test_layer_index_rules_cannot_be_exported_to_mergekit():
-    r = Recipe.from_dict({"merge_method": "task_arithmetic", "base_model": "/b",
-                          "models": [{"model": "/a", "parameters": {"weight": [{"layers": [0], "value": 1.0}, {"value": 0.5}]}}]})
+    r = Recipe.from_dict(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "/b",
+            "models": [{"model": "/a", "parameters": {"weight": [{"layers": [0], "value": 1.0}, {"value": 0.5}]}}],
+        }
+    )
     with pytest.raises(RecipeError, match="selects layers by index"):
         r.to_mergekit()
 
 
-@pytest.mark.parametrize("data,match", [
-    ({"merge_method": "tiez", "base_model": "/b", "models": [{"model": "/a"}]}, "unknown merge method 'tiez'"),
-    ({"merge_method": "ties", "models": [{"model": "/a"}]}, "needs base_model"),
-    ({"merge_method": "ties", "base_model": "/b", "models": [{"model": "/a", "parameters": {"densty": 0.5}}]}, r"densty"),
-    ({"merge_method": "ties", "base_model": "/b", "slices": []}, "slices"),
-])
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"merge_method": "tiez", "base_model": "/b", "models": [{"model": "/a"}]}, "unknown merge method 'tiez'"),
+        ({"merge_method": "ties", "models": [{"model": "/a"}]}, "needs base_model"),
+        (
+            {"merge_method": "ties", "base_model": "/b", "models": [{"model": "/a", "parameters": {"densty": 0.5}}]},
+            r"densty",
+        ),
+        ({"merge_method": "ties", "base_model": "/b", "slices": []}, "slices"),
+    ],
+)
 def test_bad_recipes_are_explained(data, match):
     with pytest.raises(RecipeError, match=match):
         Recipe.from_dict(data)

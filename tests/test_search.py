@@ -30,20 +30,63 @@ def complete_trials(db):
         return []
     with sqlite3.connect(db, timeout=30) as c:
         try:
-            rows = c.execute("select t.number, v.value from trials t join trial_values v on v.trial_id = t.trial_id where t.state = 'COMPLETE' and v.objective = 0 order by t.number").fetchall()
+            rows = c.execute(
+                "select t.number, v.value from trials t join trial_values v on v.trial_id = t.trial_id where t.state "
+                "= 'COMPLETE' and v.objective = 0 order by t.number"
+            ).fetchall()
         except sqlite3.OperationalError:
             return []
     return rows
 
 
 def test_search_writes_run_outputs_and_held_out_report(small_zoo, tmp_path):
-    assert main(["search", "--zoo", str(small_zoo), "--space", str(SPACE), "--trials", "8", "--popsize", "4", "--runs-dir", str(tmp_path), "--name", "r", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--zoo",
+                str(small_zoo),
+                "--space",
+                str(SPACE),
+                "--trials",
+                "8",
+                "--popsize",
+                "4",
+                "--runs-dir",
+                str(tmp_path),
+                "--name",
+                "r",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     run = tmp_path / "r"
-    for f in ("study.db", "trials.csv", "best_recipe.yaml", "best_mergekit.yaml", "report.json", "report.html", "cma_state.pkl", "config.json"):
+    for f in (
+        "study.db",
+        "trials.csv",
+        "best_recipe.yaml",
+        "best_mergekit.yaml",
+        "report.json",
+        "report.html",
+        "cma_state.pkl",
+        "config.json",
+    ):
         assert (run / f).is_file(), f
     report = json.loads((run / "report.json").read_text())
     assert report["split"] == "test" and report["n_trials"] == 8
-    assert {"base", "expert_math", "expert_lang_b", "expert_reverse", "uniform soup", "task arithmetic", "TIES", "DARE-TIES", "evolved"} <= set(report["rows"])
+    assert {
+        "base",
+        "expert_math",
+        "expert_lang_b",
+        "expert_reverse",
+        "uniform soup",
+        "task arithmetic",
+        "TIES",
+        "DARE-TIES",
+        "evolved",
+    } <= set(report["rows"])
     assert len((run / "trials.csv").read_text().splitlines()) == 9
     recipe = Recipe.load(run / "best_recipe.yaml")
     assert recipe.merge_method == "dare_ties"
@@ -56,7 +99,27 @@ def test_search_writes_run_outputs_and_held_out_report(small_zoo, tmp_path):
 
 def test_same_seed_reproduces_the_same_trials(small_zoo, tmp_path):
     for name in ("a", "b"):
-        assert main(["search", "--zoo", str(small_zoo), "--space", str(SPACE), "--trials", "5", "--popsize", "5", "--runs-dir", str(tmp_path), "--name", name, "--no-baselines"]) == 0
+        assert (
+            main(
+                [
+                    "search",
+                    "--zoo",
+                    str(small_zoo),
+                    "--space",
+                    str(SPACE),
+                    "--trials",
+                    "5",
+                    "--popsize",
+                    "5",
+                    "--runs-dir",
+                    str(tmp_path),
+                    "--name",
+                    name,
+                    "--no-baselines",
+                ]
+            )
+            == 0
+        )
     a = (tmp_path / "a" / "trials.csv").read_text().splitlines()
     b = (tmp_path / "b" / "trials.csv").read_text().splitlines()
     strip = lambda rows: [r.split(",")[:4] + r.split(",")[7:] for r in rows]  # noqa: E731  (drop timing columns)
@@ -66,7 +129,24 @@ def test_same_seed_reproduces_the_same_trials(small_zoo, tmp_path):
 @pytest.mark.parametrize("optimizer", ["tpe", "optuna-cma", "nsga2", "random"])
 def test_optuna_optimizers_run(small_zoo, tmp_path, optimizer):
     space = ROOT / "search_spaces" / "global_task_arithmetic.yaml"
-    args = ["search", "--zoo", str(small_zoo), "--space", str(space), "--trials", "5", "--runs-dir", str(tmp_path), "--name", optimizer, "--optimizer", optimizer, "--no-baselines", "--popsize", "4"]
+    args = [
+        "search",
+        "--zoo",
+        str(small_zoo),
+        "--space",
+        str(space),
+        "--trials",
+        "5",
+        "--runs-dir",
+        str(tmp_path),
+        "--name",
+        optimizer,
+        "--optimizer",
+        optimizer,
+        "--no-baselines",
+        "--popsize",
+        "4",
+    ]
     if optimizer == "nsga2":
         args += ["--task-names", "math_b", "facts_b"]
     assert main(args) == 0
@@ -74,7 +154,22 @@ def test_optuna_optimizers_run(small_zoo, tmp_path, optimizer):
 
 
 def test_resuming_with_different_settings_is_refused(small_zoo, tmp_path, capsys):
-    base = ["search", "--zoo", str(small_zoo), "--space", str(SPACE), "--trials", "2", "--popsize", "2", "--runs-dir", str(tmp_path), "--name", "r", "--no-baselines"]
+    base = [
+        "search",
+        "--zoo",
+        str(small_zoo),
+        "--space",
+        str(SPACE),
+        "--trials",
+        "2",
+        "--popsize",
+        "2",
+        "--runs-dir",
+        str(tmp_path),
+        "--name",
+        "r",
+        "--no-baselines",
+    ]
     assert main(base) == 0
     assert main(base[:-1] + ["--seed", "5", "--no-baselines"]) == 2
     assert "different configuration" in capsys.readouterr().err
@@ -82,7 +177,25 @@ def test_resuming_with_different_settings_is_refused(small_zoo, tmp_path, capsys
 
 @pytest.mark.slow
 def test_sigkill_mid_search_then_resume_loses_and_repeats_nothing(small_zoo, tmp_path):
-    cmd = [sys.executable, "-m", "evomerge", "search", "--zoo", str(small_zoo), "--space", str(SPACE), "--trials", "14", "--popsize", "5", "--runs-dir", str(tmp_path), "--name", "k", "--no-baselines"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "evomerge",
+        "search",
+        "--zoo",
+        str(small_zoo),
+        "--space",
+        str(SPACE),
+        "--trials",
+        "14",
+        "--popsize",
+        "5",
+        "--runs-dir",
+        str(tmp_path),
+        "--name",
+        "k",
+        "--no-baselines",
+    ]
     db = tmp_path / "k" / "study.db"
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -101,7 +214,9 @@ def test_sigkill_mid_search_then_resume_loses_and_repeats_nothing(small_zoo, tmp
     import optuna
 
     study = optuna.load_study(study_name="k", storage=f"sqlite:///{db}")
-    keys = [(t.user_attrs["cma_generation"], t.user_attrs["cma_index"]) for t in study.trials if t.state.name == "COMPLETE"]
+    keys = [
+        (t.user_attrs["cma_generation"], t.user_attrs["cma_index"]) for t in study.trials if t.state.name == "COMPLETE"
+    ]
     assert len(keys) == len(set(keys)) == 14  # no candidate evaluated twice
     assert (tmp_path / "k" / "report.json").is_file()
 
@@ -109,7 +224,27 @@ def test_sigkill_mid_search_then_resume_loses_and_repeats_nothing(small_zoo, tmp
 @pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(small_zoo, tmp_path):
     space = ROOT / "search_spaces" / "global_task_arithmetic.yaml"
-    assert main(["search", "--zoo", str(small_zoo), "--space", str(space), "--trials", "2", "--runs-dir", str(tmp_path), "--name", "w", "--optimizer", "tpe", "--no-baselines"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--zoo",
+                str(small_zoo),
+                "--space",
+                str(space),
+                "--trials",
+                "2",
+                "--runs-dir",
+                str(tmp_path),
+                "--name",
+                "w",
+                "--optimizer",
+                "tpe",
+                "--no-baselines",
+            ]
+        )
+        == 0
+    )
     db = tmp_path / "w" / "study.db"
     url = f"sqlite:///{db}"
     cmd = [sys.executable, "-m", "evomerge", "worker", "--storage", url, "--study", "w", "--trials", "12"]
@@ -127,7 +262,26 @@ def test_two_workers_share_one_sqlite_study(small_zoo, tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_the_small_zoo(small_zoo, tmp_path, capsys):
-    assert main(["demo", "--small", "--zoo", str(small_zoo), "--trials", "6", "--popsize", "3", "--seeds", "0", "1", "--runs-dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--small",
+                "--zoo",
+                str(small_zoo),
+                "--trials",
+                "6",
+                "--popsize",
+                "3",
+                "--seeds",
+                "0",
+                "1",
+                "--runs-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "seed 0: held-out test split" in out and "fitness over seeds [0, 1]" in out and "evolved" in out
     assert (tmp_path / "demo-small-seed1" / "report.json").is_file()
@@ -137,8 +291,29 @@ def test_racing_and_subsampling_through_the_search_loop(small_zoo, tmp_path):
     import optuna
 
     space = ROOT / "search_spaces" / "global_task_arithmetic.yaml"
-    args = ["search", "--zoo", str(small_zoo), "--space", str(space), "--trials", "8", "--runs-dir", str(tmp_path), "--name", "race",
-            "--optimizer", "random", "--task-names", "facts_a", "facts_b", "--racing", "halving", "--subsample", "12", "--no-baselines"]
+    args = [
+        "search",
+        "--zoo",
+        str(small_zoo),
+        "--space",
+        str(space),
+        "--trials",
+        "8",
+        "--runs-dir",
+        str(tmp_path),
+        "--name",
+        "race",
+        "--optimizer",
+        "random",
+        "--task-names",
+        "facts_a",
+        "facts_b",
+        "--racing",
+        "halving",
+        "--subsample",
+        "12",
+        "--no-baselines",
+    ]
     assert main(args) == 0
     study = optuna.load_study(study_name="race", storage=f"sqlite:///{tmp_path / 'race' / 'study.db'}")
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -152,10 +327,25 @@ def test_racing_and_subsampling_through_the_search_loop(small_zoo, tmp_path):
 def test_cma_resume_ignores_a_candidate_enqueued_but_never_started(small_zoo, tmp_path):
     import optuna
 
-    base = ["search", "--zoo", str(small_zoo), "--space", str(SPACE), "--popsize", "3", "--runs-dir", str(tmp_path), "--name", "q", "--no-baselines"]
+    base = [
+        "search",
+        "--zoo",
+        str(small_zoo),
+        "--space",
+        str(SPACE),
+        "--popsize",
+        "3",
+        "--runs-dir",
+        str(tmp_path),
+        "--name",
+        "q",
+        "--no-baselines",
+    ]
     assert main(base + ["--trials", "2"]) == 0
     study = optuna.load_study(study_name="q", storage=f"sqlite:///{tmp_path / 'q' / 'study.db'}")
-    study.enqueue_trial(study.trials[0].params, user_attrs={"cma_generation": 0, "cma_index": 0})  # as if killed right after enqueue
+    study.enqueue_trial(
+        study.trials[0].params, user_attrs={"cma_generation": 0, "cma_index": 0}
+    )  # as if killed right after enqueue
     assert main(base + ["--trials", "6"]) == 0
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     keys = [(t.user_attrs["cma_generation"], t.user_attrs["cma_index"]) for t in done]
@@ -163,7 +353,9 @@ def test_cma_resume_ignores_a_candidate_enqueued_but_never_started(small_zoo, tm
 
 
 @pytest.mark.parametrize("optimizer", ["tpe", "optuna-cma", "random", "nsga2", "cma"])
-def test_resume_evaluates_the_interrupted_candidate_again_and_reproduces_the_run(small_zoo, tmp_path, monkeypatch, optimizer):
+def test_resume_evaluates_the_interrupted_candidate_again_and_reproduces_the_run(
+    small_zoo, tmp_path, monkeypatch, optimizer
+):
     import optuna
 
     from evomerge.search.loop import Session
@@ -171,8 +363,31 @@ def test_resume_evaluates_the_interrupted_candidate_again_and_reproduces_the_run
     space = ROOT / "search_spaces" / "global_task_arithmetic.yaml"
 
     def args(name):
-        return ["search", "--zoo", str(small_zoo), "--space", str(space), "--trials", "7", "--popsize", "3", "--runs-dir", str(tmp_path),
-                "--name", name, "--optimizer", optimizer, "--subsample", "6", "--task-names", "facts_a", "facts_b", "--no-baselines", "--seed", "2"]
+        return [
+            "search",
+            "--zoo",
+            str(small_zoo),
+            "--space",
+            str(space),
+            "--trials",
+            "7",
+            "--popsize",
+            "3",
+            "--runs-dir",
+            str(tmp_path),
+            "--name",
+            name,
+            "--optimizer",
+            optimizer,
+            "--subsample",
+            "6",
+            "--task-names",
+            "facts_a",
+            "facts_b",
+            "--no-baselines",
+            "--seed",
+            "2",
+        ]
 
     def trials(name):
         study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name / 'study.db'}")

@@ -9,7 +9,10 @@ def test_greedy_soup_is_at_least_the_best_ingredient_on_search(small_zoo, tmp_pa
     m = json.loads((small_zoo / "manifest.json").read_text())
     ingredients = list(m["soup_ingredients"].values()) + [m["experts"]["expert_math"]]
     out = tmp_path / "soup"
-    assert main(["soup", *ingredients, "--tasks", str(small_zoo), "--task-names", "math_a", "facts_a", "--out", str(out)]) == 0
+    assert (
+        main(["soup", *ingredients, "--tasks", str(small_zoo), "--task-names", "math_a", "facts_a", "--out", str(out)])
+        == 0
+    )
     card = (out / "README.md").read_text()
     assert "Greedy soup" in card and "uniform soup" in card
     import yaml
@@ -75,7 +78,18 @@ def test_greedy_soup_optimizer_in_the_search_loop(small_zoo, tmp_path):
 
     space = SearchSpace.load(Path(__file__).resolve().parents[1] / "search_spaces" / "soup.yaml").model_dump()
     specs = [json.loads(json.dumps(t)) for t in m["tasks"] if t["name"] in ("facts_a", "facts_b")]
-    cfg = SearchConfig(name="gs", space=space, base=m["base"], sources=sources, source_names=names, tasks=specs, optimizer="greedy-soup", trials=100, runs_dir=str(tmp_path), baselines=False)
+    cfg = SearchConfig(
+        name="gs",
+        space=space,
+        base=m["base"],
+        sources=sources,
+        source_names=names,
+        tasks=specs,
+        optimizer="greedy-soup",
+        trials=100,
+        runs_dir=str(tmp_path),
+        baselines=False,
+    )
     outcome = run_search(cfg)
     study = optuna.load_study(study_name="gs", storage=cfg.storage_url())
     done = [t for t in study.trials if t.state.name == "COMPLETE"]

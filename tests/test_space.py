@@ -4,7 +4,15 @@ import yaml
 from evomerge.recipe import Recipe, RecipeError
 from evomerge.space import SearchSpace
 
-NAMES = ["model.embed_tokens.weight"] + [f"model.layers.{i}.{p}" for i in range(4) for p in ("self_attn.q_proj.weight", "mlp.up_proj.weight", "input_layernorm.weight")] + ["model.norm.weight", "lm_head.weight"]
+NAMES = (
+    ["model.embed_tokens.weight"]
+    + [
+        f"model.layers.{i}.{p}"
+        for i in range(4)
+        for p in ("self_attn.q_proj.weight", "mlp.up_proj.weight", "input_layernorm.weight")
+    ]
+    + ["model.norm.weight", "lm_head.weight"]
+)
 SPACES = ["sakana_ps", "layerwise_ties", "method_choice", "mergekit_evolve_like", "global_task_arithmetic"]
 
 
@@ -37,7 +45,9 @@ def test_layer_granularity_gives_each_layer_and_io_group_its_own_genes():
     assert r.plan("model.layers.2.mlp.up_proj.weight", 4).source_params[1]["weight"] == pytest.approx(0.9)
     assert r.plan("model.layers.1.mlp.up_proj.weight", 4).source_params[1]["weight"] == pytest.approx(0.1)
     assert r.plan("model.embed_tokens.weight", 4).source_params[0]["weight"] == pytest.approx(0.7)
-    assert Recipe.from_dict(r.to_mergekit()).plan("model.layers.2.self_attn.q_proj.weight", 4) == r.plan("model.layers.2.self_attn.q_proj.weight", 4)
+    assert Recipe.from_dict(r.to_mergekit()).plan("model.layers.2.self_attn.q_proj.weight", 4) == r.plan(
+        "model.layers.2.self_attn.q_proj.weight", 4
+    )
 
 
 def test_split_attention_and_mlp():
@@ -68,17 +78,26 @@ def test_unit_cube_mapping_round_trips_and_clips():
     assert all(g.low <= g.from_unit(5.0) <= g.high for g in space.genes if not g.choices)
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"method": "ties", "method_choice": ["ties"]}, "exactly one"),
-    ({"genes": {"wieght": {"low": 0, "high": 1}}}, "wieght"),
-    ({"genes": {"weight": {"low": 1, "high": 0}}}, "low < high"),
-    ({"genes": {"density": {"low": 0.1, "high": 1.5}}}, r"bounds \[0.1, 1.5\] leave \(0, 1\], the range of density"),
-    ({"genes": {"density": {"low": 0.0, "high": 1.0}}}, "the range of density"),
-    ({"parameters": {"density": 2.0}}, r"parameters.density: 2.0 is outside"),
-    ({"method": "della", "genes": {"density": {"low": 0.1, "high": 0.9}}}, "density ± epsilon"),
-    ({"method": "della", "genes": {"density": {"low": 0.3, "high": 0.8}, "epsilon": {"low": 0.0, "high": 0.25}}}, "epsilon up to 0.25"),
-    ({"genes": {"weight": {"low": 0, "high": 1, "log": True}}}, "log-scaled"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"method": "ties", "method_choice": ["ties"]}, "exactly one"),
+        ({"genes": {"wieght": {"low": 0, "high": 1}}}, "wieght"),
+        ({"genes": {"weight": {"low": 1, "high": 0}}}, "low < high"),
+        (
+            {"genes": {"density": {"low": 0.1, "high": 1.5}}},
+            r"bounds \[0.1, 1.5\] leave \(0, 1\], the range of density",
+        ),
+        ({"genes": {"density": {"low": 0.0, "high": 1.0}}}, "the range of density"),
+        ({"parameters": {"density": 2.0}}, r"parameters.density: 2.0 is outside"),
+        ({"method": "della", "genes": {"density": {"low": 0.1, "high": 0.9}}}, "density ± epsilon"),
+        (
+            {"method": "della", "genes": {"density": {"low": 0.3, "high": 0.8}, "epsilon": {"low": 0.0, "high": 0.25}}},
+            "epsilon up to 0.25",
+        ),
+        ({"genes": {"weight": {"low": 0, "high": 1, "log": True}}}, "log-scaled"),
+    ],
+)
 def test_invalid_spaces_are_explained(bad, match):
     data = {"name": "x", "method": "ties", "genes": {"weight": {"low": 0, "high": 1}}}
     data.update(bad)
@@ -87,5 +106,9 @@ def test_invalid_spaces_are_explained(bad, match):
 
 
 def test_a_della_space_inside_the_band_is_accepted():
-    data = {"name": "x", "method": "della", "genes": {"density": {"low": 0.3, "high": 0.8}, "epsilon": {"low": 0.0, "high": 0.15}}}
+    data = {
+        "name": "x",
+        "method": "della",
+        "genes": {"density": {"low": 0.3, "high": 0.8}, "epsilon": {"low": 0.0, "high": 0.15}},
+    }
     SearchSpace.model_validate(data)

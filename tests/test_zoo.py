@@ -41,7 +41,7 @@ def test_task_splits_are_disjoint(small_zoo):
         search = {line for line in open(t["files"]["search"])}
         test = {line for line in open(t["files"]["test"])}
         assert search and test and not (search & test), t["name"]
-        prompts = lambda f: {json.loads(l)["prompt"] for l in open(f)}  # noqa: E731
+        prompts = lambda f: {json.loads(line)["prompt"] for line in open(f)}  # noqa: E731
         if t["kind"] == "generate":
             assert not prompts(t["files"]["search"]) & prompts(t["files"]["test"])
 

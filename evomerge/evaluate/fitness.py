@@ -7,6 +7,7 @@ Racing modes:
 - "halving": successive halving. At each rung the candidate must score at least the best candidate's
   score on the same examples (minus `tolerance`) to go on. Faster, can drop a late bloomer.
 """
+
 from __future__ import annotations
 
 import random
@@ -97,13 +98,22 @@ class Fitness:
             if frac >= 1.0 or self.best == float("-inf"):
                 continue
             if self.racing == "bound":
-                bound = self.combine({name: (sum(c.values()) + len(pool[name]) - len(c)) / len(pool[name]) for name, c in correct.items()})
+                bound = self.combine(
+                    {
+                        name: (sum(c.values()) + len(pool[name]) - len(c)) / len(pool[name])
+                        for name, c in correct.items()
+                    }
+                )
                 if bound < self.best:
-                    return self._finish(FitnessResult(bound, scores, sum(map(len, correct.values())), True, r, per_rung))
+                    return self._finish(
+                        FitnessResult(bound, scores, sum(map(len, correct.values())), True, r, per_rung)
+                    )
             elif self.racing == "halving" and r < len(self.best_rungs) and value < self.best_rungs[r] - self.tolerance:
                 return self._finish(FitnessResult(value, scores, sum(map(len, correct.values())), True, r, per_rung))
         scores = {name: sum(c.values()) / len(c) for name, c in correct.items() if c}
-        return self._finish(FitnessResult(self.combine(scores), scores, sum(map(len, correct.values())), False, last, per_rung))
+        return self._finish(
+            FitnessResult(self.combine(scores), scores, sum(map(len, correct.values())), False, last, per_rung)
+        )
 
     def _finish(self, result: FitnessResult) -> FitnessResult:
         if not result.pruned and result.value > self.best:

@@ -5,6 +5,7 @@
 each call goes straight to `lm_eval.evaluator.evaluate` (not `simple_evaluate`, which re-collects the
 environment every time).
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,14 +22,23 @@ PRIMARY_METRICS = ("exact_match,strip", "exact_match,none", "acc,none", "exact_m
 
 
 class LMEvalEvaluator:
-    def __init__(self, model: torch.nn.Module, tokenizer, tasks: Sequence[str], include_path: str | os.PathLike | None = None, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        tasks: Sequence[str],
+        include_path: str | os.PathLike | None = None,
+        batch_size: int = 64,
+    ) -> None:
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager, get_task_dict
 
         for name in ("lm-eval", "lm_eval", "lm_eval.models.huggingface"):
             logging.getLogger(name).setLevel(logging.ERROR)
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=True)
-        manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_path is None)
+        manager = TaskManager(
+            include_path=str(include_path) if include_path else None, include_defaults=include_path is None
+        )
         self.task_names = list(tasks)
         with warnings.catch_warnings():  # get_task_dict is deprecated in newer lm-eval but works in all 0.4.x
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -4,6 +4,7 @@ Everything that does not depend on the weights is done once in the constructor: 
 length, padding into batches. A call is then only forward passes: greedy decoding with a KV cache for
 generation tasks, one batched forward per chunk for log-likelihood multiple choice.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -38,7 +39,14 @@ class _MCBatch:
 
 
 class NativeEvaluator:
-    def __init__(self, model: torch.nn.Module, tokenizer, tasks: Sequence[Task], batch_size: int = 64, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        tasks: Sequence[Task],
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.tasks = list(tasks)
@@ -116,7 +124,11 @@ class NativeEvaluator:
                     which = list(subset[task.name]) if subset is not None else list(range(len(task.items)))
                     if not which:
                         continue
-                    per_item = self._generate(task, which) if task.spec.kind == "generate" else self._multiple_choice(task, which)
+                    per_item = (
+                        self._generate(task, which)
+                        if task.spec.kind == "generate"
+                        else self._multiple_choice(task, which)
+                    )
                     result.per_item[task.name] = per_item
                     result.scores[task.name] = sum(per_item.values()) / len(per_item)
                     result.n_examples += len(per_item)
@@ -147,7 +159,12 @@ class NativeEvaluator:
                     break
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
                 last_pos = last_pos + 1
-                step = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": last_pos[:, None], self._cache: past}
+                step = {
+                    "input_ids": nxt[:, None],
+                    "attention_mask": mask,
+                    "position_ids": last_pos[:, None],
+                    self._cache: past,
+                }
                 out = self.model(**step, use_cache=True)
                 past = getattr(out, self._cache)
                 nxt = out.logits[:, -1].argmax(-1)

@@ -4,6 +4,7 @@ once, for the final report).
 The held-out discipline is enforced here: while a search runs (`searching()` is active) loading a test
 split raises `HeldOutError`, so no code path can peek at the test split during optimization.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,10 +58,26 @@ class TaskSpec:
         if kind not in ("generate", "multiple_choice"):
             raise TaskError(f"task {d['name']}: kind must be generate or multiple_choice, got {kind!r}")
         metric = d.get("metric", "exact_match" if kind == "generate" else "acc")
-        return cls(name=d["name"], kind=kind, files=files, metric=metric, max_new_tokens=int(d.get("max_new_tokens", 8)), weight=float(d.get("weight", 1.0)), stop=list(d.get("stop", ["\n"])))
+        return cls(
+            name=d["name"],
+            kind=kind,
+            files=files,
+            metric=metric,
+            max_new_tokens=int(d.get("max_new_tokens", 8)),
+            weight=float(d.get("weight", 1.0)),
+            stop=list(d.get("stop", ["\n"])),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "files": self.files, "metric": self.metric, "max_new_tokens": self.max_new_tokens, "weight": self.weight, "stop": self.stop}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "files": self.files,
+            "metric": self.metric,
+            "max_new_tokens": self.max_new_tokens,
+            "weight": self.weight,
+            "stop": self.stop,
+        }
 
 
 @dataclass

@@ -3,6 +3,7 @@
 - `merge_deltas`: what the engine calls, on resident task vectors, writing into a preallocated output.
 - `merge_tensors`: mergekit-shaped (raw model tensors, base first), used for parity with mergekit.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -13,7 +14,16 @@ import torch
 from . import kernels
 from .registry import METHODS, MethodError, MethodSpec, get_method, resolve_params
 
-__all__ = ["METHODS", "MethodError", "MethodSpec", "get_method", "resolve_params", "merge_deltas", "merge_tensors", "source_seeds"]
+__all__ = [
+    "METHODS",
+    "MethodError",
+    "MethodSpec",
+    "get_method",
+    "resolve_params",
+    "merge_deltas",
+    "merge_tensors",
+    "source_seeds",
+]
 
 
 def source_seeds(seed: int, key: str, n: int) -> list[int]:
@@ -39,9 +49,18 @@ def merge_deltas(
     spec = get_method(method)
     params, g = resolve_params(spec, len(deltas), list(source_params), dict(global_params or {}))
     if spec.family == "task_arithmetic":
-        return kernels.task_arithmetic(spec, base, deltas, params, g, out=out, seeds=source_seeds(seed, key, len(deltas)))
+        return kernels.task_arithmetic(
+            spec, base, deltas, params, g, out=out, seeds=source_seeds(seed, key, len(deltas))
+        )
     if spec.family == "linear":
-        return kernels.linear_deltas(base, deltas, [p["weight"] for p in params], normalize=bool(g["normalize"]), out=out, base_weight=base_weight)
+        return kernels.linear_deltas(
+            base,
+            deltas,
+            [p["weight"] for p in params],
+            normalize=bool(g["normalize"]),
+            out=out,
+            base_weight=base_weight,
+        )
     if spec.family == "slerp":
         return kernels.slerp_delta(float(g["t"]), base, deltas[0], out=out)
     if spec.family == "model_stock":

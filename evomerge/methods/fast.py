@@ -5,6 +5,7 @@ Why: materializing a candidate is pure memory traffic. Doing every source's cont
 L2-sized chunk before moving on keeps the output chunk in cache, so the merge reads each input once and
 writes the output once; scratch buffers are kept between candidates instead of allocated per call.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,7 +37,13 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> 
     return buf[:numel]
 
 
-def weighted_sum_into(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor], coeffs: Sequence[float], base_coeff: float = 1.0) -> torch.Tensor:
+def weighted_sum_into(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    coeffs: Sequence[float],
+    base_coeff: float = 1.0,
+) -> torch.Tensor:
     """out = base_coeff·base + Σ cᵢ·δᵢ, chunk by chunk (fp32 accumulation for half-precision outputs)."""
     o, b = out.view(-1), base.reshape(-1)
     ds = [d.reshape(-1) for d in deltas]

@@ -15,6 +15,7 @@ merge is one fused loop that reads the base and each task vector once and writes
   row; the ranks depend on δ alone and are kept resident (`row_rank_fractions`). With the seed and ε fixed
   for a search, they become margin codes (`della_inputs`): one stored value per entry against a threshold.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -81,7 +82,9 @@ def _kept_l1_tables(delta: torch.Tensor) -> dict:
     return {}
 
 
-def tabled_kept_l1(kind: str, delta: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, rank: torch.Tensor | None = None) -> float | None:
+def tabled_kept_l1(
+    kind: str, delta: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, rank: torch.Tensor | None = None
+) -> float | None:
     """‖δ ⊙ keep‖₁ of a DARE or DELLA mask (fp/ip: this source's row) read from a table, or None when there
     is none. A search keeps one seed, so each position's random bits are fixed and the mask of a density is
     "a fixed per-position value < a threshold on the 2⁻¹⁴ grid" — DARE: its bits; DELLA: u − 2ε·rank
@@ -107,11 +110,15 @@ def tabled_kept_l1(kind: str, delta: torch.Tensor, fp: torch.Tensor, ip: torch.T
     if kind == "random":
         step = int(ip[0, 3]) >> (RANDOM_BITS - DENSITY_BITS)
     else:  # p₀'s grid step, read back from the code threshold when coded
-        step = (int(_code_steps(fp[0, :1].to(torch.float16))) if kind == "coded" else round(float(fp[0, 0]) * grid)) + grid
+        step = (
+            int(_code_steps(fp[0, :1].to(torch.float16))) if kind == "coded" else round(float(fp[0, 0]) * grid)
+        ) + grid
     return float(table[step])
 
 
-def _kept_l1_table(kind: str, delta: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, rank: torch.Tensor | None) -> torch.Tensor:
+def _kept_l1_table(
+    kind: str, delta: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, rank: torch.Tensor | None
+) -> torch.Tensor:
     """[g] = Σ |δ| over the positions a threshold at grid step g keeps (DELLA: g counts from −1)."""
     flat = delta.reshape(-1)
     grid = 1 << DENSITY_BITS
@@ -182,10 +189,14 @@ def magnitude_index(delta: torch.Tensor) -> MagnitudeIndex:
             a = flat[s : s + fast.CHUNK].abs().float()
             counts += torch.bincount(torch.bucketize(a, edges, right=True), minlength=edges.numel() + 1)
     at_or_above = torch.cat([counts.flip(0).cumsum(0).flip(0), counts.new_zeros(1)])
-    return MagnitudeIndex(edges.cpu().numpy(), at_or_above.cpu().numpy(), one_value, patterns)  # host arrays: a lookup needs no GPU sync
+    return MagnitudeIndex(
+        edges.cpu().numpy(), at_or_above.cpu().numpy(), one_value, patterns
+    )  # host arrays: a lookup needs no GPU sync
 
 
-def keep_largest(delta: torch.Tensor, ks: Sequence[int], index: MagnitudeIndex | None = None) -> list[tuple[float, int]]:
+def keep_largest(
+    delta: torch.Tensor, ks: Sequence[int], index: MagnitudeIndex | None = None
+) -> list[tuple[float, int]]:
     """For each k: (t, cut) such that "|δ| > t, or |δ| == t at a position < cut" holds for exactly the k
     largest entries of δ, ties at the threshold broken by position (first positions first). All ks share
     one pass over δ (breadcrumbs needs two)."""
@@ -279,11 +290,15 @@ def tie_index(delta: torch.Tensor) -> TieIndex:
     patterns = 1 << 15
     index = magnitude_index(delta)  # its bins are the values present, with their counts
     per_pattern = torch.zeros(patterns, dtype=torch.int64)
-    per_pattern[torch.from_numpy(index.patterns).long()] = torch.from_numpy(index.at_or_above[1:-1] - index.at_or_above[2:])
+    per_pattern[torch.from_numpy(index.patterns).long()] = torch.from_numpy(
+        index.at_or_above[1:-1] - index.at_or_above[2:]
+    )
     per_pattern = per_pattern.to(flat.device)
     records = (per_pattern + TIE_STRIDE - 1) // TIE_STRIDE
     first = records.cumsum(0) - records
-    positions = torch.empty(int(records.sum()), dtype=torch.int32 if flat.numel() < 2**31 else torch.int64, device=flat.device)
+    positions = torch.empty(
+        int(records.sum()), dtype=torch.int32 if flat.numel() < 2**31 else torch.int64, device=flat.device
+    )
     seen = torch.zeros_like(per_pattern)  # entries of each value in the chunks before this one
     every_pattern = torch.arange(patterns, device=flat.device)
     chunk = 4 * fast.CHUNK
@@ -338,10 +353,14 @@ def row_rank_fractions(delta: torch.Tensor) -> torch.Tensor:
     rows = _rows(delta)
     width = rows.shape[1]
     fractions = torch.empty(rows.shape, dtype=torch.float16, device=delta.device)
-    steps = (torch.arange(width, device=delta.device, dtype=torch.float32) / max(width - 1, 1)).expand(min(rows.shape[0], 256), -1)
+    steps = (torch.arange(width, device=delta.device, dtype=torch.float32) / max(width - 1, 1)).expand(
+        min(rows.shape[0], 256), -1
+    )
     for s in range(0, rows.shape[0], 256):  # a few rows at a time: the sort's scratch stays small
         order = rows[s : s + 256].abs().float().sort(dim=1, stable=True).indices
-        fractions[s : s + 256] = torch.empty(order.shape, dtype=torch.float32, device=delta.device).scatter_(1, order, steps[: order.shape[0]])
+        fractions[s : s + 256] = torch.empty(order.shape, dtype=torch.float32, device=delta.device).scatter_(
+            1, order, steps[: order.shape[0]]
+        )
     return fractions.view(delta.shape)
 
 
@@ -350,7 +369,9 @@ def _della_state(delta: torch.Tensor) -> dict:
     return {"values": None, "coded_for": None, "last": None, "given_up": False}
 
 
-def della_inputs(deltas: Sequence[torch.Tensor], fp: torch.Tensor, ip: torch.Tensor) -> tuple[tuple[str, ...], list[torch.Tensor]]:
+def della_inputs(
+    deltas: Sequence[torch.Tensor], fp: torch.Tensor, ip: torch.Tensor
+) -> tuple[tuple[str, ...], list[torch.Tensor]]:
     """Each source's DELLA keep kind and resident input: "rank" with its rank fractions, or "coded" with
     margin codes. Why: a search keeps one seed, so each position's random bits are fixed, and with a fixed ε
     the margin u − 2ε·fraction that DELLA compares with p₀ is fixed too. When a source's (seed, ε) comes
@@ -368,7 +389,12 @@ def della_inputs(deltas: Sequence[torch.Tensor], fp: torch.Tensor, ip: torch.Ten
         if step < 1 << DENSITY_BITS:
             if state["coded_for"] not in (None, key):  # codes for another ε: sort again, and stay with fractions
                 state.update(values=None, coded_for=None, given_up=True)
-            if state["values"] is not None and state["coded_for"] is None and state["last"] == key and not state["given_up"]:
+            if (
+                state["values"] is not None
+                and state["coded_for"] is None
+                and state["last"] == key
+                and not state["given_up"]
+            ):
                 _encode_margins(state["values"], key[0], fp[i : i + 1])
                 state["coded_for"] = key
             state["last"] = key
@@ -485,7 +511,17 @@ def _block_counts_into(flat: torch.Tensor, bounds: torch.Tensor, part_of: torch.
     if full < n:
         counts[-1] = _members(flat[full:], bounds).sum()
     whole = counts[: full // BLOCK]
-    if full == 0 or _compiled_call(flat if part_of is None else part_of, lambda: _compiled_block_counts(flat.dtype, flat.device.type, tuple(bounds.shape), bounds.dtype), flat[:full], bounds, whole) is not EAGER:
+    if (
+        full == 0
+        or _compiled_call(
+            flat if part_of is None else part_of,
+            lambda: _compiled_block_counts(flat.dtype, flat.device.type, tuple(bounds.shape), bounds.dtype),
+            flat[:full],
+            bounds,
+            whole,
+        )
+        is not EAGER
+    ):
         return counts
     for s in range(0, full, fast.CHUNK):  # CHUNK is a multiple of BLOCK
         e = min(full, s + fast.CHUNK)
@@ -499,7 +535,15 @@ def _block_counts(flat: torch.Tensor, bounds: torch.Tensor, counts: torch.Tensor
 
 
 # ---- the fused merge -------------------------------------------------------------------------------
-def _keep(kind: str, a: torch.Tensor, idx: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, i: int, rank: torch.Tensor | None = None) -> torch.Tensor:
+def _keep(
+    kind: str,
+    a: torch.Tensor,
+    idx: torch.Tensor,
+    fp: torch.Tensor,
+    ip: torch.Tensor,
+    i: int,
+    rank: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Source i's keep predicate. kind: magnitude (TIES), window (breadcrumbs), random (DARE), rank or coded
     (DELLA).
     fp[i] = (t_keep, t_drop, scale, weight) — for "rank" the first two are (p₀, slope) of the keep
@@ -521,14 +565,29 @@ def _positions(n: int, offset: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, device=device, dtype=torch.int32 if offset + n < 2**31 else torch.int64) + offset
 
 
-def _merge_body(out, base, deltas, fp, ip, lam, ranks, offset: int, kinds: tuple[str, ...], consensus: bool, normalize: bool, work: torch.dtype) -> None:
+def _merge_body(
+    out,
+    base,
+    deltas,
+    fp,
+    ip,
+    lam,
+    ranks,
+    offset: int,
+    kinds: tuple[str, ...],
+    consensus: bool,
+    normalize: bool,
+    work: torch.dtype,
+) -> None:
     """out = base + merged change, elementwise over flat (chunks of) tensors starting at `offset`, source i
     kept by rule kinds[i]; arithmetic in `work` (fp32, or fp64 for fp64 models)."""
     idx = _positions(base.numel(), offset, base.device) if set(kinds) != {"coded"} else None
     kept = []
     for i, d in enumerate(deltas):
         x = d.to(work)
-        kept.append(torch.where(_keep(kinds[i], x.abs(), idx, fp, ip, i, ranks[i] if ranks else None), x * fp[i, 2], 0.0))
+        kept.append(
+            torch.where(_keep(kinds[i], x.abs(), idx, fp, ip, i, ranks[i] if ranks else None), x * fp[i, 2], 0.0)
+        )
     total = kept[0]
     for k in kept[1:]:
         total = total + k
@@ -551,7 +610,11 @@ def _kept_l1_body(deltas, fp, ip, ranks, offset: int, kinds: tuple[str, ...]) ->
     sums = []
     for i, d in enumerate(deltas):
         a = d.to(fast.work_dtype(d)).abs()
-        sums.append(torch.where(_keep(kinds[i], a, idx, fp, ip, i, ranks[i] if ranks else None), a, 0.0).sum(dtype=torch.float64))
+        sums.append(
+            torch.where(_keep(kinds[i], a, idx, fp, ip, i, ranks[i] if ranks else None), a, 0.0).sum(
+                dtype=torch.float64
+            )
+        )
     return torch.stack(sums)
 
 
@@ -608,8 +671,12 @@ def _cache_key_pass():
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_merge(kinds: tuple[str, ...], consensus: bool, normalize: bool, work: torch.dtype, dtypes: tuple, device: str):
-    return _compile(functools.partial(_merge_body, offset=0, kinds=kinds, consensus=consensus, normalize=normalize, work=work))
+def _compiled_merge(
+    kinds: tuple[str, ...], consensus: bool, normalize: bool, work: torch.dtype, dtypes: tuple, device: str
+):
+    return _compile(
+        functools.partial(_merge_body, offset=0, kinds=kinds, consensus=consensus, normalize=normalize, work=work)
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -669,7 +736,10 @@ def _tile_by_16bit_lanes():
     except ImportError:
         yield
         return
-    select, lowp_of = getattr(getattr(cpp, "TilingSelect", None), "select_tiling", None), getattr(cpp, "get_loop_body_lowp_fp", None)
+    select, lowp_of = (
+        getattr(getattr(cpp, "TilingSelect", None), "select_tiling", None),
+        getattr(cpp, "get_loop_body_lowp_fp", None),
+    )
     if select is None or lowp_of is None or not hasattr(cpp, "_get_loop_body"):
         yield
         return
@@ -694,7 +764,15 @@ def _tile_by_16bit_lanes():
         cpp.TilingSelect.select_tiling = select
 
 
-def source_params(kind: str, deltas: Sequence[torch.Tensor], densities: Sequence[float], gammas: Sequence[float], seeds: Sequence[int], work: torch.dtype, epsilons: Sequence[float] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+def source_params(
+    kind: str,
+    deltas: Sequence[torch.Tensor],
+    densities: Sequence[float],
+    gammas: Sequence[float],
+    seeds: Sequence[int],
+    work: torch.dtype,
+    epsilons: Sequence[float] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp, ip): per-source float and int parameter rows for `_keep` (scale and weight left at 1), on the
     host: callers read and adjust them there, and `merge_into` / `kept_l1` move them to the device."""
     fp, ip = [], []
@@ -705,7 +783,9 @@ def source_params(kind: str, deltas: Sequence[torch.Tensor], densities: Sequence
             threshold = density_threshold(min(d, 1.0))
         elif kind == "rank":  # DELLA: keep probability d − ε + 2ε·rank/(width − 1) along each row
             eps = epsilons[len(fp)]  # p₀ = d − ε on the density grid (see tabled_kept_l1)
-            t_keep, t_drop = (round((d - eps) * (1 << DENSITY_BITS)) / (1 << DENSITY_BITS), 2 * eps) if d < 1.0 else (2.0, 0.0)
+            t_keep, t_drop = (
+                (round((d - eps) * (1 << DENSITY_BITS)) / (1 << DENSITY_BITS), 2 * eps) if d < 1.0 else (2.0, 0.0)
+            )
         elif d < 1.0:
             if kind == "magnitude":
                 keep_top, drop_top = magnitude_k(n, d), 0
@@ -721,21 +801,48 @@ def _per_source(kind: str | Sequence[str], n: int) -> tuple[str, ...]:
     return (kind,) * n if isinstance(kind, str) else tuple(kind)
 
 
-def kept_l1(kind: str | Sequence[str], deltas: Sequence[torch.Tensor], fp: torch.Tensor, ip: torch.Tensor, ranks: Sequence[torch.Tensor] = ()) -> list[float]:
+def kept_l1(
+    kind: str | Sequence[str],
+    deltas: Sequence[torch.Tensor],
+    fp: torch.Tensor,
+    ip: torch.Tensor,
+    ranks: Sequence[torch.Tensor] = (),
+) -> list[float]:
     """‖δᵢ ⊙ keepᵢ‖₁ for each source (row i of fp/ip is δᵢ's; kind: one for all or one per source), in one
     pass: mergekit's l1 rescale."""
     ds = [d.reshape(-1) for d in deltas]
     rs = [r.reshape(-1) for r in ranks]
     kinds = _per_source(kind, len(ds))
     fp, ip = fast.to_device(fp, ds[0].device), fast.to_device(ip, ds[0].device)
-    l1 = _compiled_call(ds[0], lambda: _compiled_kept_l1(kinds, ds[0].dtype, ds[0].device.type), ds, fp, ip, rs, reuse_for_small=True)
+    l1 = _compiled_call(
+        ds[0], lambda: _compiled_kept_l1(kinds, ds[0].dtype, ds[0].device.type), ds, fp, ip, rs, reuse_for_small=True
+    )
     if l1 is EAGER:
         n = ds[0].numel()
-        l1 = sum((_kept_l1_body([d[s : s + fast.CHUNK] for d in ds], fp, ip, [r[s : s + fast.CHUNK] for r in rs], s, kinds) for s in range(0, n, fast.CHUNK)), torch.zeros(len(ds), dtype=torch.float64, device=ds[0].device))
+        l1 = sum(
+            (
+                _kept_l1_body(
+                    [d[s : s + fast.CHUNK] for d in ds], fp, ip, [r[s : s + fast.CHUNK] for r in rs], s, kinds
+                )
+                for s in range(0, n, fast.CHUNK)
+            ),
+            torch.zeros(len(ds), dtype=torch.float64, device=ds[0].device),
+        )
     return l1.tolist()
 
 
-def merge_into(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor], kind: str | Sequence[str], fp: torch.Tensor, ip: torch.Tensor, lam: float, consensus: bool, normalize: bool, ranks: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+def merge_into(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    kind: str | Sequence[str],
+    fp: torch.Tensor,
+    ip: torch.Tensor,
+    lam: float,
+    consensus: bool,
+    normalize: bool,
+    ranks: Sequence[torch.Tensor] = (),
+) -> torch.Tensor:
     """Run the fused merge (kind: one keep rule for all sources or one per source): compiled over whole
     tensors, or eager chunk by chunk (same arithmetic)."""
     o, b = out.view(-1), base.reshape(-1)
@@ -746,11 +853,27 @@ def merge_into(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Ten
     lam_t = fast.to_device(torch.tensor(float(lam), dtype=work), base.device)
     fp, ip = fast.to_device(fp, base.device), fast.to_device(ip, base.device)
     variant = (kinds, consensus, normalize, work, tuple(d.dtype for d in ds) + (b.dtype, o.dtype), b.device.type)
-    if _compiled_call(b, lambda: _compiled_merge(*variant), o, b, ds, fp, ip, lam_t, rs, reuse_for_small=True) is not EAGER:
+    if (
+        _compiled_call(b, lambda: _compiled_merge(*variant), o, b, ds, fp, ip, lam_t, rs, reuse_for_small=True)
+        is not EAGER
+    ):
         return out
     for s in range(0, b.numel(), fast.CHUNK):
         e = min(b.numel(), s + fast.CHUNK)
-        _merge_body(o[s:e], b[s:e], [d[s:e] for d in ds], fp, ip, lam_t, [r[s:e] for r in rs], s, kinds, consensus, normalize, work)
+        _merge_body(
+            o[s:e],
+            b[s:e],
+            [d[s:e] for d in ds],
+            fp,
+            ip,
+            lam_t,
+            [r[s:e] for r in rs],
+            s,
+            kinds,
+            consensus,
+            normalize,
+            work,
+        )
     return out
 
 
@@ -767,7 +890,13 @@ def _compiled_weighted_sum(n: int, work: torch.dtype, dtypes: tuple, device: str
     return _compile(functools.partial(_weighted_sum_body, work=work))
 
 
-def weighted_sum_into(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor], coeffs: Sequence[float], base_coeff: float = 1.0) -> torch.Tensor:
+def weighted_sum_into(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    coeffs: Sequence[float],
+    base_coeff: float = 1.0,
+) -> torch.Tensor:
     """out = base_coeff·base + Σ cᵢ·δᵢ in one fused pass when compiled (fp32 accumulation for 16-bit
     tensors without a round trip through a scratch buffer); `fast.weighted_sum_into` otherwise."""
     b = base.reshape(-1)

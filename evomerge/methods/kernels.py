@@ -1,6 +1,7 @@
 """Pure tensor kernels. Each takes task vectors δᵢ = θᵢ − θ_base (the form the engine keeps resident)
 and writes base + merged change into `out` when one is given, so a search can reuse one target tensor.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,15 +53,31 @@ def task_arithmetic(
     rescaled = [i for i, d in enumerate(densities) if mode is not None and d < 1.0]
     after: dict[int, float] = {}  # ‖δ ⊙ keep‖₁, with ‖δ‖₁ the l1 rescale's only inputs
     if mode == "l1" and rescaled:
-        after = {i: fused.tabled_kept_l1(kinds[i], deltas[i], fp[i : i + 1], ip[i : i + 1], ranks[i] if ranks else None) for i in rescaled}
+        after = {
+            i: fused.tabled_kept_l1(kinds[i], deltas[i], fp[i : i + 1], ip[i : i + 1], ranks[i] if ranks else None)
+            for i in rescaled
+        }
         direct = [i for i in rescaled if after[i] is None]  # no table: one pass over these sources
         if direct:
-            after.update(zip(direct, fused.kept_l1([kinds[i] for i in direct], [deltas[i] for i in direct], fp[direct], ip[direct], [ranks[i] for i in direct] if ranks else [])))
+            after.update(
+                zip(
+                    direct,
+                    fused.kept_l1(
+                        [kinds[i] for i in direct],
+                        [deltas[i] for i in direct],
+                        fp[direct],
+                        ip[direct],
+                        [ranks[i] for i in direct] if ranks else [],
+                    ),
+                )
+            )
     for i, (delta, w, d) in enumerate(zip(deltas, weights, densities)):
         scale = 1.0
         if i in rescaled:
             kept_fraction = int(ip[i, 3]) / (1 << fused.RANDOM_BITS) if kind == "random" else d  # DARE's density grid
-            scale = rescale_factor(None, fast.delta_l1(delta) if mode == "l1" else 0.0, mode, kept_fraction, after=after.get(i, 0.0))
+            scale = rescale_factor(
+                None, fast.delta_l1(delta) if mode == "l1" else 0.0, mode, kept_fraction, after=after.get(i, 0.0)
+            )
         fp[i, 2] = w * scale * (1.0 if spec.consensus else lam / divisor)
         fp[i, 3] = w
     return fused.merge_into(out, base, deltas, kinds, fp, ip, lam, spec.consensus == "sum", normalize, ranks)
@@ -69,7 +86,9 @@ def task_arithmetic(
 ZERO_SUM = "linear merge: the weights sum to zero, so they cannot be normalized; change them or set normalize: false"
 
 
-def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Weighted average of whole models (model soup): Σwθ/Σw."""
     work = fast.work_dtype(tensors[0])
     res = torch.zeros(tensors[0].shape, dtype=work, device=tensors[0].device)
@@ -85,17 +104,28 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
     return out.copy_(res)
 
 
-def linear_deltas(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True, out: torch.Tensor | None = None, base_weight: float = 0.0) -> torch.Tensor:
+def linear_deltas(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    normalize: bool = True,
+    out: torch.Tensor | None = None,
+    base_weight: float = 0.0,
+) -> torch.Tensor:
     """Linear merge of base+δᵢ (and the base itself with `base_weight`) from resident task vectors."""
     total = sum(float(w) for w in weights) + base_weight
     if normalize and abs(total) < 1e-12:
         raise MethodError(ZERO_SUM)
     scale = 1.0 / total if normalize else 1.0
     out = torch.empty_like(base) if out is None else out
-    return fused.weighted_sum_into(out, base, deltas, [float(w) * scale for w in weights], base_coeff=1.0 if normalize else total)
+    return fused.weighted_sum_into(
+        out, base, deltas, [float(w) * scale for w in weights], base_coeff=1.0 if normalize else total
+    )
 
 
-def slerp_coefficients(t: float, n0_sq: float, n1_sq: float, dot: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> tuple[float, float]:
+def slerp_coefficients(
+    t: float, n0_sq: float, n1_sq: float, dot: float, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> tuple[float, float]:
     """mergekit's slerp weights (s0, s1) on the un-normalized tensors, from their norms and dot product;
     near-parallel tensors fall back to lerp."""
     n0, n1 = math.sqrt(max(n0_sq, 0.0)), math.sqrt(max(n1_sq, 0.0))
@@ -125,7 +155,9 @@ def slerp_delta(t: float, base: torch.Tensor, delta: torch.Tensor, out: torch.Te
     return fused.weighted_sum_into(out, base, [delta], [s1], base_coeff=s0 + s1)
 
 
-def model_stock(base: torch.Tensor, deltas: Sequence[torch.Tensor], filter_wise: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+def model_stock(
+    base: torch.Tensor, deltas: Sequence[torch.Tensor], filter_wise: bool = False, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Model Stock: move from base towards the average by t = N·cosθ/(1+(N−1)·cosθ), cosθ the mean pairwise
     cosine of the offsets δᵢ (whole tensors; per row with filter_wise)."""
     n = len(deltas)

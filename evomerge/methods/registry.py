@@ -3,6 +3,7 @@
 Kept apart from the kernels so the recipe, the search space and the mergekit exporter can validate
 parameters without touching tensors.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -46,7 +47,14 @@ METHODS: dict[str, MethodSpec] = {
     m.name: m
     for m in [
         # min 0: a linear merge may consist of the base model alone (listed among the models)
-        MethodSpec("linear", "linear", needs_base=False, source_params={"weight": None}, global_params={"normalize": True}, min_sources=0),
+        MethodSpec(
+            "linear",
+            "linear",
+            needs_base=False,
+            source_params={"weight": None},
+            global_params={"normalize": True},
+            min_sources=0,
+        ),
         _gta("task_arithmetic", None, None, normalize=False, rescale=False),
         _gta("ties", "magnitude", "sum", normalize=True, rescale=False),
         _gta("dare_ties", "random", "sum", normalize=False, rescale=True),
@@ -91,8 +99,6 @@ def della_band_ok(density_low: float, density_high: float, epsilon: float) -> bo
     return density_low - epsilon > 0.0 and density_high < 1.0 and density_high + epsilon < 1.0
 
 
-
-
 def get_method(name: str) -> MethodSpec:
     try:
         return METHODS[name]
@@ -100,7 +106,9 @@ def get_method(name: str) -> MethodSpec:
         raise MethodError(f"unknown merge method {name!r}; known: {', '.join(METHODS)}") from None
 
 
-def resolve_params(spec: MethodSpec, n_sources: int, source_params: list[dict[str, Any]], global_params: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def resolve_params(
+    spec: MethodSpec, n_sources: int, source_params: list[dict[str, Any]], global_params: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Fill defaults and validate; returns (per-source params, global params) ready for a kernel.
 
     As in mergekit, a per-source parameter given merge-wide (e.g. `density: 0.5` under `parameters:`)
@@ -117,7 +125,10 @@ def resolve_params(spec: MethodSpec, n_sources: int, source_params: list[dict[st
     for i, given in enumerate(source_params):
         unknown = set(given) - set(spec.source_params)
         if unknown:
-            raise MethodError(f"{spec.name}: unknown per-source parameter(s) {sorted(unknown)} for source {i}; known: {sorted(spec.source_params)}")
+            raise MethodError(
+                f"{spec.name}: unknown per-source parameter(s) {sorted(unknown)} for source {i}; known: "
+                f"{sorted(spec.source_params)}"
+            )
         p = {}
         for name, default in spec.source_params.items():
             value = given.get(name, shared.get(name, default))
@@ -128,7 +139,10 @@ def resolve_params(spec: MethodSpec, n_sources: int, source_params: list[dict[st
             if name in p and not in_range(name, p[name]):
                 raise MethodError(f"{spec.name}: {name} must be in {range_text(name)}, got {p[name]} for source {i}")
         if "epsilon" in p and not della_band_ok(p["density"], p["density"], p["epsilon"]):
-            raise MethodError(f"{spec.name}: density ± epsilon must lie in (0, 1), got density={p['density']} epsilon={p['epsilon']} for source {i}")
+            raise MethodError(
+                f"{spec.name}: density ± epsilon must lie in (0, 1), got density={p['density']} "
+                f"epsilon={p['epsilon']} for source {i}"
+            )
         per_source.append(p)
     unknown = set(global_params) - set(spec.global_params)
     if unknown:

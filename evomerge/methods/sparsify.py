@@ -5,6 +5,7 @@ arithmetic (how many entries to keep, the rescale factor).
 Top-k uses an exact k-th-value threshold (O(n) selection, `fast.top_k_mask`) instead of argsort
 (O(n log n)); ties at the threshold are broken by position so exactly k entries survive.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,14 @@ import torch
 from .fast import top_k_mask
 
 
-def rescale_factor(kept: torch.Tensor | None, l1_before: float, mode: str | None, density: float, eps: float = 1e-7, after: float | None = None) -> float:
+def rescale_factor(
+    kept: torch.Tensor | None,
+    l1_before: float,
+    mode: str | None,
+    density: float,
+    eps: float = 1e-7,
+    after: float | None = None,
+) -> float:
     """How much to scale the kept part back up: mergekit's ‖δ‖₁/‖kept‖₁ ('l1') or the DARE paper's 1/density.
     ‖kept‖₁ is summed from `kept` unless given as `after`."""
     if mode is None:
@@ -57,7 +65,9 @@ def magnitude(delta: torch.Tensor, density: float, rescale_mode: str | None = No
     return rescale(delta, kept, rescale_mode, density)
 
 
-def magnitude_outliers(delta: torch.Tensor, density: float, rescale_mode: str | None = None, gamma: float = 0.01, **_: object) -> torch.Tensor:
+def magnitude_outliers(
+    delta: torch.Tensor, density: float, rescale_mode: str | None = None, gamma: float = 0.01, **_: object
+) -> torch.Tensor:
     """Model breadcrumbs: drop the top int(gamma·n) outliers and the smallest entries so `density` remains."""
     if density >= 1:
         return delta

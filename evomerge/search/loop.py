@@ -6,6 +6,7 @@ improvement), the cma state, and at the end `report.json`/`report.html` with the
 the best recipe next to the baselines. Running the same command again resumes: finished trials stay, an
 interrupted one is marked failed and its candidate evaluated again.
 """
+
 from __future__ import annotations
 
 import csv
@@ -108,12 +109,20 @@ class Session:
         self.model = self.engine.load_target_model()
         self.target = self.engine.bind(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.base)
-        self.space: BoundSpace = cfg.search_space().bind(cfg.base, cfg.sources, self.engine.names, self.engine.num_layers, cfg.source_names)
+        self.space: BoundSpace = cfg.search_space().bind(
+            cfg.base, cfg.sources, self.engine.names, self.engine.num_layers, cfg.source_names
+        )
         self.specs = cfg.task_specs()
         with searching():
             tasks = [load_task(s, "search") for s in self.specs]
         self.evaluator = NativeEvaluator(self.model, self.tokenizer, tasks, batch_size=cfg.batch_size)
-        self.fitness = Fitness(self.evaluator, {s.name: s.weight for s in self.specs}, subsample=cfg.subsample, racing=cfg.racing, seed=cfg.seed)
+        self.fitness = Fitness(
+            self.evaluator,
+            {s.name: s.weight for s in self.specs},
+            subsample=cfg.subsample,
+            racing=cfg.racing,
+            seed=cfg.seed,
+        )
 
     def score(self, recipe: Recipe, call: int):
         self.engine.materialize(recipe, self.target)
@@ -155,19 +164,28 @@ def open_study(cfg: SearchConfig, create: bool = True) -> optuna.Study:
     cfg.run_dir().mkdir(parents=True, exist_ok=True)
     n_obj = len(cfg.tasks) if cfg.optimizer == "nsga2" else 1
     url = cfg.storage_url()
-    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {})
+    storage = optuna.storages.RDBStorage(
+        url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    )
     # the sampler is rebuilt from the config in every process; the study holds the trials
     if not create:
         return optuna.load_study(storage=storage, study_name=cfg.name)
-    study = optuna.create_study(storage=storage, study_name=cfg.name, directions=["maximize"] * n_obj, load_if_exists=True)
+    study = optuna.create_study(
+        storage=storage, study_name=cfg.name, directions=["maximize"] * n_obj, load_if_exists=True
+    )
     stored = study.user_attrs.get("evomerge_config")
     if stored is not None and SearchConfig(**stored).identity() != cfg.identity():
         old, new = SearchConfig(**stored).identity(), cfg.identity()
         diff = sorted(k for k in new if old.get(k) != new.get(k))
         if completed(study):
-            raise RecipeError(f"run {cfg.name!r} exists with a different configuration ({', '.join(diff)}); use another --name or the same settings to resume")
+            raise RecipeError(
+                f"run {cfg.name!r} exists with a different configuration ({', '.join(diff)}); use another --name or "
+                "the same settings to resume"
+            )
         # a run that never finished a trial holds nothing worth keeping: start it over with the new settings
-        log.warning("run %r had no complete trial; starting it again with the new configuration (%s)", cfg.name, ", ".join(diff))
+        log.warning(
+            "run %r had no complete trial; starting it again with the new configuration (%s)", cfg.name, ", ".join(diff)
+        )
         optuna.delete_study(study_name=cfg.name, storage=storage)
         (cfg.run_dir() / "cma_state.pkl").unlink(missing_ok=True)
         study = optuna.create_study(storage=storage, study_name=cfg.name, directions=["maximize"] * n_obj)
@@ -220,7 +238,10 @@ def run_search(
     """Run (or resume) a search until `cfg.trials` trials are complete; then write the held-out report.
     `say` reports the steps that take a while (loading the models, the held-out report)."""
     if worker and cfg.optimizer in ("cma", "greedy-soup"):
-        raise RecipeError(f"the {cfg.optimizer} optimizer is sequential (one process); use optuna-cma, tpe, nsga2 or random for workers")
+        raise RecipeError(
+            f"the {cfg.optimizer} optimizer is sequential (one process); use optuna-cma, tpe, nsga2 or random for "
+            "workers"
+        )
     validate(cfg)
     if session is None:
         say(f"loading the base and {len(cfg.sources)} source(s), preparing {len(cfg.tasks)} task(s)")
@@ -235,7 +256,9 @@ def run_search(
         if stale:
             log.info("marked %d interrupted trial(s) as failed; their candidates will be evaluated again", len(stale))
     if cfg.optimizer == "cma":
-        optimizer: Any = CMAOptimizer(study, space, run_dir / "cma_state.pkl", seed=cfg.seed, sigma0=cfg.sigma0, popsize=cfg.popsize)
+        optimizer: Any = CMAOptimizer(
+            study, space, run_dir / "cma_state.pkl", seed=cfg.seed, sigma0=cfg.sigma0, popsize=cfg.popsize
+        )
     elif cfg.optimizer == "greedy-soup":
         optimizer = GreedySoupOptimizer(study, space)  # replays its state from the complete trials
         cfg.trials = min(cfg.trials, optimizer.total)
@@ -243,7 +266,9 @@ def run_search(
         # a fresh sampler per candidate, seeded by its position among the complete trials, so a resumed run
         # proposes what an uninterrupted one would have (tpe, random; optuna-cma and nsga2 key on trial numbers)
         stream = f"{socket.gethostname()}:{os.getpid()}" if worker else ""
-        optimizer = OptunaOptimizer(study, space, lambda n: make_sampler(cfg.optimizer, sampler_seed(cfg.seed, n, stream), space, cfg.popsize))
+        optimizer = OptunaOptimizer(
+            study, space, lambda n: make_sampler(cfg.optimizer, sampler_seed(cfg.seed, n, stream), space, cfg.popsize)
+        )
         for t in stale:  # the interrupted candidates come first, as cma's do
             if t.params:
                 study.enqueue_trial(t.params, skip_if_exists=False)
@@ -263,7 +288,15 @@ def run_search(
             recipe = space.decode(cand.params, name=f"{cfg.name}-trial{cand.trial.number}")
             res = session.score(recipe, call=cand.position)
             seconds = time.time() - started
-            for key, value in {"fitness": res.value, "scores": res.scores, "n_examples": res.n_examples, "pruned": res.pruned, "rung": res.rung, "per_rung": res.per_rung, "seconds": round(seconds, 4)}.items():
+            for key, value in {
+                "fitness": res.value,
+                "scores": res.scores,
+                "n_examples": res.n_examples,
+                "pruned": res.pruned,
+                "rung": res.rung,
+                "per_rung": res.per_rung,
+                "seconds": round(seconds, 4),
+            }.items():
                 cand.trial.set_user_attr(key, value)
             values = [res.scores.get(s.name, 0.0) for s in session.specs] if cfg.optimizer == "nsga2" else [res.value]
             optimizer.tell(cand, values)
@@ -272,14 +305,28 @@ def run_search(
                 write_best(run_dir, recipe)
             write_trials_csv(study, run_dir / "trials.csv", [s.name for s in session.specs])
             if on_trial:
-                on_trial(TrialInfo(cand.trial.number, res.value, res.scores, best_value, seconds, res.pruned, len(completed(study)), cfg.trials))
+                on_trial(
+                    TrialInfo(
+                        cand.trial.number,
+                        res.value,
+                        res.scores,
+                        best_value,
+                        seconds,
+                        res.pruned,
+                        len(completed(study)),
+                        cfg.trials,
+                    )
+                )
     optimizer.finish()
     best = best_trial(study)
     best_recipe = space.decode(best.params, name=f"{cfg.name}-best") if best else None
     outcome = SearchOutcome(run_dir, best_recipe, best_value)
     if best_recipe is not None and not worker:
         write_best(run_dir, best_recipe)
-        say(f"scoring the base, {len(cfg.sources)} source(s), {'the baselines and ' if cfg.baselines else ''}the evolved recipe on the held-out test split")
+        say(
+            f"scoring the base, {len(cfg.sources)} source(s), {'the baselines and ' if cfg.baselines else ''}the "
+            "evolved recipe on the held-out test split"
+        )
         outcome.report = final_report(cfg, session, best_recipe, study)
     return outcome
 
@@ -291,7 +338,9 @@ def write_best(run_dir: Path, recipe: Recipe) -> None:
 
         atomic_write_text(run_dir / "best_mergekit.yaml", yaml.safe_dump(recipe.to_mergekit(), sort_keys=False))
     except RecipeError as e:
-        atomic_write_text(run_dir / "best_mergekit.yaml", f"# this recipe cannot be expressed as a mergekit config: {e}\n")
+        atomic_write_text(
+            run_dir / "best_mergekit.yaml", f"# this recipe cannot be expressed as a mergekit config: {e}\n"
+        )
 
 
 def write_trials_csv(study: optuna.Study, path: Path, task_names: list[str]) -> None:
@@ -299,10 +348,32 @@ def write_trials_csv(study: optuna.Study, path: Path, task_names: list[str]) -> 
     param_names = sorted({p for t in trials for p in t.params})
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["number", "state", "fitness", *[f"score:{n}" for n in task_names], "pruned", "n_examples", "seconds", *param_names])
+    w.writerow(
+        [
+            "number",
+            "state",
+            "fitness",
+            *[f"score:{n}" for n in task_names],
+            "pruned",
+            "n_examples",
+            "seconds",
+            *param_names,
+        ]
+    )
     for t in trials:
         a = t.user_attrs
-        w.writerow([t.number, t.state.name, a.get("fitness", ""), *[a.get("scores", {}).get(n, "") for n in task_names], a.get("pruned", ""), a.get("n_examples", ""), a.get("seconds", ""), *[t.params.get(p, "") for p in param_names]])
+        w.writerow(
+            [
+                t.number,
+                t.state.name,
+                a.get("fitness", ""),
+                *[a.get("scores", {}).get(n, "") for n in task_names],
+                a.get("pruned", ""),
+                a.get("n_examples", ""),
+                a.get("seconds", ""),
+                *[t.params.get(p, "") for p in param_names],
+            ]
+        )
     atomic_write_text(path, buf.getvalue())
 
 
@@ -310,8 +381,17 @@ def write_trials_csv(study: optuna.Study, path: Path, task_names: list[str]) -> 
 def baseline_recipes(base: str, sources: list[str], names: list[str]) -> dict[str, Recipe]:
     """Simple merges at default settings (documented in the README): uniform soup, task arithmetic
     (every task vector at weight 1), TIES and DARE-TIES (weight 1, density 0.5)."""
+
     def r(method: str, params: dict[str, float], extra: dict | None = None) -> Recipe:
-        return Recipe.from_dict({"merge_method": method, "base_model": base, "models": [{"model": s, "parameters": dict(params)} for s in sources], "parameters": extra or {}, "name": method})
+        return Recipe.from_dict(
+            {
+                "merge_method": method,
+                "base_model": base,
+                "models": [{"model": s, "parameters": dict(params)} for s in sources],
+                "parameters": extra or {},
+                "name": method,
+            }
+        )
 
     return {
         "uniform soup": r("linear", {"weight": 1.0}),
@@ -335,9 +415,25 @@ def final_report(cfg: SearchConfig, session: Session, best: Recipe, study: optun
         session.engine.materialize(recipe, session.target)
         return evaluator.evaluate().scores
 
-    rows["base"] = score(Recipe.from_dict({"merge_method": "task_arithmetic", "base_model": cfg.base, "models": [{"model": s, "parameters": {"weight": 0.0}} for s in cfg.sources]}))
+    rows["base"] = score(
+        Recipe.from_dict(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": cfg.base,
+                "models": [{"model": s, "parameters": {"weight": 0.0}} for s in cfg.sources],
+            }
+        )
+    )
     for src, name in zip(cfg.sources, names):
-        rows[name] = score(Recipe.from_dict({"merge_method": "task_arithmetic", "base_model": cfg.base, "models": [{"model": s, "parameters": {"weight": 1.0 if s == src else 0.0}} for s in cfg.sources]}))
+        rows[name] = score(
+            Recipe.from_dict(
+                {
+                    "merge_method": "task_arithmetic",
+                    "base_model": cfg.base,
+                    "models": [{"model": s, "parameters": {"weight": 1.0 if s == src else 0.0}} for s in cfg.sources],
+                }
+            )
+        )
     if cfg.baselines:
         for label, recipe in baseline_recipes(cfg.base, cfg.sources, names).items():
             rows[label] = score(recipe)
@@ -346,7 +442,11 @@ def final_report(cfg: SearchConfig, session: Session, best: Recipe, study: optun
     for row in rows.values():
         row["fitness"] = weighted_mean(row, weights)
     trials = completed(study)
-    history = [(t.number, t.user_attrs.get("fitness")) for t in sorted(trials, key=lambda t: t.number) if "fitness" in t.user_attrs]
+    history = [
+        (t.number, t.user_attrs.get("fitness"))
+        for t in sorted(trials, key=lambda t: t.number)
+        if "fitness" in t.user_attrs
+    ]
     bt = best_trial(study)
     report = {
         "name": cfg.name,

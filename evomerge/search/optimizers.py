@@ -8,6 +8,7 @@
 - `greedy-soup`: Wortsman et al.'s greedy soup as ask/tell over a global linear space: each source alone,
   then each next-best source added if the score strictly improves. Its state is replayed from the study.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,7 +47,10 @@ def sampler_seed(seed: int, position: int, stream: str = "") -> int:
 
 
 def distributions(space: BoundSpace) -> dict[str, Any]:
-    return {g.name: CategoricalDistribution(list(g.choices)) if g.choices else FloatDistribution(g.low, g.high, log=g.log) for g in space.genes}
+    return {
+        g.name: CategoricalDistribution(list(g.choices)) if g.choices else FloatDistribution(g.low, g.high, log=g.log)
+        for g in space.genes
+    }
 
 
 def make_sampler(name: str, seed: int, space: BoundSpace, popsize: int | None = None) -> optuna.samplers.BaseSampler:
@@ -62,7 +66,9 @@ def make_sampler(name: str, seed: int, space: BoundSpace, popsize: int | None = 
 
 
 class OptunaOptimizer:
-    def __init__(self, study: optuna.Study, space: BoundSpace, sampler_for: Callable[[int], optuna.samplers.BaseSampler]) -> None:
+    def __init__(
+        self, study: optuna.Study, space: BoundSpace, sampler_for: Callable[[int], optuna.samplers.BaseSampler]
+    ) -> None:
         self.study = study
         self.space = space
         self.dists = distributions(space)
@@ -84,7 +90,16 @@ class OptunaOptimizer:
 class CMAOptimizer:
     """pycma ask/tell; candidates are enqueued into the study so each one is a normal trial."""
 
-    def __init__(self, study: optuna.Study, space: BoundSpace, state_path: Path, seed: int = 0, sigma0: float = 0.2, popsize: int | None = None, x0: list[float] | None = None) -> None:
+    def __init__(
+        self,
+        study: optuna.Study,
+        space: BoundSpace,
+        state_path: Path,
+        seed: int = 0,
+        sigma0: float = 0.2,
+        popsize: int | None = None,
+        x0: list[float] | None = None,
+    ) -> None:
         import cma
 
         self.study = study
@@ -98,7 +113,12 @@ class CMAOptimizer:
         if self.state_path.is_file():
             with open(self.state_path, "rb") as fh:
                 state = pickle.load(fh)
-            self.es, self.generation, self.solutions, self.values = state["es"], state["generation"], state["solutions"], state["values"]
+            self.es, self.generation, self.solutions, self.values = (
+                state["es"],
+                state["generation"],
+                state["solutions"],
+                state["values"],
+            )
         else:
             opts = {"seed": seed + 1, "bounds": [0.0, 1.0], "verbose": -9}
             if popsize:
@@ -110,7 +130,9 @@ class CMAOptimizer:
     def _save(self) -> None:
         tmp = self.state_path.with_name(self.state_path.name + f".tmp-{os.getpid()}")
         with open(tmp, "wb") as fh:
-            pickle.dump({"es": self.es, "generation": self.generation, "solutions": self.solutions, "values": self.values}, fh)
+            pickle.dump(
+                {"es": self.es, "generation": self.generation, "solutions": self.solutions, "values": self.values}, fh
+            )
         os.replace(tmp, self.state_path)
 
     def _finished(self) -> dict[int, list[float]]:
@@ -131,10 +153,15 @@ class CMAOptimizer:
             if idx in self.values or idx in [i for i, _ in self.pending]:
                 continue
             params = self.space.from_unit(x)
-            self.study.enqueue_trial(params, user_attrs={"cma_generation": self.generation, "cma_index": idx}, skip_if_exists=False)
+            self.study.enqueue_trial(
+                params, user_attrs={"cma_generation": self.generation, "cma_index": idx}, skip_if_exists=False
+            )
             trial = self.study.ask(self.dists)
             if trial.user_attrs.get("cma_index") != idx or trial.user_attrs.get("cma_generation") != self.generation:
-                raise RuntimeError(f"study {self.study.study_name}: asked trial {trial.number} is not the enqueued CMA candidate {self.generation}/{idx}")
+                raise RuntimeError(
+                    f"study {self.study.study_name}: asked trial {trial.number} is not the enqueued CMA candidate "
+                    f"{self.generation}/{idx}"
+                )
             self.pending.append((idx, x))
             attrs = {"cma_generation": self.generation, "cma_index": idx}
             return Candidate(trial, params, attrs=attrs, position=n_complete(self.study))
@@ -166,7 +193,9 @@ class GreedySoupOptimizer:
     def __init__(self, study: optuna.Study, space: BoundSpace) -> None:
         s = space.space
         if s.method != "linear" or s.granularity != "global" or set(s.genes) != {"weight"}:
-            raise ValueError("greedy-soup needs a space with method: linear, granularity: global and only a weight gene")
+            raise ValueError(
+                "greedy-soup needs a space with method: linear, granularity: global and only a weight gene"
+            )
         self.study = study
         self.space = space
         self.dists = distributions(space)
@@ -177,8 +206,14 @@ class GreedySoupOptimizer:
         return {f"weight[{n}]@all": (1.0 if n in members else 0.0) for n in self.names}
 
     def _history(self) -> list[tuple[list[str], float]]:
-        done = sorted(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.number)
-        return [([n for n in self.names if t.params.get(f"weight[{n}]@all", 0.0) > 0.5], t.values[0]) for t in done if "soup_step" in t.user_attrs]
+        done = sorted(
+            self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.number
+        )
+        return [
+            ([n for n in self.names if t.params.get(f"weight[{n}]@all", 0.0) > 0.5], t.values[0])
+            for t in done
+            if "soup_step" in t.user_attrs
+        ]
 
     def plan(self) -> tuple[list[str] | None, list[str]]:
         """(next members to score or None when finished, current members)."""

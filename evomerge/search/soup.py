@@ -6,6 +6,7 @@ paper's code does: `if held_out_val_acc > best_val_acc_so_far`); `strict=False` 
 Every candidate soup is materialized in place by the engine: no disk writes per candidate. By
 construction the greedy soup's search-split score is ≥ the best single ingredient's.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,7 +19,14 @@ from ..recipe import Recipe
 
 def soup_recipe(reference: str, members: list[str], name: str = "soup") -> Recipe:
     """Uniform average of `members`; `reference` is the engine's base (one of the ingredients)."""
-    return Recipe.from_dict({"merge_method": "linear", "base_model": reference, "models": [{"model": m, "parameters": {"weight": 1.0}} for m in members], "name": name})
+    return Recipe.from_dict(
+        {
+            "merge_method": "linear",
+            "base_model": reference,
+            "models": [{"model": m, "parameters": {"weight": 1.0}} for m in members],
+            "name": name,
+        }
+    )
 
 
 @dataclass
@@ -32,7 +40,9 @@ class SoupResult:
         return soup_recipe(reference, self.members, name="greedy soup")
 
 
-def greedy_soup(engine: Engine, score: Callable[[Recipe], float], ingredients: list[str], strict: bool = True) -> SoupResult:
+def greedy_soup(
+    engine: Engine, score: Callable[[Recipe], float], ingredients: list[str], strict: bool = True
+) -> SoupResult:
     """`score(recipe)` materializes and returns the search-split fitness; ingredients are model paths."""
     reference = engine.base_path
     single = {m: score(soup_recipe(reference, [m], name=Path(m).name)) for m in ingredients}

@@ -11,6 +11,7 @@ Tasks (jsonl, disjoint search/test splits; lm-eval YAMLs with absolute paths):
 - math_a (expert_math's), facts_b (expert_lang_b's, multiple choice), reverse_a (expert_reverse's),
   facts_a (multiple choice), and the composed target math_b: arithmetic asked in language B.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,7 +57,18 @@ class ZooConfig:
 
 
 FULL = ZooConfig()
-SMALL = ZooConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, batch_size=16, base_steps=30, expert_steps=10, soup_steps=5, soup_lrs=(1e-4, 4e-4), eval_ops_per_pair=1)
+SMALL = ZooConfig(
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=64,
+    batch_size=16,
+    base_steps=30,
+    expert_steps=10,
+    soup_steps=5,
+    soup_lrs=(1e-4, 4e-4),
+    eval_ops_per_pair=1,
+)
 
 
 def default_zoo_dir(config: ZooConfig) -> Path:
@@ -114,8 +126,22 @@ def write_tasks(root: Path, world: W.World, final_root: Path | None = None, ops:
             files[split] = str(final_root / "tasks" / name / f"{split}.jsonl")
         specs.append(TaskSpec(name=name, kind=kind, files=files, **kw))
 
-    add("math_a", "generate", W.math_items(world, "search", False, ops), W.math_items(world, "test", False, ops), metric="exact_match", max_new_tokens=4)
-    add("math_b", "generate", W.math_items(world, "search", True, ops), W.math_items(world, "test", True, ops), metric="exact_match", max_new_tokens=4)
+    add(
+        "math_a",
+        "generate",
+        W.math_items(world, "search", False, ops),
+        W.math_items(world, "test", False, ops),
+        metric="exact_match",
+        max_new_tokens=4,
+    )
+    add(
+        "math_b",
+        "generate",
+        W.math_items(world, "search", True, ops),
+        W.math_items(world, "test", True, ops),
+        metric="exact_match",
+        max_new_tokens=4,
+    )
     rs, rt = W.reverse_items(world.seed, 200, set())
     add("reverse_a", "generate", rs, rt, metric="exact_match", max_new_tokens=8)
     fs, ft = W.fact_items(world, in_b=False)
@@ -141,21 +167,36 @@ def write_lm_eval_yamls(folder: Path, specs: list[TaskSpec]) -> None:
                 "doc_to_text": "{{prompt}}",
             }
             if spec.kind == "generate":
-                cfg.update({
-                    "output_type": "generate_until",
-                    "doc_to_target": "{{answer}}",
-                    "generation_kwargs": {"until": list(spec.stop), "do_sample": False, "max_gen_toks": spec.max_new_tokens},
-                    # compare stripped strings, as the native evaluator does
-                    "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "regexes_to_ignore": ["^\\s+", "\\s+$"]}],
-                })
+                cfg.update(
+                    {
+                        "output_type": "generate_until",
+                        "doc_to_target": "{{answer}}",
+                        "generation_kwargs": {
+                            "until": list(spec.stop),
+                            "do_sample": False,
+                            "max_gen_toks": spec.max_new_tokens,
+                        },
+                        # compare stripped strings, as the native evaluator does
+                        "metric_list": [
+                            {
+                                "metric": "exact_match",
+                                "aggregation": "mean",
+                                "higher_is_better": True,
+                                "regexes_to_ignore": ["^\\s+", "\\s+$"],
+                            }
+                        ],
+                    }
+                )
             else:
-                cfg.update({
-                    "output_type": "multiple_choice",
-                    "doc_to_choice": "{{choices}}",
-                    "doc_to_target": "{{label}}",
-                    "target_delimiter": "",
-                    "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-                })
+                cfg.update(
+                    {
+                        "output_type": "multiple_choice",
+                        "doc_to_choice": "{{choices}}",
+                        "doc_to_target": "{{label}}",
+                        "target_delimiter": "",
+                        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+                    }
+                )
             (folder / f"zoo_{spec.name}_{split}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
@@ -213,13 +254,25 @@ def build_zoo(
         world = W.make_world(config.seed)
         tok = build_char_tokenizer(W.ALPHABET)
         specs = write_tasks(work, world, final_root=out, ops=config.eval_ops_per_pair)
-        held_out = {item["prompt"].split()[1] for split in ("search", "test") for item in _read(work / "tasks" / "reverse_a" / f"{split}.jsonl")}
+        held_out = {
+            item["prompt"].split()[1]
+            for split in ("search", "test")
+            for item in _read(work / "tasks" / "reverse_a" / f"{split}.jsonl")
+        }
         streams = _streams(world, held_out)
         cfg = LlamaConfig(
-            vocab_size=len(tok), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
-            max_position_embeddings=64, tie_word_embeddings=False, rope_theta=10000.0,
-            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            vocab_size=len(tok),
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_heads,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            rope_theta=10000.0,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
         )
 
         def train(name: str, model, sample, steps: int, lr: float, seed: int, warmup: int) -> str:
@@ -233,9 +286,20 @@ def build_zoo(
         torch.manual_seed(config.seed)
         base = LlamaForCausalLM(cfg)
         if not (work / "models" / "base").is_dir():
-            say(f"pre-training base ({sum(p.numel() for p in base.parameters()) / 1e6:.2f}M params, {config.base_steps} steps)")
+            say(
+                f"pre-training base ({sum(p.numel() for p in base.parameters()) / 1e6:.2f}M params, "
+                f"{config.base_steps} steps)"
+            )
         # lopsided bilingual base: mostly A, a little B (text and math), A math, a little reversal
-        base_mix = _mixture([(0.60, streams["sent_a"]), (0.05, streams["sent_b"]), (0.005, streams["math_b"]), (0.25, streams["math_a"]), (0.05, streams["reverse_a"])])
+        base_mix = _mixture(
+            [
+                (0.60, streams["sent_a"]),
+                (0.05, streams["sent_b"]),
+                (0.005, streams["math_b"]),
+                (0.25, streams["math_a"]),
+                (0.05, streams["reverse_a"]),
+            ]
+        )
         models = {"base": train("base", base, base_mix, config.base_steps, config.base_lr, config.seed, 50)}
         base_state = LlamaForCausalLM.from_pretrained(models["base"]).state_dict()
 
@@ -247,10 +311,20 @@ def build_zoo(
             return train(name, model, sample, steps, lr, seed, min(30, steps // 5 + 1))
 
         experts = {
-            "expert_math": finetune("expert_math", streams["math_a"], config.expert_steps, config.expert_lr, config.seed + 1),
+            "expert_math": finetune(
+                "expert_math", streams["math_a"], config.expert_steps, config.expert_lr, config.seed + 1
+            ),
             # fluent in B: B text with B math at its natural share, like a language model of B
-            "expert_lang_b": finetune("expert_lang_b", _mixture([(0.8, streams["sent_b"]), (0.2, streams["math_b"])]), config.expert_steps, config.expert_lr, config.seed + 2),
-            "expert_reverse": finetune("expert_reverse", streams["reverse_a"], config.expert_steps, config.expert_lr, config.seed + 3),
+            "expert_lang_b": finetune(
+                "expert_lang_b",
+                _mixture([(0.8, streams["sent_b"]), (0.2, streams["math_b"])]),
+                config.expert_steps,
+                config.expert_lr,
+                config.seed + 2,
+            ),
+            "expert_reverse": finetune(
+                "expert_reverse", streams["reverse_a"], config.expert_steps, config.expert_lr, config.seed + 3
+            ),
         }
         soup = {}
         for i, lr in enumerate(config.soup_lrs):
@@ -308,7 +382,9 @@ def specs_at(specs: list[TaskSpec], tmp: Path, out: Path) -> list[TaskSpec]:
     return moved
 
 
-def score_models(models: dict[str, Path], specs: list[TaskSpec], tokenizer, say: Callable[[str], None] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+def score_models(
+    models: dict[str, Path], specs: list[TaskSpec], tokenizer, say: Callable[[str], None] | None = None
+) -> dict[str, dict[str, dict[str, float]]]:
     """model -> split -> task -> score, with the native evaluator."""
     from transformers import AutoModelForCausalLM
 

@@ -1,4 +1,5 @@
 """A minimal causal-LM training loop for the zoo (pre-training and fine-tuning on generated text)."""
+
 from __future__ import annotations
 
 import logging

@@ -5,15 +5,67 @@ fixed letter cipher into uppercase letters: new tokens, same meaning, digits sha
 evolutionary-merging setup (a Japanese LM + English math LMs → Japanese math): the composed task,
 arithmetic asked in language B, needs both the math expert's skill and the language-B expert's reading.
 """
+
 from __future__ import annotations
 
 import random
 import string
 from dataclasses import dataclass
 
-ANIMALS = ["cat", "dog", "cow", "fox", "owl", "bee", "rat", "pig", "hen", "eel", "ant", "yak", "elk", "emu", "bat", "ram"]
-FOODS = ["fish", "bone", "grass", "mice", "moth", "honey", "cheese", "corn", "seed", "worm", "leaf", "moss", "hay", "bug", "fruit", "root"]
-PLACES = ["barn", "den", "field", "tree", "hive", "hole", "pen", "sea", "lake", "cave", "hill", "nest", "farm", "wood", "sky", "yard"]
+ANIMALS = [
+    "cat",
+    "dog",
+    "cow",
+    "fox",
+    "owl",
+    "bee",
+    "rat",
+    "pig",
+    "hen",
+    "eel",
+    "ant",
+    "yak",
+    "elk",
+    "emu",
+    "bat",
+    "ram",
+]
+FOODS = [
+    "fish",
+    "bone",
+    "grass",
+    "mice",
+    "moth",
+    "honey",
+    "cheese",
+    "corn",
+    "seed",
+    "worm",
+    "leaf",
+    "moss",
+    "hay",
+    "bug",
+    "fruit",
+    "root",
+]
+PLACES = [
+    "barn",
+    "den",
+    "field",
+    "tree",
+    "hive",
+    "hole",
+    "pen",
+    "sea",
+    "lake",
+    "cave",
+    "hill",
+    "nest",
+    "farm",
+    "wood",
+    "sky",
+    "yard",
+]
 OPS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "max": max, "min": min}
 MAX_OPERAND = 49
 ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .=-"
@@ -53,7 +105,9 @@ def make_world(seed: int) -> World:
     split = {"search": both(unordered[:n_eval]), "test": both(unordered[n_eval : 2 * n_eval])}
     split["train"] = [p for a, b in unordered[2 * n_eval :] for p in {(a, b), (b, a)}]
     split["train"].sort()
-    return World(seed, dict(zip(ANIMALS, foods)), dict(zip(ANIMALS, places)), dict(zip(string.ascii_lowercase, upper)), split)
+    return World(
+        seed, dict(zip(ANIMALS, foods)), dict(zip(ANIMALS, places)), dict(zip(string.ascii_lowercase, upper)), split
+    )
 
 
 # ---- text generators (training streams) ----------------------------------------------------------
@@ -118,12 +172,17 @@ def fact_items(world: World, in_b: bool, n_choices: int = 4) -> tuple[list[dict]
     rng = random.Random(world.seed + 104729)
     items = []
     for a in ANIMALS:
-        for rel, table, pool, prefix in (("eats", world.eats, FOODS, f"the {a} eats"), ("lives", world.lives, PLACES, f"the {a} lives in the")):
+        for rel, table, pool, prefix in (
+            ("eats", world.eats, FOODS, f"the {a} eats"),
+            ("lives", world.lives, PLACES, f"the {a} lives in the"),
+        ):
             wrong = rng.sample([x for x in pool if x != table[a]], n_choices - 1)
             choices = wrong + [table[a]]
             rng.shuffle(choices)
             tr = world.to_b if in_b else (lambda s: s)
-            items.append({"prompt": tr(prefix), "choices": [" " + tr(c) for c in choices], "label": choices.index(table[a])})
+            items.append(
+                {"prompt": tr(prefix), "choices": [" " + tr(c) for c in choices], "label": choices.index(table[a])}
+            )
     rng.shuffle(items)
     half = len(items) // 2
     return items[:half], items[half:]
