@@ -197,7 +197,7 @@ def _search_config(args: argparse.Namespace, space_path: Path, name: str, seed: 
         seed=seed,
         popsize=args.popsize,
         sigma0=args.sigma0,
-        storage=args.storage,
+        storage=_storage_arg(args),
         runs_dir=args.runs_dir,
         device=args.device,
         dtype=args.dtype,
@@ -206,6 +206,8 @@ def _search_config(args: argparse.Namespace, space_path: Path, name: str, seed: 
         subsample=args.subsample,
         batch_size=args.batch_size,
         baselines=not args.no_baselines,
+        heartbeat=args.heartbeat,
+        max_failures=args.max_failures,
     )
 
 
@@ -233,37 +235,121 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage_arg(args: argparse.Namespace) -> str | None:
+    from .search.reliability import read_storage
+
+    return read_storage(args.storage, args.storage_file)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     import optuna
 
+    from .errors import EvomergeError
     from .search.loop import SearchConfig
+    from .search.reliability import open_storage, redact, storage_url
 
-    study = optuna.load_study(study_name=args.study, storage=args.storage)
+    url = _storage_arg(args)
+    if not url:
+        raise EvomergeError(
+            "a worker needs the study's storage: --storage URL, --storage-file FILE or $EVOMERGE_STORAGE"
+        )
+    try:
+        study = optuna.load_study(study_name=args.study, storage=open_storage(storage_url(url)))
+    except KeyError:
+        raise EvomergeError(f"no study named {args.study!r} at {redact(url)}") from None
     stored = study.user_attrs.get("evomerge_config")
     if stored is None:
-        from .recipe import RecipeError
-
-        raise RecipeError(f"study {args.study!r} at {args.storage} was not created by evomerge search")
+        raise EvomergeError(f"study {args.study!r} at {redact(url)} was not created by evomerge search")
     cfg = SearchConfig(**stored)
-    cfg.storage = args.storage
+    cfg.storage = url
     if args.trials:
         cfg.trials = args.trials
     if args.device:
         cfg.device = args.device
     outcome = _run_with_progress(cfg, worker=True)
     console.print(f"worker done; best search fitness so far {outcome.best_fitness:.3f}")
+    if outcome.report:
+        console.print(
+            score_table(
+                f"{cfg.name}: held-out test split", outcome.report["rows"], outcome.report["tasks"] + ["fitness"]
+            )
+        )
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    report = json.loads((Path(args.run_dir) / "report.json").read_text())
+    run_dir = Path(args.run_dir)
+    if args.refresh:
+        _refresh_report(args, run_dir)
+    path = run_dir / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no report yet (the search has not finished); `evomerge report --refresh {run_dir}` writes one"
+        )
+    report = json.loads(path.read_text())
     console.print(
         score_table(
             f"{report['name']}: held-out {report['split']} split", report["rows"], report["tasks"] + ["fitness"]
         )
     )
-    console.print(f"HTML report: {Path(args.run_dir) / 'report.html'}")
+    failed = report.get("failed_trials", [])
+    if failed:
+        console.print(f"{len(failed)} failed trial(s); the last: trial {failed[-1]['number']}: {failed[-1]['reason']}")
+    now = _evaluated_now(args, run_dir)
+    if now is not None and now != report["n_trials"]:
+        console.print(
+            f"[yellow]this report covers {report['n_trials']} trials; the study now has {now}: "
+            f"`evomerge report --refresh {run_dir}` scores the current best[/yellow]"
+        )
+    console.print(f"HTML report: {run_dir / 'report.html'}")
     return 0
+
+
+def _run_config(args: argparse.Namespace, run_dir: Path):
+    from .errors import EvomergeError
+    from .search.loop import SearchConfig
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise EvomergeError(f"{path}: missing; {run_dir} is not a run directory")
+    cfg = SearchConfig(**json.loads(path.read_text()))
+    cfg.runs_dir, cfg.name, cfg.device = str(run_dir.parent), run_dir.name, args.device
+    written = cfg.storage  # as written: without its password
+    cfg.storage = _storage_arg(args) or (written if written and "***" not in written else None)
+    if written and cfg.storage is None:
+        raise EvomergeError(
+            f"run {cfg.name!r} keeps its study in a database: give --storage, --storage-file or $EVOMERGE_STORAGE"
+        )
+    return cfg
+
+
+def _evaluated_now(args: argparse.Namespace, run_dir: Path) -> int | None:
+    """Evaluated trials in the study now, or None when the study cannot be read from here."""
+    try:
+        from .search.loop import evaluated, open_study
+
+        return len(evaluated(open_study(_run_config(args, run_dir), create=False)))
+    except Exception:  # a report stays readable without its database
+        return None
+
+
+def _refresh_report(args: argparse.Namespace, run_dir: Path) -> None:
+    from .evaluate.tasks import searching
+    from .search.loop import Session, best_trial, final_report, open_study, write_best
+
+    cfg = _run_config(args, run_dir)
+    study = open_study(cfg, create=False)
+    best = best_trial(study)
+    if best is None:
+        from .errors import EvomergeError
+
+        raise EvomergeError(f"run {cfg.name!r} has no complete trial to report")
+    say("loading the models to score the current best recipe on the held-out test split")
+    with searching():
+        session = Session(cfg)
+    recipe = session.space.decode(best.params, name=f"{cfg.name}-best")
+    write_best(run_dir, recipe)
+    final_report(cfg, session, recipe, study)
 
 
 # ---- soup --------------------------------------------------------------------------------------
@@ -397,7 +483,7 @@ def _add_search_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--trials", type=int, default=200 if demo else 100, help="stop when this many trials are complete")
     p.add_argument("--popsize", type=int, default=None, help="population per generation (cma, optuna-cma, nsga2)")
     p.add_argument("--sigma0", type=float, default=0.2, help="cma: initial step size on the unit cube")
-    p.add_argument("--storage", help="Optuna storage URL; default: sqlite in RUNS_DIR/NAME/")
+    _add_storage_args(p, "default: sqlite in RUNS_DIR/NAME/")
     p.add_argument("--runs-dir", default="runs", help="where run directories are created")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", help="dtype of the resident target model")
@@ -408,6 +494,25 @@ def _add_search_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--subsample", type=int, default=None, help="score this many search examples per task per trial")
     p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
     p.add_argument("--no-baselines", action="store_true", help="leave the simple merges out of the final report")
+    p.add_argument("--max-failures", type=int, default=10, help="failed candidates in a row that stop the search")
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=10.0,
+        help="seconds between a running trial's heartbeats; "
+        "a trial silent for 3 heartbeats is taken over by another process",
+    )
+
+
+def _add_storage_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--storage",
+        help=f"Optuna storage URL (sqlite:///... or postgresql://...); {default}; "
+        "$EVOMERGE_STORAGE is read when neither --storage nor --storage-file is given",
+    )
+    p.add_argument(
+        "--storage-file", help="read the storage URL from this file (keeps a password out of the process list)"
+    )
 
 
 def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
@@ -444,7 +549,7 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     p.set_defaults(func=cmd_search)
 
     p = add("worker", "evaluate trials of an existing study (several processes/machines)")
-    p.add_argument("--storage", required=True, help="the study's storage URL (sqlite:///... or postgresql://...)")
+    _add_storage_args(p, "required here")
     p.add_argument("--study", required=True, help="study (run) name")
     p.add_argument("--trials", type=int, default=None, help="stop when the study has this many complete trials")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto; default: the study's setting")
@@ -452,6 +557,11 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
 
     p = add("report", "print a finished run's held-out table")
     p.add_argument("run_dir", help="the run directory (runs/NAME)")
+    p.add_argument(
+        "--refresh", action="store_true", help="score the study's current best recipe and rewrite the report"
+    )
+    _add_storage_args(p, "default: the run's own")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (with --refresh)")
     p.set_defaults(func=cmd_report)
 
     p = add("soup", "greedy (default) or uniform model soup of fine-tunes of one base")

@@ -101,6 +101,13 @@ def write_html_report(run_dir: Path, report: dict[str, Any], best: Recipe, space
             fig.colorbar(im, ax=ax)
             heat = f'<h2>Best recipe, per layer group</h2><img src="data:image/png;base64,{_png(fig)}">'
             plt.close(fig)
+    failed = report.get("failed_trials", [])
+    failures = ""
+    if failed:
+        items = "".join(f"<li>trial {f['number']}: {html.escape(str(f['reason']))}</li>" for f in failed[-20:])
+        failures = (
+            f"<h2>Failed trials ({len(failed)}{', the last 20' if len(failed) > 20 else ''})</h2><ul>{items}</ul>"
+        )
     name = html.escape(report["name"])
     summary = (
         f"{report['n_trials']} trials, optimizer {html.escape(str(report['optimizer']))}, seed {report['seed']}; "
@@ -113,6 +120,7 @@ def write_html_report(run_dir: Path, report: dict[str, Any], best: Recipe, space
 <h2>Held-out ({report["split"]} split) scores</h2>{table}
 <h2>Search progress</h2><img src="data:image/png;base64,{curve}">
 {heat}
+{failures}
 <h2>Best recipe</h2><pre>{html.escape(best.to_yaml() if best else "")}</pre></body></html>"""
     path = run_dir / "report.html"
     atomic_write_text(path, body)

@@ -16,6 +16,15 @@ import torch
 from .tasks import Task, score_generation
 
 
+class NonFiniteLogits(RuntimeError):
+    """The model under evaluation produced NaN or infinite logits: its score would be meaningless."""
+
+
+def _check_finite(logits: torch.Tensor) -> None:
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits("the merged model produces non-finite (NaN/inf) logits")
+
+
 @dataclass
 class EvalResult:
     scores: dict[str, float]  # task -> metric on the examples scored
@@ -150,6 +159,7 @@ class NativeEvaluator:
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
             past = getattr(out, self._cache)
+            _check_finite(out.logits[:, -1])  # NaN weights show at the first step; argmax of NaN is garbage
             nxt = out.logits[:, -1].argmax(-1)
             generated = [nxt]
             done = torch.tensor([int(t) in stop_ids for t in nxt.tolist()], device=self.device)
@@ -189,6 +199,7 @@ class NativeEvaluator:
         loglik: dict[tuple[int, int], float] = {}
         for batch in self._mc_batches(rows, which):
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+            _check_finite(logits)
             logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
             sums = (logp * batch.cont_mask).sum(-1).tolist()
             for k, v in zip(batch.rows, sums):

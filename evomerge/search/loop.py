@@ -9,6 +9,7 @@ interrupted one is marked failed and its candidate evaluated again.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -21,15 +22,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+from pydantic import ValidationError
 
 from ..engine import Engine
+from ..errors import HeldOutError, one_line, validation_summary
 from ..evaluate.fitness import Fitness, weighted_mean
 from ..evaluate.native import NativeEvaluator
 from ..evaluate.tasks import TaskSpec, check_task_files, load_task, searching
 from ..recipe import Recipe, RecipeError, atomic_write_text
 from ..space import BoundSpace, SearchSpace
-from . import OPTIMIZERS
+from . import OPTIMIZERS, reliability
 from .optimizers import CMAOptimizer, GreedySoupOptimizer, OptunaOptimizer, make_sampler, sampler_seed
+from .reliability import StorageUnavailable, fail_stale_trials, run_lock
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -57,15 +61,24 @@ class SearchConfig:
     subsample: int | None = None
     batch_size: int = 128
     baselines: bool = True
+    heartbeat: float = reliability.HEARTBEAT_SECONDS  # seconds between a running trial's heartbeats
+    max_failures: int = 10  # failed candidates in a row that stop the search
 
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
 
     def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{(self.run_dir() / 'study.db').resolve()}"
+        return reliability.storage_url(self.storage) or f"sqlite:///{(self.run_dir() / 'study.db').resolve()}"
+
+    def public(self) -> dict[str, Any]:
+        """The config as written to config.json and the study: the storage URL without its password."""
+        return {**asdict(self), "storage": reliability.redact(self.storage)}
 
     def search_space(self) -> SearchSpace:
-        return SearchSpace.model_validate(self.space)
+        try:
+            return SearchSpace.model_validate(self.space)
+        except ValidationError as e:
+            raise RecipeError(f"run {self.name!r}: invalid search space: {validation_summary(e)}") from None
 
     def task_specs(self) -> list[TaskSpec]:
         return [TaskSpec.from_dict(t) for t in self.tasks]
@@ -73,7 +86,7 @@ class SearchConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that define the experiment; a resume must match them."""
         d = asdict(self)
-        for k in ("trials", "storage", "runs_dir", "device", "batch_size", "baselines"):
+        for k in ("trials", "storage", "runs_dir", "device", "batch_size", "baselines", "heartbeat", "max_failures"):
             d.pop(k)
         return json.loads(json.dumps(d))
 
@@ -140,8 +153,10 @@ def validate(cfg: SearchConfig) -> None:
         check_task_files(spec)
     if cfg.subsample is not None and cfg.subsample < 1:
         raise RecipeError(f"--subsample must be ≥ 1, got {cfg.subsample}")
+    if cfg.max_failures < 1:
+        raise RecipeError(f"--max-failures must be ≥ 1, got {cfg.max_failures}")
     if cfg.storage:
-        check_storage(cfg.storage)
+        check_storage(cfg.storage_url())
 
 
 def check_storage(url: str) -> None:
@@ -163,10 +178,7 @@ def check_storage(url: str) -> None:
 def open_study(cfg: SearchConfig, create: bool = True) -> optuna.Study:
     cfg.run_dir().mkdir(parents=True, exist_ok=True)
     n_obj = len(cfg.tasks) if cfg.optimizer == "nsga2" else 1
-    url = cfg.storage_url()
-    storage = optuna.storages.RDBStorage(
-        url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    )
+    storage = reliability.open_storage(cfg.storage_url())
     # the sampler is rebuilt from the config in every process; the study holds the trials
     if not create:
         return optuna.load_study(storage=storage, study_name=cfg.name)
@@ -191,36 +203,18 @@ def open_study(cfg: SearchConfig, create: bool = True) -> optuna.Study:
         study = optuna.create_study(storage=storage, study_name=cfg.name, directions=["maximize"] * n_obj)
         stored = None
     if stored is None:
-        study.set_user_attr("evomerge_config", asdict(cfg))
+        study.set_user_attr("evomerge_config", cfg.public())
     return study
-
-
-def fail_stale_trials(study: optuna.Study, any_host: bool = False) -> list[optuna.trial.FrozenTrial]:
-    """Mark RUNNING trials of dead local processes (a killed run) as FAIL so their candidates are redone;
-    returns them."""
-    host = socket.gethostname()
-    stale = []
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        owner_host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
-        dead = owner_host is None or (owner_host == host and not _alive(pid)) or any_host
-        if dead:
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            stale.append(t)
-    return stale
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def evaluated(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Complete trials that evaluated a candidate: what `--trials` counts (a repeated candidate reuses an
+    earlier result and is not counted)."""
+    return [t for t in completed(study) if "duplicate_of" not in t.user_attrs]
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -235,8 +229,8 @@ def run_search(
     session: Session | None = None,
     say: Callable[[str], None] = log.info,
 ) -> SearchOutcome:
-    """Run (or resume) a search until `cfg.trials` trials are complete; then write the held-out report.
-    `say` reports the steps that take a while (loading the models, the held-out report)."""
+    """Run (or resume) a search until `cfg.trials` candidates are evaluated; then write the held-out report
+    (the `search` process, or the worker that finishes the study). `say` reports the steps that take a while."""
     if worker and cfg.optimizer in ("cma", "greedy-soup"):
         raise RecipeError(
             f"the {cfg.optimizer} optimizer is sequential (one process); use optuna-cma, tpe, nsga2 or random for "
@@ -246,82 +240,19 @@ def run_search(
     if session is None:
         say(f"loading the base and {len(cfg.sources)} source(s), preparing {len(cfg.tasks)} task(s)")
         session = Session(cfg)  # loads and checks the models, binds the space: still nothing written
-    space = session.space
     run_dir = cfg.run_dir()
     study = open_study(cfg)
-    stale: list[optuna.trial.FrozenTrial] = []
-    if not worker:
-        atomic_write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
-        stale = fail_stale_trials(study)
-        if stale:
-            log.info("marked %d interrupted trial(s) as failed; their candidates will be evaluated again", len(stale))
-    if cfg.optimizer == "cma":
-        optimizer: Any = CMAOptimizer(
-            study, space, run_dir / "cma_state.pkl", seed=cfg.seed, sigma0=cfg.sigma0, popsize=cfg.popsize
-        )
-    elif cfg.optimizer == "greedy-soup":
-        optimizer = GreedySoupOptimizer(study, space)  # replays its state from the complete trials
-        cfg.trials = min(cfg.trials, optimizer.total)
-    else:
-        # a fresh sampler per candidate, seeded by its position among the complete trials, so a resumed run
-        # proposes what an uninterrupted one would have (tpe, random; optuna-cma and nsga2 key on trial numbers)
-        stream = f"{socket.gethostname()}:{os.getpid()}" if worker else ""
-        optimizer = OptunaOptimizer(
-            study, space, lambda n: make_sampler(cfg.optimizer, sampler_seed(cfg.seed, n, stream), space, cfg.popsize)
-        )
-        for t in stale:  # the interrupted candidates come first, as cma's do
-            if t.params:
-                study.enqueue_trial(t.params, skip_if_exists=False)
+    with contextlib.ExitStack() as held:
+        if not worker:
+            held.enter_context(run_lock(run_dir, study, cfg.heartbeat))
+            atomic_write_text(run_dir / "config.json", json.dumps(cfg.public(), indent=2) + "\n")
+        best_value = _search_loop(cfg, study, session, worker, on_trial)
     best = best_trial(study)
-    if best is not None:
-        session.fitness.observe_best(best.user_attrs["fitness"], best.user_attrs.get("per_rung", []))
-    best_value = best.user_attrs["fitness"] if best else float("-inf")
-    with searching():
-        while len(completed(study)) < cfg.trials:
-            try:
-                cand = optimizer.ask()
-            except StopIteration:
-                break
-            cand.trial.set_user_attr("host", socket.gethostname())
-            cand.trial.set_user_attr("pid", os.getpid())
-            started = time.time()
-            recipe = space.decode(cand.params, name=f"{cfg.name}-trial{cand.trial.number}")
-            res = session.score(recipe, call=cand.position)
-            seconds = time.time() - started
-            for key, value in {
-                "fitness": res.value,
-                "scores": res.scores,
-                "n_examples": res.n_examples,
-                "pruned": res.pruned,
-                "rung": res.rung,
-                "per_rung": res.per_rung,
-                "seconds": round(seconds, 4),
-            }.items():
-                cand.trial.set_user_attr(key, value)
-            values = [res.scores.get(s.name, 0.0) for s in session.specs] if cfg.optimizer == "nsga2" else [res.value]
-            optimizer.tell(cand, values)
-            if not res.pruned and res.value > best_value:
-                best_value = res.value
-                write_best(run_dir, recipe)
-            write_trials_csv(study, run_dir / "trials.csv", [s.name for s in session.specs])
-            if on_trial:
-                on_trial(
-                    TrialInfo(
-                        cand.trial.number,
-                        res.value,
-                        res.scores,
-                        best_value,
-                        seconds,
-                        res.pruned,
-                        len(completed(study)),
-                        cfg.trials,
-                    )
-                )
-    optimizer.finish()
-    best = best_trial(study)
-    best_recipe = space.decode(best.params, name=f"{cfg.name}-best") if best else None
+    best_recipe = session.space.decode(best.params, name=f"{cfg.name}-best") if best else None
     outcome = SearchOutcome(run_dir, best_recipe, best_value)
-    if best_recipe is not None and not worker:
+    # a worker that finds the study done (its own last trials too) writes the final report
+    last_worker = worker and len(evaluated(study)) >= cfg.trials and reliability.settle(study, cfg.heartbeat)
+    if best_recipe is not None and (not worker or last_worker):
         write_best(run_dir, best_recipe)
         say(
             f"scoring the base, {len(cfg.sources)} source(s), {'the baselines and ' if cfg.baselines else ''}the "
@@ -329,6 +260,154 @@ def run_search(
         )
         outcome.report = final_report(cfg, session, best_recipe, study)
     return outcome
+
+
+def _search_loop(
+    cfg: SearchConfig,
+    study: optuna.Study,
+    session: Session,
+    worker: bool,
+    on_trial: Callable[[TrialInfo], None] | None,
+) -> float:
+    """Ask, evaluate, tell until enough candidates are evaluated; returns the best search fitness. A failed
+    candidate is a FAIL trial with its reason and the search goes on; `cfg.max_failures` failures in a row
+    stop it with the last reason. The study's storage retries by itself while the database is down."""
+    space, run_dir = session.space, cfg.run_dir()
+    stale = fail_stale_trials(study, cfg.heartbeat)
+    if stale:
+        log.info("marked %d abandoned trial(s) as failed; their candidates will be evaluated again", len(stale))
+    optimizer = _optimizer(cfg, study, space, worker, stale)
+    best = best_trial(study)
+    if best is not None:
+        session.fitness.observe_best(best.user_attrs["fitness"], best.user_attrs.get("per_rung", []))
+    best_value = best.user_attrs["fitness"] if best else float("-inf")
+    failures = 0
+    task_names = [s.name for s in session.specs]
+    with searching():
+        while len(evaluated(study)) < cfg.trials:
+            if worker:
+                fail_stale_trials(study, cfg.heartbeat)
+            try:
+                cand = optimizer.ask()
+            except StopIteration:
+                break
+            for key, value in {"host": socket.gethostname(), "pid": os.getpid()}.items():
+                study._storage.set_trial_user_attr(cand.trial._trial_id, key, value)
+            started = time.time()
+            earlier = _same_candidate(study, cand)
+            beat = reliability.trial_heartbeat(study, cand.trial._trial_id, cfg.heartbeat)
+            try:
+                name = f"{cfg.name}-trial{cand.trial.number}"
+                res, reason = (None, None) if earlier else _evaluate(session, space, cand, name)
+            finally:
+                beat.stop()
+            seconds = time.time() - started
+            try:
+                _tell(cfg, study, optimizer, cand, earlier, res, reason, seconds, task_names)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                note = "was finished meanwhile by another process (or a retried write); this result is dropped"
+                log.warning("trial %d %s", cand.trial.number, note)
+                continue
+            finally:
+                write_trials_csv(study, run_dir / "trials.csv", task_names)
+            if earlier is not None:
+                continue
+            if res is None:
+                failures += 1
+                if failures >= cfg.max_failures:
+                    raise RecipeError(
+                        f"{failures} candidates in a row failed (the last: {reason}); finished trials are kept in "
+                        f"{run_dir}; fix the space or the models, or raise --max-failures"
+                    )
+                continue
+            failures = 0
+            if not res.pruned and res.value > best_value:
+                best_value = res.value
+                write_best(run_dir, space.decode(cand.params, name=f"{cfg.name}-trial{cand.trial.number}"))
+            if on_trial:
+                done = len(evaluated(study))
+                on_trial(
+                    TrialInfo(
+                        cand.trial.number, res.value, res.scores, best_value, seconds, res.pruned, done, cfg.trials
+                    )
+                )
+    optimizer.finish()
+    return best_value
+
+
+def _optimizer(cfg: SearchConfig, study: optuna.Study, space: BoundSpace, worker: bool, stale: list) -> Any:
+    if cfg.optimizer == "cma":
+        state = cfg.run_dir() / "cma_state.pkl"
+        return CMAOptimizer(study, space, state, seed=cfg.seed, sigma0=cfg.sigma0, popsize=cfg.popsize)
+    if cfg.optimizer == "greedy-soup":
+        optimizer = GreedySoupOptimizer(study, space)  # replays its state from the complete trials
+        cfg.trials = min(cfg.trials, optimizer.total)
+        return optimizer
+    # a fresh sampler per candidate, seeded by its position among the trials (and, for a worker, by its
+    # process), so a resumed run proposes what an uninterrupted one would have (tpe, random; optuna-cma and
+    # nsga2 key on trial numbers) and workers do not propose each other's candidates
+    stream = reliability.me() if worker else ""
+
+    def sampler_for(position: int) -> optuna.samplers.BaseSampler:
+        return make_sampler(cfg.optimizer, sampler_seed(cfg.seed, position, stream), space, cfg.popsize)
+
+    for t in stale if not worker else []:  # the interrupted candidates come first, as cma's do
+        if t.params:
+            study.enqueue_trial(t.params, skip_if_exists=False)
+    return OptunaOptimizer(study, space, sampler_for)
+
+
+def _tell(
+    cfg: SearchConfig,
+    study: optuna.Study,
+    optimizer: Any,
+    cand: Any,
+    earlier: optuna.trial.FrozenTrial | None,
+    res: Any,
+    reason: str | None,
+    seconds: float,
+    task_names: list[str],
+) -> None:
+    """Record a candidate's outcome in its trial and tell the optimizer: a reused earlier result, a failure with
+    its reason, or a fitness."""
+    trial_id = cand.trial._trial_id
+    if earlier is not None:  # the same candidate was evaluated before: reuse its result
+        attrs = {k: earlier.user_attrs[k] for k in ("fitness", *RESULT_ATTRS) if k in earlier.user_attrs}
+        _record(study, trial_id, {**attrs, "duplicate_of": earlier.number})
+        optimizer.tell(cand, list(earlier.values))
+    elif res is None:
+        log.warning("trial %d failed: %s", cand.trial.number, reason)
+        _record(study, trial_id, {"fail_reason": reason, "seconds": round(seconds, 4)})
+        optimizer.fail(cand)
+    else:
+        attrs = {k: getattr(res, k) for k in RESULT_ATTRS}
+        _record(study, trial_id, {**attrs, "fitness": res.value, "seconds": round(seconds, 4)})
+        values = [res.scores.get(n, 0.0) for n in task_names] if cfg.optimizer == "nsga2" else [res.value]
+        optimizer.tell(cand, values)
+
+
+RESULT_ATTRS = ("scores", "n_examples", "pruned", "rung", "per_rung")  # and "fitness", FitnessResult.value
+
+
+def _evaluate(session: Session, space: BoundSpace, cand: Any, name: str) -> tuple[Any, str | None]:
+    """(fitness result, None), or (None, reason) when the candidate cannot be merged or scored: an error in the
+    merge, an out-of-range value, non-finite logits."""
+    try:
+        return session.score(space.decode(cand.params, name=name), call=cand.position), None
+    except (HeldOutError, StorageUnavailable):
+        raise  # a broken held-out rule or a lost database is not the candidate's fault
+    except Exception as e:  # anything else stops this candidate, not the search
+        return None, f"{type(e).__name__}: {one_line(e)}"
+
+
+def _same_candidate(study: optuna.Study, cand: Any) -> optuna.trial.FrozenTrial | None:
+    """An evaluated trial with exactly these parameters (workers or a categorical space can propose one twice)."""
+    return next((t for t in evaluated(study) if t.params == cand.params and "fitness" in t.user_attrs), None)
+
+
+def _record(study: optuna.Study, trial_id: int, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        study._storage.set_trial_user_attr(trial_id, key, value)
 
 
 def write_best(run_dir: Path, recipe: Recipe) -> None:
@@ -357,20 +436,25 @@ def write_trials_csv(study: optuna.Study, path: Path, task_names: list[str]) -> 
             "pruned",
             "n_examples",
             "seconds",
+            "fail_reason",
+            "duplicate_of",
             *param_names,
         ]
     )
     for t in trials:
         a = t.user_attrs
+        scores = [a.get("scores", {}).get(n, "") for n in task_names]
         w.writerow(
             [
                 t.number,
                 t.state.name,
                 a.get("fitness", ""),
-                *[a.get("scores", {}).get(n, "") for n in task_names],
+                *scores,
                 a.get("pruned", ""),
                 a.get("n_examples", ""),
                 a.get("seconds", ""),
+                a.get("fail_reason", ""),
+                a.get("duplicate_of", ""),
                 *[t.params.get(p, "") for p in param_names],
             ]
         )
@@ -441,12 +525,13 @@ def final_report(cfg: SearchConfig, session: Session, best: Recipe, study: optun
     weights = {s.name: s.weight for s in specs}
     for row in rows.values():
         row["fitness"] = weighted_mean(row, weights)
-    trials = completed(study)
+    trials = evaluated(study)
     history = [
         (t.number, t.user_attrs.get("fitness"))
         for t in sorted(trials, key=lambda t: t.number)
         if "fitness" in t.user_attrs
     ]
+    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
     bt = best_trial(study)
     report = {
         "name": cfg.name,
@@ -456,6 +541,7 @@ def final_report(cfg: SearchConfig, session: Session, best: Recipe, study: optun
         "best_trial": bt.number if bt else None,
         "best_search_fitness": bt.user_attrs.get("fitness") if bt else None,
         "n_trials": len(trials),
+        "failed_trials": [{"number": t.number, "reason": t.user_attrs.get("fail_reason", "unknown")} for t in failed],
         "history": history,
         "optimizer": cfg.optimizer,
         "seed": cfg.seed,

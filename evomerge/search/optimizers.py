@@ -24,6 +24,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from ..space import BoundSpace
 from . import OPTIMIZERS
 
+FAILED_FITNESS = -1e9  # what cma is told for a candidate that could not be merged or scored
+
 
 @dataclass
 class Candidate:
@@ -38,6 +40,14 @@ class Candidate:
 
 def n_complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def n_failed_candidates(study: optuna.Study) -> int:
+    """FAIL trials whose candidate failed (not those abandoned by a killed process, which are evaluated again)."""
+    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    return sum(
+        1 for t in failed if "fail_reason" in t.user_attrs and not t.user_attrs["fail_reason"].startswith("abandoned")
+    )
 
 
 def sampler_seed(seed: int, position: int, stream: str = "") -> int:
@@ -76,12 +86,16 @@ class OptunaOptimizer:
 
     def ask(self) -> Candidate:
         position = n_complete(self.study)
-        self.study.sampler = self.sampler_for(position)
+        # a failed candidate moves the seed on, or the same proposal would come back forever
+        self.study.sampler = self.sampler_for(position + n_failed_candidates(self.study))
         trial = self.study.ask(self.dists)
         return Candidate(trial, {g.name: trial.params[g.name] for g in self.space.genes}, position=position)
 
     def tell(self, cand: Candidate, values: list[float]) -> None:
         self.study.tell(cand.trial, values if len(values) > 1 else values[0])
+
+    def fail(self, cand: Candidate) -> None:
+        self.study.tell(cand.trial, state=optuna.trial.TrialState.FAIL)
 
     def finish(self) -> None:
         pass
@@ -169,6 +183,14 @@ class CMAOptimizer:
 
     def tell(self, cand: Candidate, values: list[float]) -> None:
         self.study.tell(cand.trial, values[0])
+        self._record(cand, values)
+
+    def fail(self, cand: Candidate) -> None:
+        """A failed candidate is the worst of its generation for CMA-ES (ranks are all it uses)."""
+        self.study.tell(cand.trial, state=optuna.trial.TrialState.FAIL)
+        self._record(cand, [FAILED_FITNESS])
+
+    def _record(self, cand: Candidate, values: list[float]) -> None:
         idx = cand.attrs["cma_index"]
         self.pending = [(i, x) for i, x in self.pending if i != idx]
         self.values[idx] = values
@@ -245,6 +267,9 @@ class GreedySoupOptimizer:
 
     def tell(self, cand: Candidate, values: list[float]) -> None:
         self.study.tell(cand.trial, values[0])
+
+    def fail(self, cand: Candidate) -> None:
+        self.study.tell(cand.trial, state=optuna.trial.TrialState.FAIL)
 
     def finish(self) -> None:
         pass
