@@ -90,14 +90,15 @@ def test_linear_weights_summing_to_zero(tmp_path, llama_family, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
 
 
+def write_task_arithmetic_recipe(path, base, source):
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(source)}]}
+    recipe["models"][0]["parameters"] = {"weight": 1.0}
+    path.write_text(yaml.safe_dump(recipe))
+
+
 def test_out_pointing_at_an_existing_file(tmp_path, llama_family, capsys):
     base, fts = llama_family
-    recipe = {
-        "merge_method": "task_arithmetic",
-        "base_model": str(base),
-        "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0}}],
-    }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    write_task_arithmetic_recipe(tmp_path / "r.yaml", base, fts[0])
     (tmp_path / "existing").write_text("keep me")
     for extra in ([], ["--overwrite"]):
         assert main(["merge", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "existing"), *extra]) == 2
@@ -237,12 +238,7 @@ def test_tasks_without_task_names_means_every_listed_task(small_zoo, tmp_path):
 # ---- outputs ----------------------------------------------------------------------------------------------
 def test_outputs_follow_the_users_umask(tmp_path, llama_family):
     base, fts = llama_family
-    recipe = {
-        "merge_method": "task_arithmetic",
-        "base_model": str(base),
-        "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0}}],
-    }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    write_task_arithmetic_recipe(tmp_path / "r.yaml", base, fts[0])
     old = os.umask(0o022)
     try:
         assert main(["merge", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")]) == 0
