@@ -284,7 +284,7 @@ def _search_loop(
     failures = 0
     task_names = [s.name for s in session.specs]
     with searching():
-        while len(evaluated(study)) < cfg.trials:
+        while len(done := evaluated(study)) < cfg.trials:
             if worker:
                 fail_stale_trials(study, cfg.heartbeat)
             try:
@@ -293,9 +293,9 @@ def _search_loop(
                 break
             for key, value in {"host": socket.gethostname(), "pid": os.getpid()}.items():
                 study._storage.set_trial_user_attr(cand.trial._trial_id, key, value)
-            started = time.time()
-            earlier = _same_candidate(study, cand)
+            earlier = _same_candidate(done, cand)
             beat = reliability.trial_heartbeat(study, cand.trial._trial_id, cfg.heartbeat)
+            started = time.time()
             try:
                 name = f"{cfg.name}-trial{cand.trial.number}"
                 res, reason = (None, None) if earlier else _evaluate(session, space, cand, name)
@@ -325,11 +325,9 @@ def _search_loop(
                 best_value = res.value
                 write_best(run_dir, space.decode(cand.params, name=f"{cfg.name}-trial{cand.trial.number}"))
             if on_trial:
-                done = len(evaluated(study))
+                n = len(done) + 1
                 on_trial(
-                    TrialInfo(
-                        cand.trial.number, res.value, res.scores, best_value, seconds, res.pruned, done, cfg.trials
-                    )
+                    TrialInfo(cand.trial.number, res.value, res.scores, best_value, seconds, res.pruned, n, cfg.trials)
                 )
     optimizer.finish()
     return best_value
@@ -400,9 +398,9 @@ def _evaluate(session: Session, space: BoundSpace, cand: Any, name: str) -> tupl
         return None, f"{type(e).__name__}: {one_line(e)}"
 
 
-def _same_candidate(study: optuna.Study, cand: Any) -> optuna.trial.FrozenTrial | None:
+def _same_candidate(done: list[optuna.trial.FrozenTrial], cand: Any) -> optuna.trial.FrozenTrial | None:
     """An evaluated trial with exactly these parameters (workers or a categorical space can propose one twice)."""
-    return next((t for t in evaluated(study) if t.params == cand.params and "fitness" in t.user_attrs), None)
+    return next((t for t in done if t.params == cand.params and "fitness" in t.user_attrs), None)
 
 
 def _record(study: optuna.Study, trial_id: int, attrs: dict[str, Any]) -> None:

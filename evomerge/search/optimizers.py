@@ -42,12 +42,13 @@ def n_complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
-def n_failed_candidates(study: optuna.Study) -> int:
-    """FAIL trials whose candidate failed (not those abandoned by a killed process, which are evaluated again)."""
-    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
-    return sum(
-        1 for t in failed if "fail_reason" in t.user_attrs and not t.user_attrs["fail_reason"].startswith("abandoned")
-    )
+def settled(study: optuna.Study) -> tuple[int, int]:
+    """(complete trials, FAIL trials whose candidate failed): abandoned ones (a killed process's) do not count,
+    since their candidates are evaluated again."""
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL))
+    complete = sum(1 for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
+    reasons = [t.user_attrs.get("fail_reason", "abandoned") for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    return complete, sum(1 for r in reasons if not r.startswith("abandoned"))
 
 
 def sampler_seed(seed: int, position: int, stream: str = "") -> int:
@@ -85,9 +86,9 @@ class OptunaOptimizer:
         self.sampler_for = sampler_for
 
     def ask(self) -> Candidate:
-        position = n_complete(self.study)
+        position, failed = settled(self.study)
         # a failed candidate moves the seed on, or the same proposal would come back forever
-        self.study.sampler = self.sampler_for(position + n_failed_candidates(self.study))
+        self.study.sampler = self.sampler_for(position + failed)
         trial = self.study.ask(self.dists)
         return Candidate(trial, {g.name: trial.params[g.name] for g in self.space.genes}, position=position)
 

@@ -149,10 +149,11 @@ class Heartbeat:
     """Calls `beat` now and then every `interval` seconds from a thread, until stopped: a trial's `heartbeat`
     attribute while its candidate is evaluated, or the study's `search_heartbeat` while a search runs."""
 
-    def __init__(self, beat: Callable[[], None], interval: float) -> None:
+    def __init__(self, beat: Callable[[], None], interval: float, now: bool = True) -> None:
         self.beat, self.interval = beat, interval
         self._stop = threading.Event()
-        beat()
+        if now:
+            beat()
         self._thread = threading.Thread(target=self._run, name="evomerge-heartbeat", daemon=True)
         self._thread.start()
 
@@ -169,7 +170,10 @@ class Heartbeat:
 
 
 def trial_heartbeat(study: optuna.Study, trial_id: int, interval: float) -> Heartbeat:
-    return Heartbeat(lambda: study._storage.set_trial_user_attr(trial_id, "heartbeat", time.time()), interval)
+    """The first beat comes after `interval`: until then the trial is covered by its start time (and its process,
+    on this host), so a short candidate costs no extra write."""
+    beat = lambda: study._storage.set_trial_user_attr(trial_id, "heartbeat", time.time())  # noqa: E731
+    return Heartbeat(beat, interval, now=False)
 
 
 def stale_reason(trial: optuna.trial.FrozenTrial, interval: float, now: float | None = None) -> str | None:
