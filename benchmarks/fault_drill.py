@@ -72,14 +72,15 @@ def snapshot(url: str, name: str) -> dict[int, tuple[str, str]]:
     return {t.number: (t.state.name, json.dumps([t.params, t.values], sort_keys=True)) for t in study.trials}
 
 
-def victim_running(url: str, name: str, pid: int) -> bool:
+def victim_trial(url: str, name: str, pid: int) -> int | None:
+    """The number of a RUNNING trial of process `pid`, if any."""
     import optuna
 
     from evomerge.search.reliability import storage_url
 
     study = optuna.load_study(study_name=name, storage=storage_url(url))
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    return any(t.user_attrs.get("pid") == pid for t in running)
+    return next((t.number for t in running if t.user_attrs.get("pid") == pid), None)
 
 
 def main() -> int:
@@ -168,11 +169,11 @@ def main() -> int:
         while complete() < args.trials // 4:
             time.sleep(0.2)
         victim = procs[0]
-        while not victim_running(url, name, victim.pid):  # kill it while it evaluates a candidate
+        while (killed := victim_trial(url, name, victim.pid)) is None:  # kill it while it evaluates a candidate
             time.sleep(0.01)
         victim.send_signal(signal.SIGKILL)
         victim.wait()
-        print(f"{time.time() - t0:5.1f} s  killed worker 0 (pid {victim.pid}) with SIGKILL")
+        print(f"{time.time() - t0:5.1f} s  killed worker 0 (pid {victim.pid}) with SIGKILL in trial {killed}")
         while complete() < args.trials // 2:
             time.sleep(0.2)
         before = snapshot(url, name)
@@ -192,6 +193,10 @@ def main() -> int:
         duplicated = len(params) - len({json.dumps(p, sort_keys=True) for p in params})
         lost = sum(1 for n, (s, v) in before.items() if s == "COMPLETE" and after.get(n) != (s, v))
         counts = {state: sum(s == state for s, _ in after.values()) for state in ("COMPLETE", "FAIL", "RUNNING")}
+        print(
+            f"the killed worker's trial {killed} ended {after[killed][0]}"
+            + (" (it finished between the check and the kill)" if after[killed][0] == "COMPLETE" else "")
+        )
         print(
             f"\ntrials asked {len(after)} / complete {counts['COMPLETE']} / failed {counts['FAIL']} / "
             f"orphaned {counts['RUNNING']} / duplicated {duplicated} / lost {lost}   (target complete >= {args.trials})"

@@ -5,6 +5,7 @@ searches of one run, secrets. SQLite always; PostgreSQL too when EVOMERGE_TEST_P
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -187,10 +188,18 @@ def test_a_silent_trial_is_stale_after_three_heartbeats():
     )
     assert reliability.stale_reason(trial, interval=10, now=1025.0) is None
     assert "no heartbeat from elsewhere:1 for 31 s" == reliability.stale_reason(trial, interval=10, now=1031.0)
+    here = optuna.trial.create_trial(
+        params={},
+        distributions={},
+        value=None,
+        state=optuna.trial.TrialState.RUNNING,
+        user_attrs={"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": 1000.0},
+    )
+    assert reliability.stale_reason(here, interval=10, now=1e12) is None  # a live process on this host answers
     untagged = optuna.trial.create_trial(params={}, distributions={}, value=None, state=optuna.trial.TrialState.RUNNING)
     asked = untagged.datetime_start.timestamp()
     assert reliability.stale_reason(untagged, interval=10, now=asked + 25) is None  # just asked by a live process
-    assert reliability.stale_reason(untagged, interval=10, now=asked + 31) == "asked 31 s ago and never started"
+    assert reliability.stale_reason(untagged, interval=10, now=asked + 31) == "no heartbeat since it was asked 31 s ago"
 
 
 # ---- one search per run, outages, secrets ---------------------------------------------------------------------

@@ -177,19 +177,19 @@ def trial_heartbeat(study: optuna.Study, trial_id: int, interval: float) -> Hear
 
 
 def stale_reason(trial: optuna.trial.FrozenTrial, interval: float, now: float | None = None) -> str | None:
-    """Why a RUNNING trial is dead, or None while it may be alive. A trial with no heartbeat yet (just asked by
-    a live process) is alive for the grace period after it was asked; then it was lost between being asked and
-    being started (a process killed, or the database gone, in between)."""
+    """Why a RUNNING trial is dead, or None while it may be alive. A trial's first heartbeat comes one interval
+    after it starts; one with none three intervals after it was asked was lost (its process killed, or the
+    database gone, between the ask and the first beat)."""
     now = time.time() if now is None else now
     grace = GRACE_FACTOR * interval
     host, pid, beat = trial.user_attrs.get("host"), trial.user_attrs.get("pid"), trial.user_attrs.get("heartbeat")
-    if host == socket.gethostname() and pid is not None and not _alive(pid):
-        return f"its process {host}:{pid} is gone"
+    if host == socket.gethostname() and pid is not None:  # on this host the process itself answers
+        return None if _alive(pid) else f"its process {host}:{pid} is gone"
     if beat is not None and now - float(beat) > grace:
         return f"no heartbeat from {host}:{pid} for {now - float(beat):.0f} s"
     asked = trial.datetime_start.timestamp() if trial.datetime_start else None
     if beat is None and asked is not None and now - asked > grace:
-        return f"asked {now - asked:.0f} s ago and never started"
+        return f"no heartbeat since it was asked {now - asked:.0f} s ago"
     return None
 
 
