@@ -3,9 +3,10 @@ a lock so one run name has one `search` process, retries when the database goes 
 that never show a password.
 
 Heartbeats are a user attribute (`heartbeat`, a UNIX time) that a thread refreshes while a trial is
-evaluated, so they work on any Optuna storage (SQLite, PostgreSQL, ...). A RUNNING trial whose heartbeat is
-older than the grace period, or whose process on this host is gone, is marked FAIL with its reason by the
-next process that looks (every `search` and `worker` looks before each candidate).
+evaluated, so they work on any Optuna storage (SQLite, PostgreSQL, ...). A RUNNING trial whose process on
+this host is gone, or whose last heartbeat (before the first one: its start) is older than the grace period,
+is marked FAIL with its reason by the next process that looks (every `search` and `worker` looks before
+each candidate). A live process on this host always answers for its own trials.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def redact(url: str | None) -> str | None:
 
 
 def read_storage(url: str | None, url_file: str | None) -> str | None:
-    """--storage, else --storage-file (first line), else $EVOMERGE_STORAGE: a password need not appear on the
-    command line, where every local user can read it in the process list."""
+    """--storage-file (its first line), else --storage, else $EVOMERGE_STORAGE: a password need not appear on
+    the command line, where every local user can read it in the process list."""
     if url_file:
         try:
             return Path(url_file).read_text().strip().splitlines()[0].strip()
