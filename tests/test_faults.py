@@ -151,29 +151,31 @@ def test_a_killed_workers_trial_is_taken_over_and_the_study_reaches_its_count(sm
     _create(small_zoo, tmp_path / "runs", url, name, 2)
     study = optuna.load_study(study_name=name, storage=reliability.storage_url(url))
     cmd = [sys.executable, "-m", "evomerge", "worker", "--study", name, "--trials", "16"]
-    procs = [
-        subprocess.Popen(
-            cmd, env={**env(), "EVOMERGE_STORAGE": url}, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        for _ in range(2)
-    ]
-    victim = procs[0]
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill it while it evaluates a candidate
-        running = [
-            t
-            for t in study.get_trials(deepcopy=False)
-            if t.state.name == "RUNNING" and t.user_attrs.get("pid") == victim.pid
-        ]
-        if running and len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) >= 4:
+
+    def worker():
+        e = {**env(), "EVOMERGE_STORAGE": url}
+        return subprocess.Popen(cmd, env=e, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def running_trial_of(pid):
+        trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        return next((t.number for t in trials if t.user_attrs.get("pid") == pid), None)
+
+    killed = None
+    for _ in range(10):  # a candidate takes a fraction of a second: retry until the kill lands inside one
+        victim = worker()
+        deadline = time.time() + 120
+        while (number := running_trial_of(victim.pid)) is None and time.time() < deadline:
+            time.sleep(0.005)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        if number is not None and study.trials[number].state.name == "RUNNING":
+            killed = number  # its process is dead and the trial is left RUNNING
             break
-        time.sleep(0.01)
-    assert running, "the worker never ran a trial"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert procs[1].wait(timeout=300) == 0, procs[1].stderr.read().decode()[-2000:]
-    killed = study.trials[running[0].number]
-    assert killed.state.name == "FAIL" and killed.user_attrs["fail_reason"].startswith("abandoned: its process")
+    assert killed is not None, "no kill landed inside a trial"
+    survivor = worker()
+    assert survivor.wait(timeout=300) == 0, survivor.stderr.read().decode()[-2000:]
+    trial = study.trials[killed]
+    assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"].startswith("abandoned: its process")
     assert states(study).get("RUNNING", 0) == 0
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) >= 16
 
