@@ -326,9 +326,12 @@ def _run_config(args: argparse.Namespace, run_dir: Path):
 def _evaluated_now(args: argparse.Namespace, run_dir: Path) -> int | None:
     """Evaluated trials in the study now, or None when the study cannot be read from here."""
     try:
-        from .search.loop import evaluated, open_study
+        import optuna
 
-        return len(evaluated(open_study(_run_config(args, run_dir), create=False)))
+        from .search.loop import evaluated
+
+        cfg = _run_config(args, run_dir)  # a plain load: an optional note must not wait out database retries
+        return len(evaluated(optuna.load_study(study_name=cfg.name, storage=cfg.storage_url())))
     except Exception:  # a report stays readable without its database
         return None
 

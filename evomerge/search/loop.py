@@ -32,7 +32,7 @@ from ..evaluate.tasks import TaskSpec, check_task_files, load_task, searching
 from ..recipe import Recipe, RecipeError, atomic_write_text
 from ..space import BoundSpace, SearchSpace
 from . import OPTIMIZERS, reliability
-from .optimizers import CMAOptimizer, GreedySoupOptimizer, OptunaOptimizer, make_sampler, sampler_seed
+from .optimizers import CMAOptimizer, GreedySoupOptimizer, OptunaOptimizer, completed, make_sampler, sampler_seed
 from .reliability import StorageUnavailable, fail_stale_trials, run_lock
 
 log = logging.getLogger(__name__)
@@ -156,23 +156,7 @@ def validate(cfg: SearchConfig) -> None:
     if cfg.max_failures < 1:
         raise RecipeError(f"--max-failures must be ≥ 1, got {cfg.max_failures}")
     if cfg.storage:
-        check_storage(cfg.storage_url())
-
-
-def check_storage(url: str) -> None:
-    """Connect once, so an unreachable database or a wrong URL is one line before the models load."""
-    import sqlalchemy
-
-    shown = url
-    try:
-        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-        engine = sqlalchemy.create_engine(url)
-        with engine.connect():
-            pass
-        engine.dispose()
-    except Exception as e:  # sqlalchemy and its drivers raise many types; the first line names the cause
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise RecipeError(f"storage {shown}: cannot connect ({type(e).__name__}: {reason})") from None
+        reliability.check_storage(cfg.storage_url())
 
 
 def open_study(cfg: SearchConfig, create: bool = True) -> optuna.Study:
@@ -205,10 +189,6 @@ def open_study(cfg: SearchConfig, create: bool = True) -> optuna.Study:
     if stored is None:
         study.set_user_attr("evomerge_config", cfg.public())
     return study
-
-
-def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
 def evaluated(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -38,8 +38,8 @@ class Candidate:
     position: int = 0
 
 
-def n_complete(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
 def settled(study: optuna.Study) -> tuple[int, int]:
@@ -179,7 +179,7 @@ class CMAOptimizer:
                 )
             self.pending.append((idx, x))
             attrs = {"cma_generation": self.generation, "cma_index": idx}
-            return Candidate(trial, params, attrs=attrs, position=n_complete(self.study))
+            return Candidate(trial, params, attrs=attrs, position=len(completed(self.study)))
         raise RuntimeError("internal: no CMA candidate left to ask in this generation")
 
     def tell(self, cand: Candidate, values: list[float]) -> None:
@@ -264,7 +264,7 @@ class GreedySoupOptimizer:
         params = self._params(nxt)
         self.study.enqueue_trial(params, user_attrs={"soup_step": len(self._history())}, skip_if_exists=False)
         trial = self.study.ask(self.dists)
-        return Candidate(trial, params, position=n_complete(self.study))
+        return Candidate(trial, params, position=len(completed(self.study)))
 
     def tell(self, cand: Candidate, values: list[float]) -> None:
         self.study.tell(cand.trial, values[0])

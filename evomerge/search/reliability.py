@@ -78,6 +78,24 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): drivers write several."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def check_storage(url: str) -> None:
+    """Connect once, so an unreachable database or a wrong URL is one line before the models load."""
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as e:  # sqlalchemy and its drivers raise many types; the first line names the cause
+        raise EvomergeError(f"storage {redact(url)}: cannot connect ({type(e).__name__}: {first_line(e)})") from None
+
+
 def is_storage_error(error: BaseException) -> bool:
     import sqlalchemy.exc
 
@@ -99,7 +117,7 @@ def with_retries(action: Callable[[], T], what: str, delays: tuple[float, ...] =
             if not is_storage_error(e):
                 raise
             cause = root_cause(e)
-            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            reason = first_line(cause)
             if attempt == len(delays):
                 raise StorageUnavailable(
                     f"{what}: the study's database is unreachable ({type(cause).__name__}: {reason}); "

@@ -275,21 +275,17 @@ def build_zoo(
             eos_token_id=tok.eos_token_id,
         )
 
-        def train(name: str, model, sample, steps: int, lr: float, seed: int, warmup: int) -> str:
+        def train(name: str, model, sample, steps: int, lr: float, seed: int, warmup: int, message: str) -> str:
             path = work / "models" / name
             if path.is_dir():
                 return str(path.resolve())
+            say(message)
             report = (lambda step, loss: on_step(name, step, steps, loss)) if on_step else None
             train_lm(model, tok, sample, steps, lr, config.batch_size, seed=seed, warmup=warmup, progress=report)
             return _save(model, tok, path)
 
         torch.manual_seed(config.seed)
         base = LlamaForCausalLM(cfg)
-        if not (work / "models" / "base").is_dir():
-            say(
-                f"pre-training base ({sum(p.numel() for p in base.parameters()) / 1e6:.2f}M params, "
-                f"{config.base_steps} steps)"
-            )
         # lopsided bilingual base: mostly A, a little B (text and math), A math, a little reversal
         base_mix = _mixture(
             [
@@ -300,15 +296,16 @@ def build_zoo(
                 (0.05, streams["reverse_a"]),
             ]
         )
-        models = {"base": train("base", base, base_mix, config.base_steps, config.base_lr, config.seed, 50)}
+        size = f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f}M params"
+        message = f"pre-training base ({size}, {config.base_steps} steps)"
+        models = {"base": train("base", base, base_mix, config.base_steps, config.base_lr, config.seed, 50, message)}
         base_state = LlamaForCausalLM.from_pretrained(models["base"]).state_dict()
 
         def finetune(name: str, sample, steps: int, lr: float, seed: int) -> str:
             model = LlamaForCausalLM(cfg)
             model.load_state_dict(base_state)
-            if not (work / "models" / name).is_dir():
-                say(f"fine-tuning {name} ({steps} steps, lr {lr:g})")
-            return train(name, model, sample, steps, lr, seed, min(30, steps // 5 + 1))
+            message = f"fine-tuning {name} ({steps} steps, lr {lr:g})"
+            return train(name, model, sample, steps, lr, seed, min(30, steps // 5 + 1), message)
 
         experts = {
             "expert_math": finetune(
