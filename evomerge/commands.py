@@ -133,26 +133,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .engine import resolve_device
+    from .evaluate.evaluator import Evaluator, with_twins
     from .evaluate.tasks import load_specs, load_task
 
     path = local_model_dir(args.model, args.hub)
-    specs = load_specs(args.tasks, args.task_names)
+    specs = with_twins(load_specs(args.tasks, args.task_names, args.include_path), args.evaluator)
     tasks = [load_task(s, args.split) for s in specs]  # parsed before the model loads
     local = not args.hub
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local).to(resolve_device(args.device)).eval()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
-    if args.evaluator == "lm-eval":
-        from .evaluate.lm_eval_adapter import LMEvalEvaluator, include_path_of, lm_eval_task_name
-
-        folder = Path(args.tasks) if Path(args.tasks).is_dir() else Path(args.tasks).parent
-        include = args.include_path or include_path_of(folder)
-        names = [lm_eval_task_name(s.name, args.split) for s in specs]
-        raw = LMEvalEvaluator(model, tok, names, include_path=include, batch_size=args.batch_size).evaluate()
-        scores = {s.name: raw[n] for s, n in zip(specs, names)}
-    else:
-        from .evaluate.native import NativeEvaluator
-
-        scores = NativeEvaluator(model, tok, tasks, batch_size=args.batch_size).evaluate().scores
+    scores = Evaluator(model, tok, tasks, args.batch_size, args.evaluator).evaluate().scores
     title = f"{args.model} ({args.split} split, {args.evaluator})"
     console.print(score_table(title, {Path(args.model).name: scores}, [s.name for s in specs]))
     return 0
@@ -162,9 +152,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _search_config(args: argparse.Namespace, space_path: Path, name: str, seed: int):
     from .evaluate.tasks import TaskError, load_specs
     from .recipe import RecipeError
-    from .search.loop import SearchConfig
     from .space import SearchSpace
 
+    if getattr(args, "mergekit_evolve", None):
+        return _evolve_search_config(args, name, seed)
     space = SearchSpace.load(space_path).model_dump()  # validated, errors name the file
     manifest: dict[str, Any] | None = None
     if args.zoo:
@@ -184,7 +175,44 @@ def _search_config(args: argparse.Namespace, space_path: Path, name: str, seed: 
         raise TaskError("search needs --tasks (a manifest or task file) or --zoo")
     # --tasks without --task-names means every task listed there; a zoo alone means its composed task
     task_names = args.task_names or ([manifest["composed_task"]] if manifest and not args.tasks else None)
-    specs = load_specs(task_source, task_names)
+    specs = load_specs(task_source, task_names, args.include_path)
+    return _make_search_config(args, name, seed, space, base, sources, names, specs, args.subsample)
+
+
+def _evolve_search_config(args: argparse.Namespace, name: str, seed: int):
+    """A search from a mergekit-evolve config: its genome is the space, its models the base and sources, its
+    tasks the fitness (see evolve_config.py for the mapping)."""
+    from .evaluate.tasks import specs_from_dicts
+    from .evolve_config import check_granularity, load_evolve_config
+    from .recipe import RecipeError
+    from .space import SearchSpace
+
+    clash = [
+        flag
+        for flag, value in (
+            ("--space", args.space),
+            ("--tasks", args.tasks),
+            ("--zoo", args.zoo),
+            ("--base", args.base),
+            ("--sources", args.sources),
+        )
+        if value
+    ]
+    if clash:
+        raise RecipeError(f"--mergekit-evolve gives the space, models and tasks; drop {', '.join(clash)}")
+    evolve = load_evolve_config(args.mergekit_evolve)
+    base = local_model_dir(evolve.base)
+    sources = [local_model_dir(s) for s in evolve.sources]
+    check_granularity(evolve, json.loads((Path(base) / "config.json").read_text()).get("num_hidden_layers", 0))
+    space = SearchSpace.model_validate(evolve.space).model_dump()
+    specs = specs_from_dicts(evolve.tasks, Path(args.mergekit_evolve).parent, args.include_path)
+    subsample = args.subsample if args.subsample is not None else evolve.subsample
+    return _make_search_config(args, name, seed, space, base, sources, None, specs, subsample)
+
+
+def _make_search_config(args, name, seed, space, base, sources, names, specs, subsample):
+    from .search.loop import SearchConfig
+
     return SearchConfig(
         name=name,
         space=space,
@@ -203,9 +231,10 @@ def _search_config(args: argparse.Namespace, space_path: Path, name: str, seed: 
         dtype=args.dtype,
         delta_dtype=args.delta_dtype,
         racing=args.racing,
-        subsample=args.subsample,
+        subsample=subsample,
         batch_size=args.batch_size,
         baselines=not args.no_baselines,
+        evaluator=args.evaluator,
         heartbeat=args.heartbeat,
         max_failures=args.max_failures,
     )
@@ -226,7 +255,9 @@ def _run_with_progress(cfg, worker: bool = False):
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    cfg = _search_config(args, Path(args.space), args.name or Path(args.space).stem, args.seed)
+    space = Path(args.space or DEFAULT_DEMO_SPACE)
+    default_name = Path(args.mergekit_evolve).stem if args.mergekit_evolve else space.stem
+    cfg = _search_config(args, space, args.name or default_name, args.seed)
     outcome = _run_with_progress(cfg)
     if outcome.report:
         r = outcome.report
@@ -361,12 +392,12 @@ def cmd_soup(args: argparse.Namespace) -> int:
 
     from .checkpoint import check_output_dir
     from .engine import Engine, write_merged
+    from .evaluate.evaluator import Evaluator, with_twins
     from .evaluate.fitness import Fitness, weighted_mean
-    from .evaluate.native import NativeEvaluator
     from .evaluate.tasks import check_task_files, load_specs, load_task, searching
     from .search.soup import greedy_soup, soup_recipe
 
-    specs = load_specs(args.tasks, args.task_names)
+    specs = with_twins(load_specs(args.tasks, args.task_names, args.include_path), args.evaluator)
     for spec in specs:
         check_task_files(spec)  # every split, before any scoring
     check_output_dir(args.out, args.overwrite)
@@ -377,7 +408,7 @@ def cmd_soup(args: argparse.Namespace) -> int:
     tok = AutoTokenizer.from_pretrained(models[0])
     with searching():
         fitness = Fitness(
-            NativeEvaluator(model, tok, [load_task(s, "search") for s in specs], batch_size=args.batch_size),
+            Evaluator(model, tok, [load_task(s, "search") for s in specs], args.batch_size, args.evaluator),
             {s.name: s.weight for s in specs},
         )
 
@@ -387,7 +418,7 @@ def cmd_soup(args: argparse.Namespace) -> int:
 
         greedy = greedy_soup(engine, score, models, strict=not args.keep_ties) if not args.uniform else None
     chosen = greedy.members if greedy else models
-    test = NativeEvaluator(model, tok, [load_task(s, "test") for s in specs], batch_size=args.batch_size)
+    test = Evaluator(model, tok, [load_task(s, "test") for s in specs], args.batch_size, args.evaluator)
     weights = {s.name: s.weight for s in specs}
     rows = {}
     for label, members in [*[(Path(m).name, [m]) for m in models], ("uniform soup", models)] + (
@@ -447,7 +478,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     reports = []
     name = args.name or ("demo-small" if args.small else "demo")  # a smoke run never blocks the full demo
     for seed in args.seeds:
-        cfg = _search_config(args, Path(args.space), f"{name}-seed{seed}", seed)
+        cfg = _search_config(args, Path(args.space or DEFAULT_DEMO_SPACE), f"{name}-seed{seed}", seed)
         outcome = _run_with_progress(cfg)
         reports.append(outcome.report)
         console.print(
@@ -472,7 +503,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_search_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    p.add_argument("--space", default=str(DEFAULT_DEMO_SPACE), help="search space YAML (see search_spaces/)")
+    p.add_argument("--space", help=f"search space YAML (see search_spaces/); default: {DEFAULT_DEMO_SPACE.name}")
     p.add_argument("--zoo", help="zoo directory (its manifest gives base, experts and tasks)")
     p.add_argument("--base", help="base model directory")
     p.add_argument("--sources", nargs="+", help="source model directories")
@@ -496,6 +527,7 @@ def _add_search_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     )
     p.add_argument("--subsample", type=int, default=None, help="score this many search examples per task per trial")
     p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
+    _add_evaluator_args(p)
     p.add_argument("--no-baselines", action="store_true", help="leave the simple merges out of the final report")
     p.add_argument("--max-failures", type=int, default=10, help="failed candidates in a row that stop the search")
     p.add_argument(
@@ -505,6 +537,17 @@ def _add_search_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
         help="seconds between a running trial's heartbeats; "
         "a trial silent for 3 heartbeats is taken over by another process",
     )
+
+
+def _add_evaluator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--evaluator",
+        default="auto",
+        choices=["auto", "native", "lm-eval"],
+        help="auto: native batched scoring, lm-eval tasks compiled to it where they can be; lm-eval: every task "
+        "through lm-eval (native tasks through generated lm-eval YAML); native: fail where auto would use lm-eval",
+    )
+    p.add_argument("--include-path", help="folder of lm-eval task YAMLs, for lm-eval tasks that do not name their own")
 
 
 def _add_storage_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -538,8 +581,7 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--tasks", required=True, help="a zoo directory/manifest or a task file")
     p.add_argument("--task-names", nargs="+", help="tasks to score; default: all listed")
     p.add_argument("--split", default="test", choices=["search", "test"], help="which split to score")
-    p.add_argument("--evaluator", default="native", choices=["native", "lm-eval"], help="scoring engine")
-    p.add_argument("--include-path", help="lm-eval task YAML folder; default: the zoo's")
+    _add_evaluator_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--hub", action="store_true", help="MODEL may be a Hugging Face hub id (downloads it)")
@@ -548,6 +590,12 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     p = add("search", "evolve a merge recipe")
     p.add_argument("--name", help="run name; default: the space's file name. The same name resumes the run")
     p.add_argument("--seed", type=int, default=0, help="seed of the optimizer and of subsampling")
+    p.add_argument(
+        "--mergekit-evolve",
+        metavar="CONFIG",
+        help="run a mergekit-evolve config (genome and tasks) as this search; its lm-eval tasks are found in "
+        "--include-path",
+    )
     _add_search_args(p)
     p.set_defaults(func=cmd_search)
 
@@ -581,6 +629,7 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", help="dtype of the resident soup")
     p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
+    _add_evaluator_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_soup)
 

@@ -58,6 +58,9 @@ class SearchSpace(BaseModel):
     granularity: Literal["global", "block", "layer"] = "layer"
     block_size: int = 1
     split_attn_mlp: bool = False
+    filters: list[str] = Field(default_factory=list)  # tensor-name filters with genes of their own (mergekit-evolve)
+    smooth: bool = False  # per-layer values interpolated between the groups' genes (a mergekit gradient list)
+    embed_head_genes: bool = True  # false: embeddings/head follow the first/last layers' values (mergekit slices)
     genes: dict[str, GeneSpec]
     parameters: dict[str, Any] = Field(default_factory=dict)  # fixed merge-wide parameters
     base: str | None = None
@@ -80,6 +83,10 @@ class SearchSpace(BaseModel):
             raise ValueError(f"gene(s) {sorted(unknown)} are not parameters of {methods}; allowed: {sorted(allowed)}")
         if self.granularity == "block" and self.block_size < 1:
             raise ValueError("block_size must be ≥ 1")
+        if self.split_attn_mlp and self.filters:
+            raise ValueError("give split_attn_mlp or filters, not both")
+        if self.smooth and self.granularity == "global":
+            raise ValueError("smooth interpolates between layer groups: use granularity block or layer")
         self._check_ranges()
         return self
 
@@ -173,7 +180,15 @@ class _Group:
     name: str
     layers: tuple[int, ...] | None  # layer group; None for a set of non-layer tensors
     tensors: tuple[str, ...] = ()  # non-layer tensors of this group
-    part: str | None = None  # "attn" or "mlp" when split
+    part: str | None = None  # label of the tensors of the layers it covers ("attn"/"mlp" when split, a filter)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Tensors of a layer with genes of their own: those matching `filter` (None: the rest)."""
+
+    filter: str | None
+    label: str | None
 
 
 class BoundSpace:
@@ -194,6 +209,10 @@ class BoundSpace:
         self.source_names = source_names
         self.num_layers = num_layers
         self.tensor_names = tensor_names
+        if space.split_attn_mlp:
+            self.parts = [_Part(None, "attn"), _Part("mlp", "mlp")]
+        else:
+            self.parts = [_Part(f, f) for f in space.filters] + [_Part(None, None)]
         self.groups = self._groups(tensor_names, num_layers)
         genes: list[Gene] = []
         for g in self.groups:
@@ -216,18 +235,16 @@ class BoundSpace:
             return [_Group("all", None)]
         k = 1 if s.granularity == "layer" else s.block_size
         groups = []
-        embed = tuple(n for n in names if classify(n).layer is None and classify(n).group == "embed")
-        head = tuple(n for n in names if classify(n).layer is None and classify(n).group != "embed")
+        own = s.embed_head_genes
+        embed = tuple(n for n in names if own and classify(n).layer is None and classify(n).group == "embed")
+        head = tuple(n for n in names if own and classify(n).layer is None and classify(n).group != "embed")
         if embed:
             groups.append(_Group("embed", None, embed))
         for start in range(0, num_layers, k):
             layers = tuple(range(start, min(start + k, num_layers)))
             label = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
-            if s.split_attn_mlp:
-                groups.append(_Group(f"{label}.attn", layers, part="attn"))
-                groups.append(_Group(f"{label}.mlp", layers, part="mlp"))
-            else:
-                groups.append(_Group(label, layers))
+            for part in self.parts:
+                groups.append(_Group(f"{label}.{part.label}" if part.label else label, layers, part=part.label))
         if head:
             groups.append(_Group("head", None, head))
         return groups
@@ -289,24 +306,23 @@ class BoundSpace:
         )
 
     def _rules(self, params: dict, pname: str, sname: str) -> list[Rule]:
+        """Per-tensor rules for the embedding/head genes, then one rule per part: a value per layer, or with
+        `smooth` the groups' values as a gradient list (interpolated over depth as mergekit does)."""
         rules = []
-        layer_values: dict[str, list[float]] = {
-            "attn": [0.0] * self.num_layers,
-            "mlp": [0.0] * self.num_layers,
-            None: [0.0] * self.num_layers,
-        }
+        per_layer = {part.label: [0.0] * self.num_layers for part in self.parts}
+        anchors: dict[str | None, list[float]] = {part.label: [] for part in self.parts}
         for g in self.groups:
             value = float(params[f"{pname}[{sname}]@{g.name}"])
             if g.layers is None:
                 rules.extend(Rule(filter=t, value=value) for t in g.tensors)
-            else:
-                for i in g.layers:
-                    layer_values[g.part][i] = value
-        if self.space.split_attn_mlp:
-            rules.append(Rule(filter="mlp", value=layer_values["mlp"]))
-            rules.append(Rule(value=layer_values["attn"]))
-        else:
-            rules.append(Rule(value=layer_values[None]))
+                continue
+            anchors[g.part].append(value)
+            for i in g.layers:
+                per_layer[g.part][i] = value
+        # filtered parts first: rules match first-wins
+        for part in sorted(self.parts, key=lambda p: p.filter is None):
+            values = anchors[part.label] if self.space.smooth else per_layer[part.label]
+            rules.append(Rule(filter=part.filter, value=values if len(values) > 1 else values[0]))
         return rules
 
     def _method_rules(self, params: dict) -> list[MethodRule]:
@@ -315,9 +331,12 @@ class BoundSpace:
             m = str(params[f"method@{g.name}"])
             if g.layers is None:
                 rules.extend(MethodRule(filter=t, method=m) for t in g.tensors)
-            elif g.part == "mlp":
-                rules.append(MethodRule(filter="mlp", layers=list(g.layers), method=m))
+            elif self._filter_of(g.part) is not None:
+                rules.append(MethodRule(filter=self._filter_of(g.part), layers=list(g.layers), method=m))
             else:
                 rules.append(MethodRule(layers=list(g.layers), method=m))
         # rules match first-wins: the narrower (filtered) ones must precede the layer-only ones
         return sorted(rules, key=lambda r: r.filter is None)
+
+    def _filter_of(self, label: str | None) -> str | None:
+        return next(p.filter for p in self.parts if p.label == label)

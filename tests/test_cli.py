@@ -264,8 +264,11 @@ def test_demo_smoke_run_does_not_take_the_full_demos_run_names(small_zoo, tmp_pa
                 "--runs-dir",
                 str(tmp_path),
                 "--no-baselines",
+                "--evaluator",
+                "lm-eval",  # the demo runs through lm-eval too (its tasks as generated lm-eval YAMLs)
             ]
         )
         == 0
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-small-seed0"]
+    assert json.loads((tmp_path / "demo-small-seed0" / "config.json").read_text())["evaluator"] == "lm-eval"

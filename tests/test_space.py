@@ -60,6 +60,25 @@ def test_split_attention_and_mlp():
     assert r.plan("model.layers.1.self_attn.q_proj.weight", 4).source_params[0]["density"] == pytest.approx(0.9)
 
 
+def test_smooth_filters_interpolate_between_block_genes_as_mergekit_evolve_does():
+    """Blocks of 2 layers, an `mlp` filter with genes of its own, no embedding/head genes: a block's genes are
+    anchors of a gradient over depth (layer i at t = i/3), embeddings at t=0 and the head at t=1."""
+    space = bound("sakana_ps", granularity="block", block_size=2, filters=["mlp"], smooth=True, embed_head_genes=False)
+    assert space.dim == 2 * 2 * 2 * 2  # (L0-1, L2-3) × (mlp, rest) × sources × (weight, density)
+    params = {g.name: 0.5 for g in space.genes}
+    params["weight[a]@L0-1.mlp"], params["weight[a]@L2-3.mlp"] = 0.2, 0.8
+    params["weight[a]@L0-1"], params["weight[a]@L2-3"] = 0.1, 0.4
+    r = space.decode(params)
+    weight = lambda name: r.plan(name, 4).source_params[0]["weight"]  # noqa: E731
+    assert weight("model.layers.1.mlp.up_proj.weight") == pytest.approx(0.2 + (0.8 - 0.2) / 3)
+    assert weight("model.layers.3.mlp.up_proj.weight") == pytest.approx(0.8)
+    assert weight("model.layers.2.self_attn.q_proj.weight") == pytest.approx(0.1 + (0.4 - 0.1) * 2 / 3)
+    assert weight("model.embed_tokens.weight") == pytest.approx(0.1)
+    assert weight("lm_head.weight") == pytest.approx(0.4)
+    with pytest.raises(Exception, match="smooth interpolates between layer groups"):
+        bound("sakana_ps", granularity="global", smooth=True)
+
+
 def test_method_choice_picks_a_method_per_block():
     space = bound("method_choice")
     params = {g.name: (g.choices[0] if g.choices else 0.5) for g in space.genes}

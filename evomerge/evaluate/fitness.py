@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from .native import NativeEvaluator
+if TYPE_CHECKING:
+    from .evaluator import Evaluator
 
 
 def weighted_mean(scores: dict[str, float], weights: dict[str, float]) -> float:
@@ -36,7 +37,7 @@ class FitnessResult:
 class Fitness:
     def __init__(
         self,
-        evaluator: NativeEvaluator,
+        evaluator: "Evaluator",  # anything with .tasks and .evaluate(subset) -> EvalResult
         weights: dict[str, float] | None = None,
         subsample: int | None = None,
         racing: str | None = None,

@@ -1,68 +1,467 @@
-"""lm-eval-harness on the in-memory model.
+"""lm-eval tasks as evomerge tasks.
 
-`HFLM(pretrained=model)` wraps the resident model (no reload), and the task objects are built once with
-`TaskManager(include_path, include_defaults=False)` (the default scan of every bundled task costs ~9 s);
-each call goes straight to `lm_eval.evaluator.evaluate` (not `simple_evaluate`, which re-collects the
-environment every time).
+A spec names a task the way mergekit-evolve does — `{lm_eval: <task or group>, metric: "acc,none", weight}`,
+plus optionally `include_path`, `search_split`/`test_split`, `search_fraction`, `split_seed`, `num_fewshot`.
+Its task objects are built from the task's own YAML (`TaskManager(include_path, include_defaults=False)` when a
+folder is given: the default scan of every bundled task costs ~9 s), and its documents are divided once into a
+search part and a held-out test part:
+- the splits the spec names (`search_split`, `test_split`), else
+- the task's own `validation_split` (search) and `test_split` (test) when it defines both, else
+- a seeded random `search_fraction` (default 0.5) of its evaluation documents for search, the rest for test.
+Every document is scored on its own (lm-eval's logged samples), so subsampling and racing work as for native
+tasks, and a group scores the mean over all its subtasks' documents.
+
+Scoring runs through one `HFLM(pretrained=model)` on the resident model and `lm_eval.evaluator.evaluate` (never
+`simple_evaluate`, which rebuilds everything per call). Where a task is plain enough — multiple choice scored by
+acc/acc_norm, or greedy generate_until — `compile_native` turns its requests, built by lm-eval itself and encoded
+by the same HFLM, into native batched items whose outputs go through the task's own filters and
+`process_results`: the same scores without lm-eval's per-call work.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import logging
-import os
+import random
 import warnings
+from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
-log = logging.getLogger(__name__)
+from ..errors import TaskError, one_line
+from .native import EvalResult
+from .tasks import SPLITS, Task, TaskSpec
 
-PRIMARY_METRICS = ("exact_match,strip", "exact_match,none", "acc,none", "exact_match", "acc")
+DEFAULT_FRACTION = 0.5
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed: the same few-shot examples every call
+MC_METRICS = ("acc", "acc_norm")  # computed by process_results from log-likelihoods alone
+SPEC_KEYS = {
+    "name",
+    "lm_eval",
+    "metric",
+    "weight",
+    "include_path",
+    "search_split",
+    "test_split",
+    "search_fraction",
+    "split_seed",
+    "num_fewshot",
+}
+
+
+# ---- specs ----------------------------------------------------------------------------------------
+def spec_from_dict(d: dict[str, Any], root: Path | None = None) -> TaskSpec:
+    """A TaskSpec of kind lm_eval; relative include paths are taken from the task file's folder."""
+    where = f"lm-eval task spec {d.get('name', d.get('lm_eval', '?'))!r}"
+    unknown = sorted(set(d) - SPEC_KEYS)
+    if unknown:
+        raise TaskError(f"{where}: unknown key(s) {unknown}; known: {sorted(SPEC_KEYS)}")
+    task = d["lm_eval"]
+    if not isinstance(task, str) or not task:
+        raise TaskError(f"{where}: lm_eval must name an lm-eval task or group")
+    opts: dict[str, Any] = {"task": task}
+    if d.get("include_path"):
+        include = Path(d["include_path"]).expanduser()
+        opts["include_path"] = str((root / include) if root and not include.is_absolute() else include)
+    for key in ("search_split", "test_split"):
+        if key in d:
+            opts[key] = str(d[key])
+    if "search_fraction" in d:
+        fraction = d["search_fraction"]
+        if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise TaskError(f"{where}: search_fraction must be a number in (0, 1), got {fraction!r}")
+        if "search_split" in d:
+            raise TaskError(f"{where}: give search_split or search_fraction, not both")
+        opts["search_fraction"] = float(fraction)
+    for key in ("split_seed", "num_fewshot"):
+        if key in d:
+            if not isinstance(d[key], int) or d[key] < 0:
+                raise TaskError(f"{where}: {key} must be an integer ≥ 0, got {d[key]!r}")
+            opts[key] = d[key]
+    metric = str(d.get("metric", "acc,none"))  # mergekit-evolve's default
+    if "," not in metric:
+        metric += ",none"
+    return TaskSpec(
+        name=str(d.get("name", task)),
+        kind="lm_eval",
+        files={},
+        metric=metric,
+        weight=float(d.get("weight", 1.0)),
+        lm_eval=opts,
+    )
+
+
+def from_native(spec: TaskSpec, folder: Path) -> TaskSpec:
+    """The lm-eval twin of a native jsonl task: its YAML written into `folder`, searched on its search split and
+    reported on its test split."""
+    write_task_yaml(folder, spec, f"evomerge_{spec.name}")
+    metric = "acc,none" if spec.kind == "multiple_choice" else "exact_match,none"
+    return spec_from_dict(
+        {
+            "name": spec.name,
+            "lm_eval": f"evomerge_{spec.name}",
+            "metric": metric,
+            "weight": spec.weight,
+            "include_path": str(folder),
+            "search_split": "search",
+            "test_split": "test",
+        }
+    )
+
+
+def write_task_yaml(folder: Path, spec: TaskSpec, task_name: str) -> Path:
+    """An lm-eval YAML for a native jsonl task: its search split as the validation split, its test split as the
+    test split, scored as the native evaluator scores it (exact match of stripped strings, or accuracy)."""
+    import yaml
+
+    cfg: dict[str, Any] = {
+        "task": task_name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": dict(spec.files)},
+        "validation_split": "search",
+        "test_split": "test",
+        "doc_to_text": "{{prompt}}",
+    }
+    if spec.kind == "generate":
+        if spec.metric != "exact_match":
+            raise TaskError(f"task {spec.name}: metric {spec.metric!r} has no lm-eval twin (exact_match has)")
+        cfg.update(
+            {
+                "output_type": "generate_until",
+                "doc_to_target": "{{answer}}",
+                "generation_kwargs": {
+                    "until": list(spec.stop),
+                    "do_sample": False,
+                    "max_gen_toks": spec.max_new_tokens,
+                },
+                "metric_list": [
+                    {
+                        "metric": "exact_match",
+                        "aggregation": "mean",
+                        "higher_is_better": True,
+                        "regexes_to_ignore": ["^\\s+", "\\s+$"],  # compare stripped strings
+                    }
+                ],
+            }
+        )
+    else:
+        cfg.update(
+            {
+                "output_type": "multiple_choice",
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "{{label}}",
+                "target_delimiter": "",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            }
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{task_name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+# ---- building tasks and their parts ---------------------------------------------------------------
+def _quiet() -> None:
+    for name in ("lm-eval", "lm_eval", "lm_eval.models.huggingface", "lm_eval.api.task", "lm_eval.tasks"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@functools.lru_cache(maxsize=None)
+def task_manager(include_path: str | None):
+    from lm_eval.tasks import TaskManager
+
+    _quiet()
+    return TaskManager(include_path=include_path, include_defaults=include_path is None)
+
+
+def build_leaves(spec: TaskSpec) -> dict[str, Any]:
+    """Fresh lm-eval task objects (leaf tasks; a group's subtasks) for the spec."""
+    opts = spec.lm_eval
+    include = opts.get("include_path")
+    if include and not Path(include).is_dir():
+        raise TaskError(f"lm-eval task {spec.name}: include_path {include} is not a folder")
+    managers = [task_manager(include)] + ([task_manager(None)] if include else [])
+    for manager in managers:
+        if opts["task"] in manager.all_subtasks + manager.all_groups + manager.all_tags:
+            break
+    else:
+        known = managers[0].all_subtasks + managers[0].all_groups
+        close = difflib.get_close_matches(opts["task"], known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        where = f" in {include} or lm-eval's own tasks" if include else ""
+        raise TaskError(f"unknown lm-eval task or group {opts['task']!r}{where}{hint}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            leaves = dict(manager.load([opts["task"]])["tasks"])
+    except Exception as e:  # a task's YAML, dataset or !function failed: lm-eval raises anything
+        raise TaskError(f"lm-eval task {opts['task']}: cannot be built ({one_line(e)})") from None
+    for leaf in leaves.values():
+        if "num_fewshot" in opts:
+            leaf.set_config(key="num_fewshot", value=opts["num_fewshot"])
+        _check_metric(spec, leaf)
+    return leaves
+
+
+def _check_metric(spec: TaskSpec, leaf: Any) -> None:
+    from lm_eval.api.metrics import mean
+
+    metric, _, filter_name = spec.metric.partition(",")
+    filters = [f.name for f in getattr(leaf, "_filters", [])] or ["none"]
+    metrics = list(leaf.aggregation())
+    if metric not in metrics or filter_name not in filters:
+        reported = ", ".join(f"{m},{f}" for f in filters for m in metrics)
+        raise TaskError(
+            f"lm-eval task {spec.name}: {leaf.task_name} does not report {spec.metric!r}; it reports {reported}"
+        )
+    if leaf.aggregation()[metric] is not mean:
+        raise TaskError(
+            f"lm-eval task {spec.name}: {metric} is aggregated over the whole split ({leaf.aggregation()[metric]}), "
+            "not averaged over documents; evomerge scores documents one by one (subsampling, racing)"
+        )
+
+
+def select_part(spec: TaskSpec, name: str, leaf: Any, split: str) -> list[int]:
+    """The document ids of `leaf` (an lm-eval subtask) in the search or the test part. With named splits the
+    leaf is pointed at that split (its evaluation docs become the part); otherwise its evaluation docs are
+    shuffled with the spec's seed and cut at `search_fraction`."""
+    opts = spec.lm_eval
+    cfg = leaf.config
+    if not hasattr(leaf, "evomerge_splits"):  # the task's own splits, before a part points it elsewhere
+        leaf.evomerge_splits = (cfg.validation_split, cfg.test_split)
+    validation, test = leaf.evomerge_splits
+    if "search_fraction" in opts:
+        search_split = None
+    else:
+        search_split = opts.get("search_split") or (validation if validation is not None and test is not None else None)
+    if search_split is not None:
+        test_split = opts.get("test_split") or test or validation
+        chosen = search_split if split == "search" else test_split
+        if search_split == test_split:
+            raise TaskError(f"lm-eval task {spec.name}: search and test split are both {search_split!r}")
+        available = sorted(leaf.dataset) if hasattr(leaf.dataset, "keys") else []
+        if chosen not in available:
+            raise TaskError(f"lm-eval task {spec.name}: {name} has no split {chosen!r} (splits: {available})")
+        cfg.test_split = chosen  # evaluation docs = this split's docs
+        return list(range(len(leaf.eval_docs)))
+    n = len(leaf.eval_docs)
+    ids = list(range(n))
+    random.Random(f"{opts.get('split_seed', 0)}/{name}").shuffle(ids)
+    cut = round(opts.get("search_fraction", DEFAULT_FRACTION) * n)
+    return sorted(ids[:cut] if split == "search" else ids[cut:])
+
+
+def load_lm_eval_task(spec: TaskSpec, split: str) -> Task:
+    leaves = build_leaves(spec)
+    items = [(name, doc) for name, leaf in leaves.items() for doc in select_part(spec, name, leaf, split)]
+    if not items:
+        raise TaskError(f"lm-eval task {spec.name}: no documents in its {split} part")
+    return Task(spec, split, items, source=leaves)
+
+
+def check_lm_eval_task(spec: TaskSpec) -> dict[str, int]:
+    """Build the task and count the documents of both parts (the test part is counted, never scored)."""
+    leaves = build_leaves(spec)
+    counts = {}
+    for split in SPLITS:
+        counts[split] = sum(len(select_part(spec, name, leaf, split)) for name, leaf in leaves.items())
+        if not counts[split]:
+            raise TaskError(f"lm-eval task {spec.name}: no documents in its {split} part")
+    return counts
+
+
+def partition_record(tasks: Sequence[Task]) -> dict[str, Any]:
+    """What a run records of its lm-eval tasks' search parts: documents per subtask and a digest of their ids, so
+    a resume on changed data is caught."""
+    import hashlib
+
+    record = {}
+    for task in tasks:
+        if task.spec.kind != "lm_eval":
+            continue
+        digest = hashlib.sha256(repr(task.items).encode()).hexdigest()[:16]
+        record[task.name] = {"documents": len(task.items), "sha256": digest}
+    return record
+
+
+# ---- scoring through lm-eval ----------------------------------------------------------------------
+class _DocIds(list):
+    """Sorted document ids for `evaluate(samples=...)`, which tests membership once per document of the split."""
+
+    def __init__(self, ids) -> None:
+        super().__init__(sorted(ids))
+        self._set = frozenset(self)
+
+    def __contains__(self, doc: object) -> bool:
+        return doc in self._set
+
+
+def make_lm(model: torch.nn.Module, tokenizer, batch_size: int = 64):
+    """lm-eval's HF model around the resident model: no copy, no reload; its weights are whatever the engine
+    last wrote."""
+    from lm_eval.models.huggingface import HFLM
+
+    _quiet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    for request_type in ("loglikelihood", "loglikelihood_rolling", "generate_until"):  # no progress bar per call
+        setattr(lm, request_type, functools.partial(getattr(lm, request_type), disable_tqdm=True))
+    return lm
 
 
 class LMEvalEvaluator:
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer,
-        tasks: Sequence[str],
-        include_path: str | os.PathLike | None = None,
-        batch_size: int = 64,
-    ) -> None:
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager, get_task_dict
+    """Scores lm-eval tasks document by document, through lm-eval, on the current weights."""
 
-        for name in ("lm-eval", "lm_eval", "lm_eval.models.huggingface"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=True)
-        manager = TaskManager(
-            include_path=str(include_path) if include_path else None, include_defaults=include_path is None
-        )
-        self.task_names = list(tasks)
-        with warnings.catch_warnings():  # get_task_dict is deprecated in newer lm-eval but works in all 0.4.x
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.task_dict = get_task_dict(self.task_names, manager)
+    def __init__(self, model: torch.nn.Module, tokenizer, tasks: Sequence[Task], batch_size: int = 64, lm=None):
+        self.model = model
+        self.tasks = list(tasks)
+        self.lm = lm if lm is not None else make_lm(model, tokenizer, batch_size)
+        self._where: dict[str, str] = {}  # subtask -> evomerge task
+        for task in self.tasks:
+            for leaf in task.source:
+                if leaf in self._where:
+                    raise TaskError(f"lm-eval task {leaf} is part of both {self._where[leaf]} and {task.name}")
+                self._where[leaf] = task.name
 
-    def evaluate(self, limit: int | None = None) -> dict[str, float]:
-        """task -> primary metric, for the model's current weights."""
+    def evaluate(self, subset: dict[str, Sequence[int]] | None = None) -> EvalResult:
         from lm_eval.evaluator import evaluate
 
-        out = evaluate(lm=self.lm, task_dict=self.task_dict, limit=limit, log_samples=False, verbosity="ERROR")
+        samples: dict[str, list[int]] = defaultdict(list)
+        index: dict[tuple[str, int], int] = {}
+        leaves: dict[str, Any] = {}
+        for task in self.tasks:
+            if subset is not None and task.name not in subset:
+                continue
+            for i in subset[task.name] if subset is not None else range(len(task.items)):
+                leaf, doc = task.items[i]
+                samples[leaf].append(doc)
+                index[(leaf, doc)] = i
+                leaves[leaf] = task.source[leaf]
+        result = EvalResult(scores={})
+        if not leaves:
+            return result
+        for leaf in leaves.values():
+            leaf.set_fewshot_seed(FEWSHOT_SEED)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = evaluate(
+                    lm=self.lm,
+                    task_dict={"tasks": leaves, "groups": {}, "group_map": {}},
+                    samples={leaf: _DocIds(docs) for leaf, docs in samples.items()},
+                    log_samples=True,
+                    bootstrap_iters=0,
+                    verbosity="ERROR",
+                )
+        finally:
+            self.model.train(was_training)
+        specs = {task.name: task.spec for task in self.tasks}
+        for leaf, rows in out["samples"].items():
+            name = self._where[leaf]
+            metric, _, filter_name = specs[name].metric.partition(",")
+            per_item = result.per_item.setdefault(name, {})
+            for row in rows:
+                if row["filter"] == filter_name:
+                    per_item[index[(leaf, row["doc_id"])]] = float(row[metric])
+        for name, per_item in result.per_item.items():
+            result.scores[name] = sum(per_item.values()) / len(per_item)
+            result.n_examples += len(per_item)
+        return result
+
+
+# ---- native compilation ---------------------------------------------------------------------------
+def compile_native(task: Task, lm) -> Task | str:
+    """The task as native items — requests built by lm-eval (prompts, few-shot, delimiters) and encoded by the
+    HFLM `lm` exactly as it would encode them — scored by the task's own filters and `process_results`; or, when
+    it cannot be compiled, the reason."""
+    from lm_eval.models.utils import handle_stop_sequences
+
+    metric, _, filter_name = task.spec.metric.partition(",")
+    kinds = {leaf.OUTPUT_TYPE for leaf in task.source.values()}
+    if len(kinds) != 1 or not kinds <= {"multiple_choice", "generate_until"}:
+        return f"output type {'/'.join(sorted(kinds))} is scored through lm-eval"
+    kind = kinds.pop()
+    if kind == "multiple_choice" and metric not in MC_METRICS:
+        return f"multiple-choice metric {metric} needs more than log-likelihoods"
+    docs_of: dict[str, list[int]] = defaultdict(list)
+    for leaf, doc in task.items:
+        docs_of[leaf].append(doc)
+    requests: dict[tuple[str, int], list[Any]] = {}
+    for leaf, docs in docs_of.items():
+        ids = _DocIds(docs)
+        obj = task.source[leaf]
+        obj.set_fewshot_seed(FEWSHOT_SEED)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj.build_all_requests(samples=ids, rank=0, world_size=1)
+        for inst in obj.instances:
+            requests.setdefault((leaf, ids[inst.doc_id]), []).append(inst)
+    if any(inst.repeats != 1 for insts in requests.values() for inst in insts):
+        return "repeated sampling is scored through lm-eval"
+    items: list[dict[str, Any]] = []
+    if kind == "multiple_choice":
+        for key in task.items:
+            pairs = []
+            for inst in sorted(requests[key], key=lambda r: r.idx):
+                context, continuation = inst.arguments
+                if context:
+                    ctx, cont = lm._encode_pair(context, continuation)
+                else:
+                    ctx, cont = [lm.prefix_token_id], lm.tok_encode(continuation)
+                whole = (ctx + cont)[-(lm.max_length + 1) :]
+                pairs.append((whole, len(whole) - len(cont)))
+            items.append({"pairs_ids": pairs})
+        native = TaskSpec(task.spec.name, "multiple_choice", {}, metric=metric, weight=task.spec.weight)
+    else:
+        kwargs = [inst.arguments[1] for insts in requests.values() for inst in insts]
+        if any(k != kwargs[0] for k in kwargs):
+            return "its documents have different generation settings"
+        gen = dict(kwargs[0])
+        if gen.get("do_sample") or float(gen.get("temperature", 0.0) or 0.0) > 0:
+            return "sampled generation is scored through lm-eval"
+        eos = lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)
+        until = handle_stop_sequences(list(gen.get("until") or []), eos=eos)
+        max_new = int(gen.get("max_gen_toks", lm.max_gen_toks))
+        for key in task.items:
+            (inst,) = requests[key]
+            items.append({"prompt_ids": lm.tok_encode(inst.arguments[0], left_truncate_len=lm.max_length - max_new)})
+        native = TaskSpec(
+            task.spec.name, "generate", {}, metric=metric, max_new_tokens=max_new, weight=task.spec.weight, stop=until
+        )
+    ensembles = {f.name: f for f in task.source[task.items[0][0]]._filters}
+
+    def scorer(which: list[int], outputs: dict[int, Any]) -> dict[int, float]:
+        """Outputs (generated text, or a log-likelihood per choice) through lm-eval's own post-processing."""
+        from lm_eval.models.utils import postprocess_generated_text
+
+        by_leaf: dict[str, list[int]] = defaultdict(list)
+        for i in which:
+            by_leaf[task.items[i][0]].append(i)
         scores = {}
-        for name in self.task_names:
-            res = out["results"][name]
-            key = next((k for k in PRIMARY_METRICS if k in res), None)
-            if key is None:
-                raise KeyError(f"lm-eval task {name}: none of {PRIMARY_METRICS} in results {sorted(res)}")
-            scores[name] = float(res[key])
+        for leaf, idx in by_leaf.items():
+            obj = task.source[leaf]
+            insts = []
+            for i in idx:
+                group = sorted(requests[task.items[i]], key=lambda r: r.idx)
+                for r, inst in enumerate(group):
+                    inst.resps = (
+                        [(float(outputs[i][r]), False)]
+                        if kind == "multiple_choice"
+                        else [postprocess_generated_text(outputs[i], until, None)]
+                    )
+                    inst.filtered_resps = {}
+                insts.extend(group)
+            ensembles[filter_name].apply(insts)
+            for i in idx:
+                group = sorted(requests[task.items[i]], key=lambda r: r.idx)
+                result = obj.process_results(group[0].doc, [inst.filtered_resps[filter_name] for inst in group])
+                scores[i] = float(result[metric])
         return scores
 
-
-def lm_eval_task_name(task: str, split: str) -> str:
-    """Name of the generated lm-eval task for a zoo task split (see zoo.build.write_lm_eval_yamls)."""
-    return f"zoo_{task}_{split}"
-
-
-def include_path_of(manifest_dir: str | os.PathLike) -> Path:
-    return Path(manifest_dir) / "tasks" / "lm_eval"
+    return Task(native, task.split, items, source=task.source, scorer=scorer)

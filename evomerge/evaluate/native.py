@@ -8,6 +8,7 @@ generation tasks, one batched forward per chunk for log-likelihood multiple choi
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -72,21 +73,26 @@ class NativeEvaluator:
         return self.tokenizer(text)["input_ids"]
 
     def _prepare(self, task: Task) -> dict:
+        """Token ids once per task. Items may carry them already (`prompt_ids`; `pairs_ids`: per choice the whole
+        sequence and its context length), as lm-eval tasks compiled to native items do."""
         if task.spec.kind == "generate":
-            encoded = [(i, self._encode(item["prompt"])) for i, item in enumerate(task.items)]
+            encoded = {i: item.get("prompt_ids") or self._encode(item["prompt"]) for i, item in enumerate(task.items)}
             stop_ids = set()
             for s in task.spec.stop:
                 ids = self.tokenizer(s, add_special_tokens=False)["input_ids"]
                 if len(ids) == 1:
                     stop_ids.add(ids[0])
-            return {"encoded": dict(encoded), "stop_ids": stop_ids}
+            return {"encoded": encoded, "stop_ids": stop_ids}
         rows = {}
         for i, item in enumerate(task.items):
+            if "pairs_ids" in item:
+                rows.update({(i, j): pair for j, pair in enumerate(item["pairs_ids"])})
+                continue
             ctx = self._encode(item["prompt"])
             for j, choice in enumerate(item["choices"]):
                 whole = self._encode(item["prompt"] + choice)  # as lm-eval: continuation = whole[len(ctx):]
                 rows[(i, j)] = (whole, len(ctx))
-        return {"rows": rows}
+        return {"rows": rows, "n_choices": Counter(i for i, _ in rows)}
 
     def _gen_batches(self, ids: dict[int, list[int]], which: Sequence[int]) -> list[_GenBatch]:
         order = sorted(which, key=lambda i: len(ids[i]))
@@ -192,6 +198,8 @@ class NativeEvaluator:
 
     def _generate(self, task: Task, which: list[int]) -> dict[int, float]:
         texts = self._decode_all(task, which)
+        if task.scorer is not None:
+            return task.scorer(which, texts)
         return {i: score_generation(task.spec.metric, texts[i], task.items[i]["answer"]) for i in which}
 
     def _multiple_choice(self, task: Task, which: list[int]) -> dict[int, float]:
@@ -204,9 +212,11 @@ class NativeEvaluator:
             sums = (logp * batch.cont_mask).sum(-1).tolist()
             for k, v in zip(batch.rows, sums):
                 loglik[k] = v
+        n_choices = self._prepared[task.name]["n_choices"]
+        if task.scorer is not None:
+            return task.scorer(which, {i: [loglik[(i, j)] for j in range(n_choices[i])] for i in which})
         scores = {}
         for i in which:
-            n = len(task.items[i]["choices"])
-            best = max(range(n), key=lambda j: loglik[(i, j)])
+            best = max(range(n_choices[i]), key=lambda j: loglik[(i, j)])
             scores[i] = float(best == int(task.items[i]["label"]))
         return scores

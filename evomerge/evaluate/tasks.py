@@ -1,5 +1,6 @@
 """Task definitions: jsonl files with a `search` split (used while optimizing) and a `test` split (scored
-once, for the final report).
+once, for the final report), or an lm-eval task or group whose docs are split into a search part and a test
+part (`lm_eval_adapter`).
 
 The held-out discipline is enforced here: while a search runs (`searching()` is active) loading a test
 split raises `HeldOutError`, so no code path can peek at the test split during optimization.
@@ -13,7 +14,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import HeldOutError, TaskError
 
@@ -41,15 +42,20 @@ class TaskSpec:
     """Where a task's data lives and how it is scored."""
 
     name: str
-    kind: str  # "generate" (greedy decode, exact match) or "multiple_choice" (log-likelihood)
-    files: dict[str, str]  # split -> jsonl path
-    metric: str = "exact_match"  # exact_match | numeric | acc
+    kind: str  # "generate" (greedy decode, exact match), "multiple_choice" (log-likelihood) or "lm_eval"
+    files: dict[str, str]  # split -> jsonl path (native kinds)
+    metric: str = "exact_match"  # exact_match | numeric | acc; for lm-eval "<metric>,<filter>" as lm-eval reports
     max_new_tokens: int = 8
     weight: float = 1.0
     stop: list[str] = field(default_factory=lambda: ["\n"])
+    lm_eval: dict[str, Any] | None = None  # lm-eval task options: task, include_path, search_split, ...
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], root: Path | None = None) -> "TaskSpec":
+        if "lm_eval" in d:
+            from .lm_eval_adapter import spec_from_dict
+
+            return spec_from_dict(d, root)
         try:
             files = {k: str((root / v) if root and not Path(v).is_absolute() else v) for k, v in d["files"].items()}
             kind = d["kind"]
@@ -69,6 +75,14 @@ class TaskSpec:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        if self.kind == "lm_eval":
+            return {
+                "name": self.name,
+                "lm_eval": self.lm_eval["task"],
+                "metric": self.metric,
+                "weight": self.weight,
+                **{k: v for k, v in self.lm_eval.items() if k != "task"},
+            }
         return {
             "name": self.name,
             "kind": self.kind,
@@ -84,7 +98,11 @@ class TaskSpec:
 class Task:
     spec: TaskSpec
     split: str
-    items: list[dict[str, Any]]
+    items: list[Any]  # native: the jsonl records; lm-eval: (subtask, doc id) pairs
+    source: Any = None  # lm-eval: the task objects the items refer to
+    # per-task scoring that replaces the built-in one (lm-eval tasks compiled to native items score through
+    # the task's own filters and metrics): (item indices, outputs) -> item index -> score
+    scorer: Callable[[list[int], dict[int, Any]], dict[int, float]] | None = None
 
     @property
     def name(self) -> str:
@@ -96,12 +114,20 @@ def load_task(spec: TaskSpec, split: str) -> Task:
         raise TaskError(f"split must be one of {SPLITS}, got {split!r}")
     if split == "test" and in_search():
         raise HeldOutError(f"task {spec.name}: the test split is held out and cannot be scored during a search")
+    if spec.kind == "lm_eval":
+        from .lm_eval_adapter import load_lm_eval_task
+
+        return load_lm_eval_task(spec, split)
     return Task(spec, split, _read_items(spec, split))
 
 
 def check_task_files(spec: TaskSpec) -> dict[str, int]:
     """Parse every split (the held-out ones too: parsed, never scored) so a malformed line is reported before
     a search starts, not after it ran. Returns split -> number of items."""
+    if spec.kind == "lm_eval":
+        from .lm_eval_adapter import check_lm_eval_task
+
+        return check_lm_eval_task(spec)
     missing = [split for split in SPLITS if split not in spec.files]
     if missing:
         raise TaskError(f"task {spec.name}: no {' or '.join(missing)} split (files: {sorted(spec.files)})")
@@ -134,8 +160,9 @@ def _read_items(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
     return items
 
 
-def load_specs(source: str | Path, names: list[str] | None = None) -> list[TaskSpec]:
-    """Task specs from a zoo manifest (`tasks` list) or a tasks JSON/YAML file; optionally pick by name."""
+def load_specs(source: str | Path, names: list[str] | None = None, include_path: str | None = None) -> list[TaskSpec]:
+    """Task specs from a zoo manifest (`tasks` list) or a tasks JSON/YAML file; optionally pick by name.
+    `include_path` is the lm-eval task folder of lm-eval specs that do not name their own."""
     import yaml
 
     path = Path(source)
@@ -146,9 +173,12 @@ def load_specs(source: str | Path, names: list[str] | None = None) -> list[TaskS
     except (OSError, yaml.YAMLError) as e:
         raise TaskError(f"{path}: cannot read task definitions ({e})") from None
     raw = data["tasks"] if isinstance(data, dict) and "tasks" in data else data
-    if not isinstance(raw, list) or not all(isinstance(d, dict) and "name" in d for d in raw):
-        raise TaskError(f"{path}: task definitions are a list of specs with a name each (or a manifest with tasks:)")
-    specs = [TaskSpec.from_dict(d, root=path.parent) for d in raw]
+    if not isinstance(raw, list) or not all(isinstance(d, dict) and ("name" in d or "lm_eval" in d) for d in raw):
+        raise TaskError(
+            f"{path}: task definitions are a list of specs with a name (or an lm_eval task) each, or a manifest with "
+            "tasks:"
+        )
+    specs = specs_from_dicts(raw, path.parent, include_path)
     if names:
         by_name = {s.name: s for s in specs}
         unknown = [n for n in names if n not in by_name]
@@ -156,6 +186,13 @@ def load_specs(source: str | Path, names: list[str] | None = None) -> list[TaskS
             raise TaskError(f"{path}: unknown task(s) {unknown}; known: {sorted(by_name)}")
         specs = [by_name[n] for n in names]
     return specs
+
+
+def specs_from_dicts(raw: list[dict[str, Any]], root: Path | None, include_path: str | None = None) -> list[TaskSpec]:
+    """Specs from their dicts; lm-eval specs without an include_path get `include_path` (`--include-path`)."""
+    if include_path:
+        raw = [{"include_path": str(Path(include_path).resolve()), **d} if "lm_eval" in d else d for d in raw]
+    return [TaskSpec.from_dict(d, root=root) for d in raw]
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

@@ -26,9 +26,9 @@ from pydantic import ValidationError
 
 from ..engine import Engine
 from ..errors import HeldOutError, one_line, validation_summary
+from ..evaluate.evaluator import EVALUATORS, Evaluator, with_twins
 from ..evaluate.fitness import Fitness, weighted_mean
-from ..evaluate.native import NativeEvaluator
-from ..evaluate.tasks import TaskSpec, check_task_files, load_task, searching
+from ..evaluate.tasks import TaskError, TaskSpec, check_task_files, load_task, searching
 from ..recipe import Recipe, RecipeError, atomic_write_text
 from ..space import BoundSpace, SearchSpace
 from . import OPTIMIZERS, reliability
@@ -45,7 +45,7 @@ class SearchConfig:
     space: dict[str, Any]  # SearchSpace as a dict (so the config is JSON and travels to workers)
     base: str
     sources: list[str]
-    tasks: list[dict[str, Any]]  # TaskSpec dicts; their weights make the fitness
+    tasks: list[dict[str, Any]]  # TaskSpec dicts (native or lm-eval); their weights make the fitness
     source_names: list[str] | None = None
     optimizer: str = "cma"
     trials: int = 60
@@ -61,6 +61,7 @@ class SearchConfig:
     subsample: int | None = None
     batch_size: int = 128
     baselines: bool = True
+    evaluator: str = "auto"  # auto | native | lm-eval (evaluate/evaluator.py)
     heartbeat: float = reliability.HEARTBEAT_SECONDS  # seconds between a running trial's heartbeats
     max_failures: int = 10  # failed candidates in a row that stop the search
 
@@ -81,7 +82,8 @@ class SearchConfig:
             raise RecipeError(f"run {self.name!r}: invalid search space: {validation_summary(e)}") from None
 
     def task_specs(self) -> list[TaskSpec]:
-        return [TaskSpec.from_dict(t) for t in self.tasks]
+        """The tasks as this process scores them (with `--evaluator lm-eval`, native tasks as their lm-eval twins)."""
+        return with_twins([TaskSpec.from_dict(t) for t in self.tasks], self.evaluator)
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the experiment; a resume must match them."""
@@ -127,8 +129,8 @@ class Session:
         )
         self.specs = cfg.task_specs()
         with searching():
-            tasks = [load_task(s, "search") for s in self.specs]
-        self.evaluator = NativeEvaluator(self.model, self.tokenizer, tasks, batch_size=cfg.batch_size)
+            self.tasks = [load_task(s, "search") for s in self.specs]
+        self.evaluator = Evaluator(self.model, self.tokenizer, self.tasks, cfg.batch_size, cfg.evaluator)
         self.fitness = Fitness(
             self.evaluator,
             {s.name: s.weight for s in self.specs},
@@ -148,11 +150,17 @@ def validate(cfg: SearchConfig) -> None:
     anything is written under runs/NAME, so a run that cannot start leaves nothing behind."""
     if cfg.optimizer not in OPTIMIZERS:
         raise RecipeError(f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    if cfg.evaluator not in EVALUATORS:
+        raise RecipeError(f"unknown evaluator {cfg.evaluator!r}; choose from {', '.join(EVALUATORS)}")
     cfg.search_space()
-    for spec in cfg.task_specs():
-        check_task_files(spec)
     if cfg.subsample is not None and cfg.subsample < 1:
         raise RecipeError(f"--subsample must be ≥ 1, got {cfg.subsample}")
+    for spec in cfg.task_specs():
+        n_search = check_task_files(spec)["search"]
+        if cfg.subsample and cfg.subsample > n_search:
+            raise TaskError(
+                f"task {spec.name}: --subsample {cfg.subsample} is more than the {n_search} examples of its search part"
+            )
     if cfg.max_failures < 1:
         raise RecipeError(f"--max-failures must be ≥ 1, got {cfg.max_failures}")
     if cfg.storage:
@@ -222,6 +230,7 @@ def run_search(
         session = Session(cfg)  # loads and checks the models, binds the space: still nothing written
     run_dir = cfg.run_dir()
     study = open_study(cfg)
+    _record_partitions(cfg, study, session)
     with contextlib.ExitStack() as held:
         if not worker:
             held.enter_context(run_lock(run_dir, study, cfg.heartbeat))
@@ -240,6 +249,22 @@ def run_search(
         )
         outcome.report = final_report(cfg, session, best_recipe, study)
     return outcome
+
+
+def _record_partitions(cfg: SearchConfig, study: optuna.Study, session: Session) -> None:
+    """The study keeps what its lm-eval tasks' search parts were; a resume on other documents is refused."""
+    from ..evaluate.lm_eval_adapter import partition_record
+
+    record = partition_record(session.tasks)
+    stored = study.user_attrs.get("evomerge_partitions", {})
+    if stored == record:
+        return
+    if stored and completed(study):
+        raise RecipeError(
+            f"run {cfg.name!r} searched other lm-eval documents ({stored}; now {record}): the task data changed; use "
+            "another --name"
+        )
+    study.set_user_attr("evomerge_partitions", record)
 
 
 def _search_loop(
@@ -469,7 +494,7 @@ def final_report(cfg: SearchConfig, session: Session, best: Recipe, study: optun
 
     specs = session.specs
     test_tasks = [load_task(s, "test") for s in specs]
-    evaluator = NativeEvaluator(session.model, session.tokenizer, test_tasks, batch_size=cfg.batch_size)
+    evaluator = Evaluator(session.model, session.tokenizer, test_tasks, cfg.batch_size, cfg.evaluator)
     names = cfg.source_names or [Path(s).name for s in cfg.sources]
     rows: dict[str, dict[str, float]] = {}
 

@@ -153,51 +153,19 @@ def write_tasks(root: Path, world: W.World, final_root: Path | None = None, ops:
 
 
 def write_lm_eval_yamls(folder: Path, specs: list[TaskSpec]) -> None:
-    """One lm-eval task per (task, split): `zoo_<name>_<split>`, reading the jsonl by absolute path."""
-    import yaml
+    """One lm-eval task per zoo task, `zoo_<name>`, reading its jsonl files by absolute path: the search split
+    as lm-eval's validation split, the test split as its test split (what evomerge searches and reports on)."""
+    from ..evaluate.lm_eval_adapter import write_task_yaml
 
-    folder.mkdir(parents=True, exist_ok=True)
     for spec in specs:
-        for split, path in spec.files.items():
-            cfg = {
-                "task": f"zoo_{spec.name}_{split}",
-                "dataset_path": "json",
-                "dataset_kwargs": {"data_files": {split: path}},
-                "test_split": split,
-                "doc_to_text": "{{prompt}}",
-            }
-            if spec.kind == "generate":
-                cfg.update(
-                    {
-                        "output_type": "generate_until",
-                        "doc_to_target": "{{answer}}",
-                        "generation_kwargs": {
-                            "until": list(spec.stop),
-                            "do_sample": False,
-                            "max_gen_toks": spec.max_new_tokens,
-                        },
-                        # compare stripped strings, as the native evaluator does
-                        "metric_list": [
-                            {
-                                "metric": "exact_match",
-                                "aggregation": "mean",
-                                "higher_is_better": True,
-                                "regexes_to_ignore": ["^\\s+", "\\s+$"],
-                            }
-                        ],
-                    }
-                )
-            else:
-                cfg.update(
-                    {
-                        "output_type": "multiple_choice",
-                        "doc_to_choice": "{{choices}}",
-                        "doc_to_target": "{{label}}",
-                        "target_delimiter": "",
-                        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-                    }
-                )
-            (folder / f"zoo_{spec.name}_{split}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        write_task_yaml(folder, spec, f"zoo_{spec.name}")
+
+
+def ensure_lm_eval_yamls(zoo: Path) -> None:
+    """Write the lm-eval YAMLs of a zoo built before they had this form."""
+    specs = [TaskSpec.from_dict(t) for t in json.loads((zoo / "manifest.json").read_text())["tasks"]]
+    if not all((zoo / "tasks" / "lm_eval" / f"zoo_{s.name}.yaml").is_file() for s in specs):
+        write_lm_eval_yamls(zoo / "tasks" / "lm_eval", specs)
 
 
 # ---- build ---------------------------------------------------------------------------------------
@@ -234,6 +202,7 @@ def build_zoo(
     if (out / "manifest.json").is_file() and not overwrite:
         manifest = json.loads((out / "manifest.json").read_text())
         if manifest.get("config") == json.loads(json.dumps(asdict(config))):
+            ensure_lm_eval_yamls(out)
             return out
         raise FileExistsError(f"{out}: holds a zoo built with another config; pass --overwrite or another --out")
     say = progress or (lambda msg: log.info(msg))

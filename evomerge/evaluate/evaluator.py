@@ -1,0 +1,91 @@
+"""One evaluator over a mix of tasks — native jsonl tasks and lm-eval tasks — chosen by `--evaluator`:
+
+- `auto` (default): native tasks natively; an lm-eval task compiled to native items when it is plain enough
+  (`lm_eval_adapter.compile_native`), else scored through lm-eval with a one-line notice;
+- `native`: like auto, but an lm-eval task that cannot be compiled is an error;
+- `lm-eval`: every task through lm-eval, native jsonl tasks through their generated lm-eval twin (`with_twins`).
+
+Whatever the mix, one call scores the tasks (or the item subsets) asked for and returns per-item scores, so
+fitness, subsampling and racing treat every kind alike.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import TaskError
+from .native import EvalResult, NativeEvaluator
+from .tasks import Task, TaskSpec
+
+log = logging.getLogger(__name__)
+
+EVALUATORS = ("auto", "native", "lm-eval")
+
+
+def with_twins(specs: Sequence[TaskSpec], evaluator: str) -> list[TaskSpec]:
+    """For `--evaluator lm-eval`, native jsonl tasks become lm-eval tasks generated from them (YAML in a folder
+    of this process, removed at exit); otherwise the specs as given."""
+    if evaluator != "lm-eval" or all(s.kind == "lm_eval" for s in specs):
+        return list(specs)
+    from .lm_eval_adapter import from_native
+
+    folder = Path(tempfile.mkdtemp(prefix="evomerge-lm-eval-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return [s if s.kind == "lm_eval" else from_native(s, folder) for s in specs]
+
+
+class Evaluator:
+    def __init__(
+        self, model: torch.nn.Module, tokenizer, tasks: Sequence[Task], batch_size: int = 64, mode: str = "auto"
+    ) -> None:
+        if mode not in EVALUATORS:
+            raise TaskError(f"evaluator must be one of {', '.join(EVALUATORS)}, got {mode!r}")
+        self.tasks = list(tasks)
+        native: list[Task] = []
+        through_lm_eval: list[Task] = []
+        lm = None
+        for task in self.tasks:
+            if task.spec.kind != "lm_eval":
+                native.append(task)
+                continue
+            from .lm_eval_adapter import compile_native, make_lm
+
+            lm = lm or make_lm(model, tokenizer, batch_size)
+            if mode == "lm-eval":
+                through_lm_eval.append(task)
+                continue
+            compiled = compile_native(task, lm)
+            if isinstance(compiled, Task):
+                native.append(compiled)
+            elif mode == "native":
+                raise TaskError(
+                    f"lm-eval task {task.name} cannot be scored natively ({compiled}); use --evaluator auto or lm-eval"
+                )
+            else:
+                log.warning("lm-eval task %s is scored through lm-eval: %s", task.name, compiled)
+                through_lm_eval.append(task)
+        self.native = NativeEvaluator(model, tokenizer, native, batch_size=batch_size) if native else None
+        self.lm_eval = None
+        if through_lm_eval:
+            from .lm_eval_adapter import LMEvalEvaluator
+
+            self.lm_eval = LMEvalEvaluator(model, tokenizer, through_lm_eval, batch_size=batch_size, lm=lm)
+
+    def evaluate(self, subset: dict[str, Sequence[int]] | None = None) -> EvalResult:
+        """Score every task, or only the tasks and item indices in `subset`, with the model's current weights."""
+        result = EvalResult(scores={})
+        for part in (self.native, self.lm_eval):
+            if part is None:
+                continue
+            r = part.evaluate(subset)
+            result.scores.update(r.scores)
+            result.per_item.update(r.per_item)
+            result.n_examples += r.n_examples
+        return result

@@ -1,0 +1,317 @@
+"""lm-eval tasks as fitness: specs, the search/test partition, per-document scores through lm-eval and through
+native compilation (equal), search and mergekit-evolve configs, and bad input."""
+
+import csv
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from evomerge.cli import main
+from evomerge.errors import HeldOutError, TaskError
+from evomerge.evaluate.evaluator import Evaluator
+from evomerge.evaluate.native import NativeEvaluator
+from evomerge.evaluate.tasks import TaskSpec, load_specs, load_task, searching, write_jsonl
+
+GSM8K_STYLE = {  # the filters and metric of lm-eval's gsm8k task, over local files
+    "output_type": "generate_until",
+    "doc_to_text": "{{question}}",
+    "doc_to_target": "{{answer.split('####')[-1].strip()}}",
+    "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": 6},
+    "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_case": True}],
+    "filter_list": [
+        {
+            "name": "strict-match",
+            "filter": [{"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"}, {"function": "take_first"}],
+        },
+        {
+            "name": "flexible-extract",
+            "filter": [
+                {"function": "regex", "group_select": -1, "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+                {"function": "take_first"},
+            ],
+        },
+    ],
+}
+
+
+def write_task(folder: Path, name: str, rows: list[dict], **cfg) -> None:
+    write_jsonl(folder / f"{name}.jsonl", rows)
+    body = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(folder / f"{name}.jsonl")}},
+        "test_split": "test",
+        **cfg,
+    }
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
+
+
+def spec(task: str, folder: Path, **kw) -> TaskSpec:
+    return TaskSpec.from_dict({"lm_eval": task, "include_path": str(folder), **kw})
+
+
+@pytest.fixture(scope="module")
+def random_model(small_zoo):
+    """A random-init model emits varied text: a demanding check of identical decoding."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    base = small_zoo / "models" / "base"
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).eval(), AutoTokenizer.from_pretrained(
+        base
+    )
+
+
+@pytest.fixture(scope="module")
+def local_tasks(small_zoo, random_model, tmp_path_factory):
+    """Local YAML tasks: a generation task whose answers are the model's own greedy outputs (so it scores 1.0
+    only if both paths decode the same text), a GSM8K-style task with regex answer filters whose answers
+    are numbers found in those outputs, a multiple-choice task (acc and acc_norm) and a group of both MC
+    tasks."""
+    model, tok = random_model
+    folder = tmp_path_factory.mktemp("lm_eval_tasks")
+    math = load_task(load_specs(small_zoo, ["math_b"])[0], "search")
+    outputs = NativeEvaluator(model, tok, [math]).generate(math)
+    echo = [{"prompt": it["prompt"], "answer": outputs[i]} for i, it in enumerate(math.items) if outputs[i].strip()]
+    write_task(
+        folder,
+        "echo",
+        echo,
+        output_type="generate_until",
+        doc_to_text="{{prompt}}",
+        doc_to_target="{{answer}}",
+        generation_kwargs={"until": ["\n"], "do_sample": False, "max_gen_toks": 4},
+        metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    )
+    numbers = [re.findall(r"-?[0-9]+", outputs[i]) for i in range(len(math.items))]
+    gsm = [
+        {"question": it["prompt"], "answer": f"so the answer is #### {n[-1] if n else 12345}"}
+        for it, n in zip(math.items, numbers)
+    ]
+    write_task(folder, "gsm_local", gsm, **GSM8K_STYLE)
+    facts = load_task(load_specs(small_zoo, ["facts_a"])[0], "search").items
+    facts += load_task(load_specs(small_zoo, ["facts_b"])[0], "search").items
+    mc = {
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        "target_delimiter": "",
+        "metric_list": [{"metric": "acc", "aggregation": "mean"}, {"metric": "acc_norm", "aggregation": "mean"}],
+    }
+    write_task(folder, "facts_local", facts, **mc)
+    write_task(folder, "facts_g1", facts[:20], **mc)
+    write_task(folder, "facts_g2", facts[20:], **mc)
+    (folder / "facts_group.yaml").write_text(yaml.safe_dump({"group": "facts_group", "task": ["facts_g1", "facts_g2"]}))
+    rolling = {
+        "output_type": "loglikelihood",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_target": "{{choices[label]}}",
+        "target_delimiter": "",
+        "metric_list": [{"metric": "acc", "aggregation": "mean"}],
+    }
+    write_task(folder, "facts_loglik", facts, **rolling)
+    return folder
+
+
+def test_specs_round_trip_and_reject_what_they_cannot_mean(tmp_path):
+    s = TaskSpec.from_dict({"lm_eval": "arc_easy", "weight": 2, "search_fraction": 0.3, "split_seed": 4})
+    assert s.kind == "lm_eval" and s.metric == "acc,none" and s.name == "arc_easy"
+    assert TaskSpec.from_dict(s.to_dict()) == s
+    assert TaskSpec.from_dict({"lm_eval": "t", "metric": "exact_match"}).metric == "exact_match,none"
+    rel = TaskSpec.from_dict({"lm_eval": "t", "include_path": "yaml"}, root=tmp_path)
+    assert rel.lm_eval["include_path"] == str(tmp_path / "yaml")
+    for bad, why in [
+        ({"lm_eval": "t", "search_fraction": 1.0}, "search_fraction must be a number in \\(0, 1\\)"),
+        ({"lm_eval": "t", "search_fraction": 0.5, "search_split": "validation"}, "not both"),
+        ({"lm_eval": "t", "limit": 3}, "unknown key"),
+        ({"lm_eval": ""}, "must name an lm-eval task"),
+    ]:
+        with pytest.raises(TaskError, match=why):
+            TaskSpec.from_dict(bad)
+
+
+def test_documents_split_once_seeded_disjoint_and_complete(local_tasks):
+    a = spec("facts_local", local_tasks, search_fraction=0.25)
+    search, test = load_task(a, "search"), load_task(a, "test")
+    assert len(search.items) == round(0.25 * (len(search.items) + len(test.items)))
+    assert not set(search.items) & set(test.items)
+    assert load_task(a, "search").items == search.items  # deterministic
+    other = spec("facts_local", local_tasks, search_fraction=0.25, split_seed=1)
+    assert load_task(other, "search").items != search.items
+    with searching():
+        assert load_task(a, "search").items == search.items
+        with pytest.raises(HeldOutError):
+            load_task(a, "test")
+
+
+def test_zoo_tasks_search_their_validation_split_and_report_their_test_split(small_zoo):
+    native = load_specs(small_zoo, ["facts_a"])[0]
+    twin = spec("zoo_facts_a", small_zoo / "tasks" / "lm_eval")
+    for split in ("search", "test"):
+        task = load_task(twin, split)
+        docs = [task.source[leaf].eval_docs[i]["prompt"] for leaf, i in task.items]
+        assert docs == [it["prompt"] for it in load_task(native, split).items]
+
+
+def test_compiled_native_scores_equal_lm_eval_per_document(random_model, local_tasks, caplog):
+    model, tok = random_model
+    specs = [
+        spec("echo", local_tasks, metric="exact_match,none"),
+        spec("gsm_local", local_tasks, metric="exact_match,flexible-extract"),
+        spec("facts_local", local_tasks, metric="acc_norm,none", name="facts_norm"),
+        spec("facts_group", local_tasks),
+    ]
+    tasks = [load_task(s, "search") for s in specs]
+    with caplog.at_level(logging.WARNING):
+        auto = Evaluator(model, tok, tasks, batch_size=16, mode="auto")
+    assert auto.lm_eval is None and not caplog.records  # everything compiled
+    through = Evaluator(model, tok, tasks, batch_size=16, mode="lm-eval")
+    a, b = auto.evaluate(), through.evaluate()
+    assert a.per_item == b.per_item and a.scores == b.scores
+    assert a.scores["echo"] == 1.0 and 0 < a.scores["gsm_local"] < 1
+    group = tasks[3]
+    assert {leaf for leaf, _ in group.items} == {"facts_g1", "facts_g2"}  # a group: all its subtasks' documents
+    subset = {"gsm_local": [0, 3, 5], "facts_group": [1, 2, len(group.items) - 1]}
+    assert auto.evaluate(subset).per_item == through.evaluate(subset).per_item
+    assert through.evaluate() == b  # task objects are reusable
+
+
+def test_a_task_that_cannot_be_compiled_goes_through_lm_eval_with_a_notice(random_model, local_tasks, caplog):
+    model, tok = random_model
+    task = load_task(spec("facts_loglik", local_tasks), "search")
+    with caplog.at_level(logging.WARNING):
+        ev = Evaluator(model, tok, [task], mode="auto")
+    assert ev.native is None and "scored through lm-eval" in caplog.text
+    assert 0 <= ev.evaluate().scores["facts_loglik"] <= 1
+    with pytest.raises(TaskError, match="cannot be scored natively"):
+        Evaluator(model, tok, [task], mode="native")
+
+
+def _fitness_column(run: Path) -> list[str]:
+    with open(run / "trials.csv") as fh:
+        return [row["fitness"] for row in csv.DictReader(fh)]
+
+
+def search(zoo: Path, runs: Path, name: str, *extra: str) -> list[str]:
+    args = [
+        "search",
+        "--zoo",
+        str(zoo),
+        "--space",
+        str(Path(__file__).parents[1] / "search_spaces" / "sakana_ps.yaml"),
+        "--trials",
+        "6",
+        "--popsize",
+        "3",
+        "--runs-dir",
+        str(runs),
+        "--name",
+        name,
+        "--no-baselines",
+        *extra,
+    ]
+    assert main(args) == 0
+    return _fitness_column(runs / name)
+
+
+def test_lm_eval_search_gives_the_native_fitness_trial_for_trial(small_zoo, tmp_path):
+    tasks = [
+        "--tasks",
+        str(small_zoo),
+        "--task-names",
+        "facts_a",
+        "facts_b",
+        "math_b",
+        "--subsample",
+        "12",
+        "--racing",
+        "bound",
+    ]
+    native = search(small_zoo, tmp_path, "native", *tasks, "--evaluator", "native")
+    through = search(small_zoo, tmp_path, "lm-eval", *tasks, "--evaluator", "lm-eval")
+    assert native == through and len(set(native)) > 1
+    report = json.loads((tmp_path / "lm-eval" / "report.json").read_text())
+    assert (
+        report["rows"]["evolved"]["facts_a"]
+        == json.loads((tmp_path / "native" / "report.json").read_text())["rows"]["evolved"]["facts_a"]
+    )
+
+
+def test_a_mergekit_evolve_config_runs_to_a_report(small_zoo, tmp_path):
+    m = json.loads((small_zoo / "manifest.json").read_text())
+    config = {
+        "genome": {
+            "models": [m["base"], m["experts"]["expert_math"], m["experts"]["expert_lang_b"]],
+            "merge_method": "dare_ties",
+            "base_model": m["base"],
+            "layer_granularity": 1,
+            "filters": ["mlp"],
+            "smooth": True,
+        },
+        "tasks": [{"name": "zoo_facts_b", "weight": 2.0}, {"name": "zoo_math_b", "metric": "exact_match,none"}],
+        "limit": 8,
+        "apply_chat_template": False,
+        "fewshot_as_multiturn": False,
+    }
+    (tmp_path / "evol.yml").write_text(yaml.safe_dump(config))
+    args = [
+        "search",
+        "--mergekit-evolve",
+        str(tmp_path / "evol.yml"),
+        "--include-path",
+        str(small_zoo / "tasks" / "lm_eval"),
+        "--trials",
+        "3",
+        "--popsize",
+        "3",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--no-baselines",
+    ]
+    assert main(args) == 0
+    run = tmp_path / "runs" / "evol"
+    report = json.loads((run / "report.json").read_text())
+    assert report["tasks"] == ["zoo_facts_b", "zoo_math_b"] and "evolved" in report["rows"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["subsample"] == 8 and cfg["space"]["smooth"] and cfg["space"]["filters"] == ["mlp"]
+    assert len(cfg["sources"]) == 2  # the base is not a source
+    best = yaml.safe_load((run / "best_recipe.yaml").read_text())
+    weight = best["models"][0]["parameters"]["weight"]
+    assert [r.get("filter") for r in weight] == ["mlp", None] and len(weight[0]["value"]) == 2  # 2 anchors, 2 layers
+
+
+@pytest.mark.parametrize(
+    "task, extra, message",
+    [
+        ({"lm_eval": "no_such_task"}, [], "unknown lm-eval task or group 'no_such_task'"),
+        ({"lm_eval": "facts_local", "metric": "f1,none"}, [], "does not report 'f1,none'; it reports acc,none"),
+        ({"lm_eval": "facts_group", "search_fraction": 0.01}, [], "no documents in its search part"),
+        ({"lm_eval": "facts_local"}, ["--subsample", "1000"], "more than the 16 examples of its search part"),
+    ],
+)
+def test_bad_lm_eval_input_fails_before_anything_is_written(
+    small_zoo, local_tasks, tmp_path, capsys, task, extra, message
+):
+    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump([{**task, "include_path": str(local_tasks)}]))
+    args = [
+        "search",
+        "--zoo",
+        str(small_zoo),
+        "--tasks",
+        str(tmp_path / "tasks.yaml"),
+        "--trials",
+        "2",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        *extra,
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
