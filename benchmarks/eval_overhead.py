@@ -9,6 +9,7 @@
 Scores must be equal; ratios are against the naive loop.
 
     python benchmarks/eval_overhead.py [--zoo DIR] [--task zoo_facts_b] [--metric acc,none] [--repeats 3]
+                                       [--batch-size 128]
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--task", default="zoo_math_b", help="an lm-eval task of the zoo's tasks/lm_eval folder")
     ap.add_argument("--metric", default="exact_match,none")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=128, help="all three (128 is the search's default)")
     args = ap.parse_args()
     zoo = Path(args.zoo) if args.zoo else build_zoo(Path(tempfile.mkdtemp()) / "zoo", SMALL)
     ensure_lm_eval_yamls(zoo)
@@ -70,13 +72,13 @@ def main() -> None:
     # three score the same documents; a benchmark, not a search: no recipe is chosen on them
     task = load_task(spec, "test")
     docs = len(task.items)
-    compiled = Evaluator(model, tok, [task], batch_size=64, mode="auto")
-    through = Evaluator(model, tok, [load_task(spec, "test")], batch_size=64, mode="lm-eval")
+    compiled = Evaluator(model, tok, [task], batch_size=args.batch_size, mode="auto")
+    through = Evaluator(model, tok, [load_task(spec, "test")], batch_size=args.batch_size, mode="lm-eval")
     manager = TaskManager(include_path=include, include_defaults=False)
     metric = args.metric
 
     def naive():
-        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=64)
+        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size)
         with torch.inference_mode():
             out = simple_evaluate(model=lm, tasks=[args.task], task_manager=manager, verbosity="ERROR")
         return out["results"][args.task][metric]
@@ -88,8 +90,8 @@ def main() -> None:
     ]
     print(
         f"model {Path(path).name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), task "
-        f"{args.task} ({metric}), {docs} documents, median of {args.repeats}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"{args.task} ({metric}), {docs} documents, batch {args.batch_size}, median of {args.repeats}; torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads"
     )
     naive_s = rows[-1][1]
     print(f"{'evaluator':44s} {'per candidate':>14s} {'docs/s':>8s} {'vs naive':>9s} {'score':>8s}")

@@ -17,22 +17,19 @@ space, base, sources and lm-eval task specs. The mapping:
   as mergekit-evolve sets them;
 - `tasks` (name, weight, metric) → lm-eval task specs, documents split into a search part and a held-out test
   part (see `evaluate/lm_eval_adapter.py`); `num_fewshot` → every task's `num_fewshot`; `limit` →
-  `--subsample` (a seeded subset per trial, like mergekit-evolve's `shuffle: true`).
+  `--subsample` (a seeded subset per trial, like mergekit-evolve's `shuffle: true`); `apply_chat_template` and
+  `fewshot_as_multiturn` (on unless the config turns them off) → the same options of every task.
 
-Not carried over: mergekit-evolve merges in bfloat16 (evomerge: `--dtype`, default float32), and its
-`apply_chat_template`/`fewshot_as_multiturn` (prompts are scored as the task writes them; a notice says so).
+Not carried over: mergekit-evolve merges in bfloat16 (evomerge: `--dtype`, default float32).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
-
-log = logging.getLogger(__name__)
 
 METHOD_GENES = {  # mergekit-evolve's METHOD_PARAM_MAPS, minus slerp
     "linear": ["weight"],
@@ -145,14 +142,11 @@ def load_evolve_config(path: str | Path) -> EvolveSearch:
         spec = {"lm_eval": t["name"], "weight": t.get("weight", 1.0), "metric": t.get("metric", "acc,none")}
         if data.get("num_fewshot") is not None:
             spec["num_fewshot"] = data["num_fewshot"]
+        for key in ("apply_chat_template", "fewshot_as_multiturn"):  # mergekit-evolve's defaults: both on
+            spec[key] = bool(data.get(key, True))
         tasks.append(spec)
     if not tasks:
         raise RecipeError(f"{path}: tasks is empty")
-    if data.get("apply_chat_template", True) or data.get("fewshot_as_multiturn", True):
-        log.warning(
-            "%s: apply_chat_template/fewshot_as_multiturn are not applied; prompts are scored as the tasks write them",
-            path,
-        )
     return EvolveSearch(space, base, sources, tasks, data.get("limit"))
 
 

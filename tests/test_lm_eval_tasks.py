@@ -108,6 +108,16 @@ def local_tasks(small_zoo, random_model, tmp_path_factory):
     write_task(folder, "facts_g1", facts[:20], **mc)
     write_task(folder, "facts_g2", facts[20:], **mc)
     (folder / "facts_group.yaml").write_text(yaml.safe_dump({"group": "facts_group", "task": ["facts_g1", "facts_g2"]}))
+    write_jsonl(folder / "facts_train.jsonl", facts[:12])
+    few = {"test": str(folder / "facts_fewshot.jsonl"), "train": str(folder / "facts_train.jsonl")}
+    write_task(
+        folder,
+        "facts_fewshot",
+        facts[12:],
+        **{**mc, "dataset_kwargs": {"data_files": few}},
+        training_split="train",
+        num_fewshot=2,
+    )
     rolling = {
         "output_type": "loglikelihood",
         "doc_to_text": "{{prompt}}",
@@ -180,6 +190,43 @@ def test_compiled_native_scores_equal_lm_eval_per_document(random_model, local_t
     subset = {"gsm_local": [0, 3, 5], "facts_group": [1, 2, len(group.items) - 1]}
     assert auto.evaluate(subset).per_item == through.evaluate(subset).per_item
     assert through.evaluate() == b  # task objects are reusable
+
+
+def test_few_shot_examples_belong_to_the_document_not_to_the_subset_scored(random_model, local_tasks):
+    """lm-eval draws few-shot examples in sequence; evomerge seeds them per document, so a subsample scores a
+    document with the same prompt as the whole split does, through lm-eval and compiled alike."""
+    model, tok = random_model
+    task = load_task(spec("facts_fewshot", local_tasks), "search")
+    compiled = Evaluator(model, tok, [task], batch_size=8, mode="native")
+    through = Evaluator(model, tok, [task], batch_size=8, mode="lm-eval")
+    leaf = task.source["facts_fewshot"]
+
+    def prompts() -> dict[str, str]:
+        return {inst.doc["prompt"]: inst.arguments[0] for inst in leaf.instances}
+
+    whole = through.evaluate().per_item["facts_fewshot"]
+    whole_prompts = prompts()
+    subset = {"facts_fewshot": [1, 4, 6]}
+    assert through.evaluate(subset).per_item["facts_fewshot"] == {i: whole[i] for i in (1, 4, 6)}
+    assert all(whole_prompts[doc] == prompt for doc, prompt in prompts().items())
+    assert all(prompt.count("\n\n") >= 2 for prompt in whole_prompts.values())  # two examples, then the question
+    assert compiled.evaluate(subset).per_item == through.evaluate(subset).per_item
+    assert compiled.evaluate().per_item["facts_fewshot"] == whole
+
+
+def test_chat_templates_apply_alike_and_are_required_when_asked_for(random_model, local_tasks):
+    import copy
+
+    model, tok = random_model
+    chat_tok = copy.deepcopy(tok)
+    chat_tok.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}<assistant>"
+    task = load_task(spec("facts_local", local_tasks, apply_chat_template=True), "search")
+    compiled = Evaluator(model, chat_tok, [task], batch_size=8, mode="native")
+    assert "<user>" in task.source["facts_local"].instances[0].arguments[0]  # the prompts compiled
+    through = Evaluator(model, chat_tok, [task], batch_size=8, mode="lm-eval")
+    assert compiled.evaluate().per_item == through.evaluate().per_item
+    with pytest.raises(TaskError, match="tokenizer has no chat template; set apply_chat_template: false"):
+        Evaluator(model, tok, [task], mode="auto")
 
 
 def test_a_task_that_cannot_be_compiled_goes_through_lm_eval_with_a_notice(random_model, local_tasks, caplog):

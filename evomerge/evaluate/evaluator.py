@@ -48,6 +48,10 @@ class Evaluator:
         if mode not in EVALUATORS:
             raise TaskError(f"evaluator must be one of {', '.join(EVALUATORS)}, got {mode!r}")
         self.tasks = list(tasks)
+        if any(task.spec.kind == "lm_eval" for task in self.tasks):
+            from .lm_eval_adapter import check_chat_template
+
+            check_chat_template([task.spec for task in self.tasks], tokenizer)
         native: list[Task] = []
         through_lm_eval: list[Task] = []
         lm = None

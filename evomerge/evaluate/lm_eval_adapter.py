@@ -20,6 +20,7 @@ by the same HFLM, into native batched items whose outputs go through the task's 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import logging
@@ -36,7 +37,7 @@ from .native import EvalResult
 from .tasks import SPLITS, Task, TaskSpec
 
 DEFAULT_FRACTION = 0.5
-FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed: the same few-shot examples every call
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed, plus a number from each document
 MC_METRICS = ("acc", "acc_norm")  # computed by process_results from log-likelihoods alone
 SPEC_KEYS = {
     "name",
@@ -49,7 +50,11 @@ SPEC_KEYS = {
     "search_fraction",
     "split_seed",
     "num_fewshot",
+    "apply_chat_template",
+    "fewshot_as_multiturn",
+    "system_instruction",
 }
+PROMPT_KEYS = ("apply_chat_template", "fewshot_as_multiturn", "system_instruction")  # lm-eval's prompt options
 
 
 # ---- specs ----------------------------------------------------------------------------------------
@@ -81,6 +86,13 @@ def spec_from_dict(d: dict[str, Any], root: Path | None = None) -> TaskSpec:
             if not isinstance(d[key], int) or d[key] < 0:
                 raise TaskError(f"{where}: {key} must be an integer ≥ 0, got {d[key]!r}")
             opts[key] = d[key]
+    for key in ("apply_chat_template", "fewshot_as_multiturn"):
+        if key in d:
+            if not isinstance(d[key], bool):
+                raise TaskError(f"{where}: {key} must be true or false, got {d[key]!r}")
+            opts[key] = d[key]
+    if d.get("system_instruction") is not None:
+        opts["system_instruction"] = str(d["system_instruction"])
     metric = str(d.get("metric", "acc,none"))  # mergekit-evolve's default
     if "," not in metric:
         metric += ",none"
@@ -203,7 +215,27 @@ def build_leaves(spec: TaskSpec) -> dict[str, Any]:
         if "num_fewshot" in opts:
             leaf.set_config(key="num_fewshot", value=opts["num_fewshot"])
         _check_metric(spec, leaf)
+        _fewshot_per_document(leaf)
     return leaves
+
+
+def _fewshot_per_document(leaf: Any) -> None:
+    """Draw a document's few-shot examples with a seed taken from the document itself. lm-eval draws them in
+    sequence, so a document's examples would depend on which other documents a call scores: with subsampling
+    or racing a candidate's fitness would change with its subset, and the lm-eval and native paths (the latter
+    builds its prompts once) would disagree."""
+    import hashlib
+    import json
+
+    original = leaf.fewshot_context
+
+    def fewshot_context(doc, *args, **kwargs):
+        if getattr(leaf, "sampler", None) is not None and (leaf.config.num_fewshot or 0) > 0:
+            text = json.dumps(doc, sort_keys=True, default=str)
+            leaf.sampler.set_rnd(FEWSHOT_SEED + int(hashlib.sha256(text.encode()).hexdigest()[:12], 16))
+        return original(doc, *args, **kwargs)
+
+    leaf.fewshot_context = fewshot_context
 
 
 def _check_metric(spec: TaskSpec, leaf: Any) -> None:
@@ -288,6 +320,29 @@ def partition_record(tasks: Sequence[Task]) -> dict[str, Any]:
 
 
 # ---- scoring through lm-eval ----------------------------------------------------------------------
+@functools.lru_cache(maxsize=4096)
+def _template(text: str):
+    from lm_eval.utils import env
+
+    return env.from_string(text)
+
+
+@contextlib.contextmanager
+def compiled_templates():
+    """lm-eval compiles a task's Jinja templates anew for every document on every call — two thirds of its own
+    time per candidate on the zoo's tasks. A compiled template depends only on its text, so while evomerge
+    scores, `lm_eval.utils.apply_template` keeps them (lm-eval's own environment, the same rendering); the
+    original is restored afterwards."""
+    import lm_eval.utils
+
+    original = lm_eval.utils.apply_template
+    lm_eval.utils.apply_template = lambda template, doc: _template(template).render(**doc)
+    try:
+        yield
+    finally:
+        lm_eval.utils.apply_template = original
+
+
 class _DocIds(list):
     """Sorted document ids for `evaluate(samples=...)`, which tests membership once per document of the split."""
 
@@ -328,11 +383,10 @@ class LMEvalEvaluator:
                 self._where[leaf] = task.name
 
     def evaluate(self, subset: dict[str, Sequence[int]] | None = None) -> EvalResult:
-        from lm_eval.evaluator import evaluate
-
+        """One lm-eval call per set of prompt options (chat template, few-shot as turns, system instruction)."""
         samples: dict[str, list[int]] = defaultdict(list)
         index: dict[tuple[str, int], int] = {}
-        leaves: dict[str, Any] = {}
+        calls: dict[tuple, dict[str, Any]] = defaultdict(dict)  # prompt options -> subtasks
         for task in self.tasks:
             if subset is not None and task.name not in subset:
                 continue
@@ -340,39 +394,56 @@ class LMEvalEvaluator:
                 leaf, doc = task.items[i]
                 samples[leaf].append(doc)
                 index[(leaf, doc)] = i
-                leaves[leaf] = task.source[leaf]
+                calls[prompt_options(task.spec)][leaf] = task.source[leaf]
         result = EvalResult(scores={})
-        if not leaves:
-            return result
-        for leaf in leaves.values():
-            leaf.set_fewshot_seed(FEWSHOT_SEED)
+        specs = {task.name: task.spec for task in self.tasks}
+        for options, leaves in calls.items():
+            out = self._run(leaves, {leaf: samples[leaf] for leaf in leaves}, dict(options))
+            for leaf, rows in out["samples"].items():
+                name = self._where[leaf]
+                metric, _, filter_name = specs[name].metric.partition(",")
+                per_item = result.per_item.setdefault(name, {})
+                for row in rows:
+                    if row["filter"] == filter_name:
+                        per_item[index[(leaf, row["doc_id"])]] = float(row[metric])
+        for name, per_item in result.per_item.items():
+            result.scores[name] = sum(per_item.values()) / len(per_item)
+            result.n_examples += len(per_item)
+        return result
+
+    def _run(self, leaves: dict[str, Any], samples: dict[str, list[int]], options: dict[str, Any]) -> dict:
+        from lm_eval.evaluator import evaluate
+
         was_training = self.model.training
         self.model.eval()
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), compiled_templates():
                 warnings.simplefilter("ignore")
-                out = evaluate(
+                return evaluate(
                     lm=self.lm,
                     task_dict={"tasks": leaves, "groups": {}, "group_map": {}},
                     samples={leaf: _DocIds(docs) for leaf, docs in samples.items()},
                     log_samples=True,
                     bootstrap_iters=0,
                     verbosity="ERROR",
+                    **options,
                 )
         finally:
             self.model.train(was_training)
-        specs = {task.name: task.spec for task in self.tasks}
-        for leaf, rows in out["samples"].items():
-            name = self._where[leaf]
-            metric, _, filter_name = specs[name].metric.partition(",")
-            per_item = result.per_item.setdefault(name, {})
-            for row in rows:
-                if row["filter"] == filter_name:
-                    per_item[index[(leaf, row["doc_id"])]] = float(row[metric])
-        for name, per_item in result.per_item.items():
-            result.scores[name] = sum(per_item.values()) / len(per_item)
-            result.n_examples += len(per_item)
-        return result
+
+
+def prompt_options(spec: TaskSpec) -> tuple:
+    """The spec's prompt options as `evaluate` takes them (hashable, to group subtasks into calls)."""
+    return tuple((key, spec.lm_eval[key]) for key in PROMPT_KEYS if key in spec.lm_eval)
+
+
+def check_chat_template(specs: Sequence[TaskSpec], tokenizer) -> None:
+    for spec in specs:
+        if spec.kind == "lm_eval" and spec.lm_eval.get("apply_chat_template") and not tokenizer.chat_template:
+            raise TaskError(
+                f"lm-eval task {spec.name}: apply_chat_template is on (mergekit-evolve's default) but the model's "
+                "tokenizer has no chat template; set apply_chat_template: false"
+            )
 
 
 # ---- native compilation ---------------------------------------------------------------------------
@@ -396,19 +467,31 @@ def compile_native(task: Task, lm) -> Task | str:
     for leaf, docs in docs_of.items():
         ids = _DocIds(docs)
         obj = task.source[leaf]
-        obj.set_fewshot_seed(FEWSHOT_SEED)
-        with warnings.catch_warnings():
+        options = dict(prompt_options(task.spec))
+        chat = bool(options.get("apply_chat_template"))
+        with warnings.catch_warnings(), compiled_templates():
             warnings.simplefilter("ignore")
-            obj.build_all_requests(samples=ids, rank=0, world_size=1)
+            obj.build_all_requests(  # as lm_eval.evaluator.evaluate builds them
+                samples=ids,
+                rank=0,
+                world_size=1,
+                system_instruction=options.get("system_instruction"),
+                apply_chat_template=chat,
+                fewshot_as_multiturn=bool(options.get("fewshot_as_multiturn")),
+                chat_template=lm.apply_chat_template if chat else None,
+                tokenizer_name=lm.tokenizer_name if chat else "",
+            )
         for inst in obj.instances:
             requests.setdefault((leaf, ids[inst.doc_id]), []).append(inst)
+    for group in requests.values():
+        group.sort(key=lambda r: r.idx)
     if any(inst.repeats != 1 for insts in requests.values() for inst in insts):
         return "repeated sampling is scored through lm-eval"
     items: list[dict[str, Any]] = []
     if kind == "multiple_choice":
         for key in task.items:
             pairs = []
-            for inst in sorted(requests[key], key=lambda r: r.idx):
+            for inst in requests[key]:
                 context, continuation = inst.arguments
                 if context:
                     ctx, cont = lm._encode_pair(context, continuation)
@@ -444,24 +527,25 @@ def compile_native(task: Task, lm) -> Task | str:
         for i in which:
             by_leaf[task.items[i][0]].append(i)
         scores = {}
-        for leaf, idx in by_leaf.items():
-            obj = task.source[leaf]
-            insts = []
-            for i in idx:
-                group = sorted(requests[task.items[i]], key=lambda r: r.idx)
-                for r, inst in enumerate(group):
-                    inst.resps = (
-                        [(float(outputs[i][r]), False)]
-                        if kind == "multiple_choice"
-                        else [postprocess_generated_text(outputs[i], until, None)]
+        with compiled_templates():
+            for leaf, idx in by_leaf.items():
+                insts = []
+                for i in idx:
+                    for r, inst in enumerate(requests[task.items[i]]):
+                        inst.resps = (
+                            [(float(outputs[i][r]), False)]
+                            if kind == "multiple_choice"
+                            else [postprocess_generated_text(outputs[i], until, None)]
+                        )
+                        inst.filtered_resps = {}
+                        insts.append(inst)
+                ensembles[filter_name].apply(insts)
+                for i in idx:
+                    group = requests[task.items[i]]
+                    result = task.source[leaf].process_results(
+                        group[0].doc, [inst.filtered_resps[filter_name] for inst in group]
                     )
-                    inst.filtered_resps = {}
-                insts.extend(group)
-            ensembles[filter_name].apply(insts)
-            for i in idx:
-                group = sorted(requests[task.items[i]], key=lambda r: r.idx)
-                result = obj.process_results(group[0].doc, [inst.filtered_resps[filter_name] for inst in group])
-                scores[i] = float(result[metric])
+                    scores[i] = float(result[metric])
         return scores
 
     return Task(native, task.split, items, source=task.source, scorer=scorer)

@@ -65,7 +65,11 @@ class NativeEvaluator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
         # transformers 5 renamed the KV cache argument and output `past_key_values` -> `cache`
-        self._cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        forward = inspect.signature(model.forward).parameters
+        self._cache = "cache" if "cache" in forward else "past_key_values"
+        # prefill: the head for the last position only (a vocabulary-wide projection of every prompt token is waste)
+        self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
+        self._whole: dict[str, list[_GenBatch]] = {}
         self._prepared = {t.name: self._prepare(t) for t in self.tasks}
 
     # ---- preparation (once) -------------------------------------------------------------------
@@ -157,35 +161,46 @@ class NativeEvaluator:
             return self._decode_all(task, list(range(len(task.items))) if which is None else list(which))
 
     def _decode_all(self, task: Task, which: list[int]) -> dict[int, str]:
+        """Greedy decoding per batch: logits of the last position only, the attention mask preallocated for the
+        whole generation (a growing view per step), stop tokens checked on the device."""
         prep = self._prepared[task.name]
         stop_ids = prep["stop_ids"] | ({self.eos_id} if self.eos_id is not None else set())
+        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
+        steps = task.spec.max_new_tokens
         outputs = {}
-        for batch in self._gen_batches(prep["encoded"], which):
-            mask = batch.attention_mask
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        for batch in self._batches_for(task, prep["encoded"], which):
+            n, width = batch.input_ids.shape
+            mask = batch.attention_mask.new_ones((n, width + steps))
+            mask[:, :width] = batch.attention_mask
+            pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=pos,
+                use_cache=True,
+                **self._last_logits,
+            )
             past = getattr(out, self._cache)
             _check_finite(out.logits[:, -1])  # NaN weights show at the first step; argmax of NaN is garbage
             nxt = out.logits[:, -1].argmax(-1)
             generated = [nxt]
-            done = torch.tensor([int(t) in stop_ids for t in nxt.tolist()], device=self.device)
-            last_pos = pos[:, -1]
-            for _ in range(task.spec.max_new_tokens - 1):
+            done = torch.isin(nxt, stop)
+            last_pos = pos[:, -1:]
+            for k in range(1, steps):
                 if bool(done.all()):
                     break
-                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
                 last_pos = last_pos + 1
                 step = {
                     "input_ids": nxt[:, None],
-                    "attention_mask": mask,
-                    "position_ids": last_pos[:, None],
+                    "attention_mask": mask[:, : width + k],
+                    "position_ids": last_pos,
                     self._cache: past,
                 }
                 out = self.model(**step, use_cache=True)
                 past = getattr(out, self._cache)
                 nxt = out.logits[:, -1].argmax(-1)
                 generated.append(nxt)
-                done |= torch.tensor([int(t) in stop_ids for t in nxt.tolist()], device=self.device)
+                done |= torch.isin(nxt, stop)
             gen = torch.stack(generated, dim=1).tolist()
             for r, i in enumerate(batch.index):
                 toks = []
@@ -195,6 +210,14 @@ class NativeEvaluator:
                     toks.append(t)
                 outputs[i] = self.tokenizer.decode(toks, skip_special_tokens=True)
         return outputs
+
+    def _batches_for(self, task: Task, ids: dict[int, list[int]], which: list[int]) -> list[_GenBatch]:
+        """Padded batches; those of a whole task are made once (a search scores the whole task every trial)."""
+        if len(which) != len(task.items):
+            return self._gen_batches(ids, which)
+        if task.name not in self._whole:
+            self._whole[task.name] = self._gen_batches(ids, which)
+        return self._whole[task.name]
 
     def _generate(self, task: Task, which: list[int]) -> dict[int, float]:
         texts = self._decode_all(task, which)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,8 +197,13 @@ class CMAOptimizer:
         self.pending = [(i, x) for i, x in self.pending if i != idx]
         self.values[idx] = values
         if len(self.values) == len(self.solutions):
-            # cma minimizes; our fitness is maximized
-            self.es.tell(self.solutions, [-self.values[i][0] for i in range(len(self.solutions))])
+            # cma minimizes; our fitness is maximized. From its second generation pycma 4 injects a solution of
+            # its own; with bounds it does not recognise it among the solutions told back (its archive grows, as
+            # a plain ask/tell loop with bounds shows), and warns of an "orphanated injected solution" about its
+            # own bookkeeping, not about this call order
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="orphanated injected solution")
+                self.es.tell(self.solutions, [-self.values[i][0] for i in range(len(self.solutions))])
             self.generation += 1
             self.solutions, self.values = None, {}
         self._save()
