@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from evomerge.evaluate.fitness import Fitness
 from evomerge.evaluate.native import EvalResult, NativeEvaluator
@@ -34,6 +35,17 @@ def test_native_evaluator_is_deterministic_and_subsets_work(zoo_model):
     sub = ev.evaluate({"facts_a": [0, 1, 2], "math_a": [5]})
     assert set(sub.per_item) == {"facts_a", "math_a"} and len(sub.per_item["facts_a"]) == 3
     assert all(sub.per_item["facts_a"][i] == a.per_item["facts_a"][i] for i in (0, 1, 2))
+
+
+def test_batches_side_by_side_give_the_results_of_one_after_another(zoo_model):
+    model, tok, zoo = zoo_model
+    tasks = [load_task(s, "search") for s in load_specs(zoo, ["math_a", "facts_b", "reverse_a"])]
+    one = NativeEvaluator(model, tok, tasks, batch_size=16, workers=1)
+    two = NativeEvaluator(model, tok, tasks, batch_size=16, workers=2)
+    threads = torch.get_num_threads()
+    assert two.evaluate().per_item == one.evaluate().per_item
+    assert two.generate(tasks[0]) == one.generate(tasks[0])
+    assert torch.get_num_threads() == threads  # restored
 
 
 def test_batch_size_does_not_change_results(zoo_model):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -48,6 +49,17 @@ class _MCBatch:
     cont_mask: torch.Tensor  # positions (in targets) belonging to the continuation
 
 
+SMALL_MODEL = 50e6  # parameters: below this, whole batches side by side beat torch's intra-op threads on a CPU
+
+
+def default_workers(model: torch.nn.Module, device: torch.device) -> int:
+    """Threads to share batches among: on the CPU, one per intra-op thread for a small model; else 1 (a large
+    model's matrices keep the intra-op threads busy; a GPU runs one stream). See benchmarks/search_throughput.py."""
+    if device.type != "cpu" or sum(p.numel() for p in model.parameters()) > SMALL_MODEL:
+        return 1
+    return torch.get_num_threads()
+
+
 class NativeEvaluator:
     def __init__(
         self,
@@ -56,6 +68,7 @@ class NativeEvaluator:
         tasks: Sequence[Task],
         batch_size: int = 64,
         device: str | torch.device | None = None,
+        workers: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -71,6 +84,7 @@ class NativeEvaluator:
         self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         self._whole: dict[str, list[_GenBatch]] = {}
         self._prepared = {t.name: self._prepare(t) for t in self.tasks}
+        self.workers = workers if workers is not None else default_workers(model, self.device)
 
     # ---- preparation (once) -------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
@@ -161,55 +175,82 @@ class NativeEvaluator:
             return self._decode_all(task, list(range(len(task.items))) if which is None else list(which))
 
     def _decode_all(self, task: Task, which: list[int]) -> dict[int, str]:
-        """Greedy decoding per batch: logits of the last position only, the attention mask preallocated for the
-        whole generation (a growing view per step), stop tokens checked on the device."""
         prep = self._prepared[task.name]
         stop_ids = prep["stop_ids"] | ({self.eos_id} if self.eos_id is not None else set())
-        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
-        steps = task.spec.max_new_tokens
-        outputs = {}
-        for batch in self._batches_for(task, prep["encoded"], which):
-            n, width = batch.input_ids.shape
-            mask = batch.attention_mask.new_ones((n, width + steps))
-            mask[:, :width] = batch.attention_mask
-            pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-            out = self.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=pos,
-                use_cache=True,
-                **self._last_logits,
-            )
-            past = getattr(out, self._cache)
-            _check_finite(out.logits[:, -1])  # NaN weights show at the first step; argmax of NaN is garbage
-            nxt = out.logits[:, -1].argmax(-1)
-            generated = [nxt]
-            done = torch.isin(nxt, stop)
-            last_pos = pos[:, -1:]
-            for k in range(1, steps):
-                if bool(done.all()):
-                    break
-                last_pos = last_pos + 1
-                step = {
-                    "input_ids": nxt[:, None],
-                    "attention_mask": mask[:, : width + k],
-                    "position_ids": last_pos,
-                    self._cache: past,
-                }
-                out = self.model(**step, use_cache=True)
-                past = getattr(out, self._cache)
-                nxt = out.logits[:, -1].argmax(-1)
-                generated.append(nxt)
-                done |= torch.isin(nxt, stop)
-            gen = torch.stack(generated, dim=1).tolist()
-            for r, i in enumerate(batch.index):
-                toks = []
-                for t in gen[r]:
-                    if t in stop_ids:
-                        break
-                    toks.append(t)
-                outputs[i] = self.tokenizer.decode(toks, skip_special_tokens=True)
+        outputs: dict[int, str] = {}
+        for texts in self._map(
+            lambda b: self._decode(b, stop_ids, task.spec.max_new_tokens),
+            self._batches_for(task, prep["encoded"], which),
+        ):
+            outputs.update(texts)
         return outputs
+
+    def _decode(self, batch: _GenBatch, stop_ids: set[int], steps: int) -> dict[int, str]:
+        """Greedy decoding of one batch: logits of the last position only, the attention mask preallocated for
+        the whole generation (a growing view per step), stop tokens checked on the device."""
+        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
+        n, width = batch.input_ids.shape
+        mask = batch.attention_mask.new_ones((n, width + steps))
+        mask[:, :width] = batch.attention_mask
+        pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=pos,
+            use_cache=True,
+            **self._last_logits,
+        )
+        past = getattr(out, self._cache)
+        _check_finite(out.logits[:, -1])  # NaN weights show at the first step; argmax of NaN is garbage
+        nxt = out.logits[:, -1].argmax(-1)
+        generated = [nxt]
+        done = torch.isin(nxt, stop)
+        last_pos = pos[:, -1:]
+        for k in range(1, steps):
+            if bool(done.all()):
+                break
+            last_pos = last_pos + 1
+            step = {
+                "input_ids": nxt[:, None],
+                "attention_mask": mask[:, : width + k],
+                "position_ids": last_pos,
+                self._cache: past,
+            }
+            out = self.model(**step, use_cache=True)
+            past = getattr(out, self._cache)
+            nxt = out.logits[:, -1].argmax(-1)
+            generated.append(nxt)
+            done |= torch.isin(nxt, stop)
+        gen = torch.stack(generated, dim=1).tolist()
+        texts = {}
+        for r, i in enumerate(batch.index):
+            toks = []
+            for t in gen[r]:
+                if t in stop_ids:
+                    break
+                toks.append(t)
+            texts[i] = self.tokenizer.decode(toks, skip_special_tokens=True)
+        return texts
+
+    def _map(self, fn, batches: list) -> list:
+        """`fn` over the batches, in order. On the CPU with `workers` > 1 the batches are shared out among that
+        many threads running one intra-op thread each: a small model's matrices are too small for torch's
+        intra-op threads to keep the cores busy, whole batches side by side do (the same batches, the same
+        results)."""
+        if self.workers <= 1 or len(batches) < 2:
+            return [fn(b) for b in batches]
+        threads = torch.get_num_threads()
+
+        def run(batch):
+            with torch.inference_mode():  # thread-local: each worker enters it
+                return fn(batch)
+
+        torch.set_num_threads(max(1, threads // self.workers))
+        try:
+            with ThreadPoolExecutor(self.workers) as pool:
+                return list(pool.map(run, batches))
+        finally:
+            torch.set_num_threads(threads)
 
     def _batches_for(self, task: Task, ids: dict[int, list[int]], which: list[int]) -> list[_GenBatch]:
         """Padded batches; those of a whole task are made once (a search scores the whole task every trial)."""
@@ -225,16 +266,17 @@ class NativeEvaluator:
             return task.scorer(which, texts)
         return {i: score_generation(task.spec.metric, texts[i], task.items[i]["answer"]) for i in which}
 
+    def _loglik(self, batch: _MCBatch) -> dict[tuple[int, int], float]:
+        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+        _check_finite(logits)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+        return dict(zip(batch.rows, (logp * batch.cont_mask).sum(-1).tolist()))
+
     def _multiple_choice(self, task: Task, which: list[int]) -> dict[int, float]:
         rows = self._prepared[task.name]["rows"]
         loglik: dict[tuple[int, int], float] = {}
-        for batch in self._mc_batches(rows, which):
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-            _check_finite(logits)
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-            sums = (logp * batch.cont_mask).sum(-1).tolist()
-            for k, v in zip(batch.rows, sums):
-                loglik[k] = v
+        for sums in self._map(self._loglik, self._mc_batches(rows, which)):
+            loglik.update(sums)
         n_choices = self._prepared[task.name]["n_choices"]
         if task.scorer is not None:
             return task.scorer(which, {i: [loglik[(i, j)] for j in range(n_choices[i])] for i in which})
