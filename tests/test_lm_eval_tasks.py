@@ -362,3 +362,19 @@ def test_bad_lm_eval_input_fails_before_anything_is_written(
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_worker_joins_a_search_on_lm_eval_tasks(small_zoo, tmp_path):
+    """The run's config carries the lm-eval specs to the worker, which rebuilds them and finishes the study."""
+    import optuna
+
+    include = str(small_zoo / "tasks" / "lm_eval")
+    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump([{"lm_eval": "zoo_facts_b", "include_path": include}]))
+    args = ["search", "--zoo", str(small_zoo), "--tasks", str(tmp_path / "tasks.yaml"), "--optimizer", "tpe",
+            "--trials", "2", "--runs-dir", str(tmp_path), "--name", "w", "--no-baselines"]  # fmt: skip
+    assert main(args) == 0
+    url = f"sqlite:///{tmp_path / 'w' / 'study.db'}"
+    assert main(["worker", "--storage", url, "--study", "w", "--trials", "4"]) == 0
+    done = [t for t in optuna.load_study(study_name="w", storage=url).trials if t.state.name == "COMPLETE"]
+    assert len(done) == 4 and all("zoo_facts_b" in t.user_attrs["scores"] for t in done)
+    assert json.loads((tmp_path / "w" / "report.json").read_text())["n_trials"] == 4
