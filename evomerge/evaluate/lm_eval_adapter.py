@@ -464,11 +464,11 @@ def compile_native(task: Task, lm) -> Task | str:
     for leaf, doc in task.items:
         docs_of[leaf].append(doc)
     requests: dict[tuple[str, int], list[Any]] = {}
+    options = dict(prompt_options(task.spec))
+    chat = bool(options.get("apply_chat_template"))
     for leaf, docs in docs_of.items():
         ids = _DocIds(docs)
         obj = task.source[leaf]
-        options = dict(prompt_options(task.spec))
-        chat = bool(options.get("apply_chat_template"))
         with warnings.catch_warnings(), compiled_templates():
             warnings.simplefilter("ignore")
             obj.build_all_requests(  # as lm_eval.evaluator.evaluate builds them
