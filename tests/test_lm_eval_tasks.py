@@ -94,6 +94,12 @@ def local_tasks(small_zoo, random_model, tmp_path_factory):
         for it, n in zip(math.items, numbers)
     ]
     write_task(folder, "gsm_local", gsm, **GSM8K_STYLE)
+    # the same filter names with another regex (the first digit): a group's subtasks filter each by their own
+    first_digit = [{**f, "filter": [{"function": "regex", "regex_pattern": "([0-9])"}, {"function": "take_first"}]}
+                   for f in GSM8K_STYLE["filter_list"]]  # fmt: skip
+    digits = [{"question": g["question"], "answer": "#### " + (n[-1][:1] if n else "x")} for g, n in zip(gsm, numbers)]
+    write_task(folder, "gsm_digits", digits, **{**GSM8K_STYLE, "filter_list": first_digit})
+    (folder / "gsm_group.yaml").write_text(yaml.safe_dump({"group": "gsm_group", "task": ["gsm_local", "gsm_digits"]}))
     facts = load_task(load_specs(small_zoo, ["facts_a"])[0], "search").items
     facts += load_task(load_specs(small_zoo, ["facts_b"])[0], "search").items
     mc = {
@@ -190,6 +196,16 @@ def test_compiled_native_scores_equal_lm_eval_per_document(random_model, local_t
     subset = {"gsm_local": [0, 3, 5], "facts_group": [1, 2, len(group.items) - 1]}
     assert auto.evaluate(subset).per_item == through.evaluate(subset).per_item
     assert through.evaluate() == b  # task objects are reusable
+
+
+def test_a_groups_subtasks_are_scored_by_their_own_filters(random_model, local_tasks):
+    model, tok = random_model
+    task = load_task(spec("gsm_group", local_tasks, metric="exact_match,flexible-extract"), "search")
+    compiled = Evaluator(model, tok, [task], batch_size=16, mode="native").evaluate()
+    through = Evaluator(model, tok, [task], batch_size=16, mode="lm-eval").evaluate()
+    assert compiled.per_item == through.per_item
+    digits = [i for i, (leaf, _) in enumerate(task.items) if leaf == "gsm_digits"]
+    assert 0 < sum(through.per_item["gsm_group"][i] for i in digits) < len(digits)
 
 
 def test_few_shot_examples_belong_to_the_document_not_to_the_subset_scored(random_model, local_tasks):

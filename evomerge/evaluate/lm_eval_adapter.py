@@ -517,7 +517,6 @@ def compile_native(task: Task, lm) -> Task | str:
         native = TaskSpec(
             task.spec.name, "generate", {}, metric=metric, max_new_tokens=max_new, weight=task.spec.weight, stop=until
         )
-    ensembles = {f.name: f for f in task.source[task.items[0][0]]._filters}
 
     def scorer(which: list[int], outputs: dict[int, Any]) -> dict[int, float]:
         """Outputs (generated text, or a log-likelihood per choice) through lm-eval's own post-processing."""
@@ -539,7 +538,8 @@ def compile_native(task: Task, lm) -> Task | str:
                         )
                         inst.filtered_resps = {}
                         insts.append(inst)
-                ensembles[filter_name].apply(insts)
+                # each subtask's own filter pipeline (a group's subtasks may extract answers differently)
+                next(f for f in task.source[leaf]._filters if f.name == filter_name).apply(insts)
                 for i in idx:
                     group = requests[task.items[i]]
                     result = task.source[leaf].process_results(
