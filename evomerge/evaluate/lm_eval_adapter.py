@@ -286,23 +286,23 @@ def select_part(spec: TaskSpec, name: str, leaf: Any, split: str) -> list[int]:
     return sorted(ids[:cut] if split == "search" else ids[cut:])
 
 
-def load_lm_eval_task(spec: TaskSpec, split: str) -> Task:
-    leaves = build_leaves(spec)
+def _part_items(spec: TaskSpec, leaves: dict[str, Any], split: str) -> list[tuple[str, int]]:
+    """(subtask, document id) of every document in the split's part; a part without documents is an error."""
     items = [(name, doc) for name, leaf in leaves.items() for doc in select_part(spec, name, leaf, split)]
     if not items:
         raise TaskError(f"lm-eval task {spec.name}: no documents in its {split} part")
-    return Task(spec, split, items, source=leaves)
+    return items
+
+
+def load_lm_eval_task(spec: TaskSpec, split: str) -> Task:
+    leaves = build_leaves(spec)
+    return Task(spec, split, _part_items(spec, leaves, split), source=leaves)
 
 
 def check_lm_eval_task(spec: TaskSpec) -> dict[str, int]:
     """Build the task and count the documents of both parts (the test part is counted, never scored)."""
     leaves = build_leaves(spec)
-    counts = {}
-    for split in SPLITS:
-        counts[split] = sum(len(select_part(spec, name, leaf, split)) for name, leaf in leaves.items())
-        if not counts[split]:
-            raise TaskError(f"lm-eval task {spec.name}: no documents in its {split} part")
-    return counts
+    return {split: len(_part_items(spec, leaves, split)) for split in SPLITS}
 
 
 def partition_record(tasks: Sequence[Task]) -> dict[str, Any]:
