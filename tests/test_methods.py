@@ -4,6 +4,20 @@ import torch
 from evomerge.methods import MethodError, merge_deltas, merge_tensors
 from evomerge.methods.sparsify import magnitude, magnitude_outliers
 
+EVERY_METHOD = [
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "slerp",
+    "model_stock",
+]
+
 
 def t(*v):
     return torch.tensor(v, dtype=torch.float32)
@@ -147,22 +161,7 @@ def test_linear_is_the_weighted_average():
     assert torch.allclose(out, t(3.0, 5.0))
 
 
-@pytest.mark.parametrize(
-    "method",
-    [
-        "linear",
-        "task_arithmetic",
-        "ties",
-        "dare_ties",
-        "dare_linear",
-        "breadcrumbs",
-        "breadcrumbs_ties",
-        "della",
-        "della_linear",
-        "slerp",
-        "model_stock",
-    ],
-)
+@pytest.mark.parametrize("method", EVERY_METHOD)
 def test_every_method_writes_into_a_preallocated_output(method):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(16, 8, generator=g)
@@ -278,22 +277,7 @@ def test_cached_angles_follow_in_place_changes_of_the_task_vectors():
     assert not torch.allclose(first, d1)
 
 
-@pytest.mark.parametrize(
-    "method",
-    [
-        "linear",
-        "task_arithmetic",
-        "ties",
-        "dare_ties",
-        "dare_linear",
-        "breadcrumbs",
-        "breadcrumbs_ties",
-        "della",
-        "della_linear",
-        "slerp",
-        "model_stock",
-    ],
-)
+@pytest.mark.parametrize("method", EVERY_METHOD)
 def test_every_method_accepts_bf16_task_vectors_and_output(method):
     """bf16 inputs (e.g. --delta-dtype bfloat16) merge like their fp32 upcast, rounded once."""
     g = torch.Generator().manual_seed(0)
