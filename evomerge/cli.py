@@ -44,18 +44,27 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .engine import write_merged
-    from .recipe import Recipe
+    from .layer_path import PathRecipe, load_any_recipe
+    from .path_fold import write_path
 
-    recipe = Recipe.load(args.recipe)
-    out = write_merged(
-        recipe,
-        args.out,
-        device=args.device,
-        out_dtype=args.dtype,
-        allow_pickle=args.allow_pickle,
-        overwrite=args.overwrite,
-        max_shard_bytes=int(args.max_shard_size * 1024**3),
-    )
+    recipe = load_any_recipe(args.recipe)
+    shard = int(args.max_shard_size * 1024**3)
+    if isinstance(recipe, PathRecipe):
+        if args.allow_pickle:
+            from .errors import RecipeError
+
+            raise RecipeError("--allow-pickle: layer-path participants are loaded with transformers (safetensors)")
+        out = write_path(recipe, args.out, args.device, args.dtype, args.overwrite, shard)
+    else:
+        out = write_merged(
+            recipe,
+            args.out,
+            device=args.device,
+            out_dtype=args.dtype,
+            allow_pickle=args.allow_pickle,
+            overwrite=args.overwrite,
+            max_shard_bytes=shard,
+        )
     print(f"wrote {out}")
     return 0
 
@@ -63,10 +72,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_export_mergekit(args: argparse.Namespace) -> int:
     import yaml
 
-    from .recipe import Recipe, atomic_write_text
+    from .layer_path import PathRecipe, load_any_recipe
+    from .path_fold import path_to_mergekit
+    from .recipe import atomic_write_text
 
-    recipe = Recipe.load(args.recipe)
-    text = yaml.safe_dump(recipe.to_mergekit(), sort_keys=False)
+    recipe = load_any_recipe(args.recipe)
+    config = path_to_mergekit(recipe) if isinstance(recipe, PathRecipe) else recipe.to_mergekit()
+    text = yaml.safe_dump(config, sort_keys=False)
     if args.out:
         atomic_write_text(Path(args.out), text)
         print(f"wrote {args.out}")

@@ -149,14 +149,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # ---- search ------------------------------------------------------------------------------------
-def _search_config(args: argparse.Namespace, space_path: Path, name: str, seed: int):
+def _search_config(args: argparse.Namespace, space_path: Path, name: str, seed: int, ps_recipe: Any = None):
+    """The run configuration of a search. For a layer-path space the sources are the participants, after the
+    parameter-space merge `ps_recipe` when one is given (PS+DFS)."""
     from .evaluate.tasks import TaskError, load_specs
+    from .path_space import PathSpace, load_space
     from .recipe import RecipeError
-    from .space import SearchSpace
 
     if getattr(args, "mergekit_evolve", None):
         return _evolve_search_config(args, name, seed)
-    space = SearchSpace.load(space_path).model_dump()  # validated, errors name the file
+    loaded = load_space(space_path)  # validated, errors name the file
+    space = loaded.model_dump(exclude={"participants"} if isinstance(loaded, PathSpace) else set())
     manifest: dict[str, Any] | None = None
     if args.zoo:
         manifest = json.loads((Path(args.zoo) / "manifest.json").read_text())
@@ -176,6 +179,11 @@ def _search_config(args: argparse.Namespace, space_path: Path, name: str, seed: 
     # --tasks without --task-names means every task listed there; a zoo alone means its composed task
     task_names = args.task_names or ([manifest["composed_task"]] if manifest and not args.tasks else None)
     specs = load_specs(task_source, task_names, args.include_path)
+    if isinstance(loaded, PathSpace):
+        labels = names or [Path(s).name for s in sources]
+        space["participants"] = (
+            [{"name": "ps", "recipe": ps_recipe.model_dump(exclude_none=True)}] if ps_recipe else []
+        ) + [{"model": str(s), "name": label} for s, label in zip(sources, labels)]
     return _make_search_config(args, name, seed, space, base, sources, names, specs, args.subsample)
 
 
@@ -257,13 +265,38 @@ def _run_with_progress(cfg, worker: bool = False):
 def cmd_search(args: argparse.Namespace) -> int:
     space = Path(args.space or DEFAULT_DEMO_SPACE)
     default_name = Path(args.mergekit_evolve).stem if args.mergekit_evolve else space.stem
-    cfg = _search_config(args, space, args.name or default_name, args.seed)
+    name = args.name or default_name
+    ps_recipe = _ps_stage(args, space, name, args.seed)
+    cfg = _search_config(args, space, name, args.seed, ps_recipe)
     outcome = _run_with_progress(cfg)
-    if outcome.report:
-        r = outcome.report
-        console.print(score_table(f"{cfg.name}: held-out test split", r["rows"], r["tasks"] + ["fitness"]))
+    _print_report(outcome.report)
     console.print(f"run directory: {outcome.run_dir}  (best_recipe.yaml, trials.csv, report.html)")
     return 0
+
+
+def _print_report(report: dict[str, Any] | None, title: str | None = None) -> None:
+    if report:
+        title = title or f"{report['name']}: held-out test split"
+        console.print(score_table(title, report["rows"], report["tasks"] + ["fitness"]))
+
+
+def _ps_stage(args: argparse.Namespace, space_path: Path, name: str, seed: int):
+    """The parameter-space merge a PS+DFS search starts from: --ps-recipe, or the best recipe of the space's `ps`
+    search, run (or resumed) first as NAME-ps. None for other spaces."""
+    from .path_space import PathSpace, load_space
+    from .recipe import Recipe, RecipeError
+
+    space = None if getattr(args, "mergekit_evolve", None) else load_space(space_path)
+    if getattr(args, "ps_recipe", None):
+        if not isinstance(space, PathSpace):
+            raise RecipeError("--ps-recipe joins a merge to the participants of a layer-path (dfs:) space")
+        return Recipe.load(args.ps_recipe)
+    if not isinstance(space, PathSpace) or not space.ps:
+        return None
+    say(f"PS+DFS: the parameter-space search {name}-ps first")
+    outcome = _run_with_progress(_search_config(args, Path(space.ps), f"{name}-ps", seed))
+    _print_report(outcome.report)
+    return outcome.best_recipe
 
 
 def _storage_arg(args: argparse.Namespace) -> str | None:
@@ -369,7 +402,8 @@ def _evaluated_now(args: argparse.Namespace, run_dir: Path) -> int | None:
 
 def _refresh_report(args: argparse.Namespace, run_dir: Path) -> None:
     from .evaluate.tasks import searching
-    from .search.loop import Session, best_trial, final_report, open_study, write_best
+    from .search.loop import best_trial, final_report, open_study, write_best
+    from .search.session import make_session
 
     cfg = _run_config(args, run_dir)
     study = open_study(cfg, create=False)
@@ -380,9 +414,9 @@ def _refresh_report(args: argparse.Namespace, run_dir: Path) -> None:
         raise EvomergeError(f"run {cfg.name!r} has no complete trial to report")
     say("loading the models to score the current best recipe on the held-out test split")
     with searching():
-        session = Session(cfg)
+        session = make_session(cfg)
     recipe = session.space.decode(best.params, name=f"{cfg.name}-best")
-    write_best(run_dir, recipe)
+    write_best(run_dir, recipe, session.mergekit_config)
     final_report(cfg, session, recipe, study)
 
 
@@ -476,16 +510,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     zoo = build_zoo_with_progress(args, args.zoo)
     args.zoo = str(zoo)
     reports = []
-    name = args.name or ("demo-small" if args.small else "demo")  # a smoke run never blocks the full demo
+    space = Path(args.space or DEFAULT_DEMO_SPACE)
+    # a smoke run never blocks the full demo, nor one space's demo another's
+    other_space = "" if space.resolve() == DEFAULT_DEMO_SPACE else f"-{space.stem}"
+    name = args.name or ("demo-small" if args.small else "demo") + other_space
     for seed in args.seeds:
-        cfg = _search_config(args, Path(args.space or DEFAULT_DEMO_SPACE), f"{name}-seed{seed}", seed)
-        outcome = _run_with_progress(cfg)
-        reports.append(outcome.report)
-        console.print(
-            score_table(
-                f"seed {seed}: held-out test split", outcome.report["rows"], outcome.report["tasks"] + ["fitness"]
-            )
+        run = f"{name}-seed{seed}"
+        report = (
+            _demo_path_runs(args, space, run, seed) or _run_with_progress(_search_config(args, space, run, seed)).report
         )
+        reports.append(report)
+        _print_report(report, f"seed {seed}: held-out test split")
     if len(reports) > 1:
         rows = {}
         for label in reports[0]["rows"]:
@@ -500,6 +535,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
             score_table(f"fitness over seeds {args.seeds} (test split)", rows, ["mean", "stdev", "min", "max"])
         )
     return 0
+
+
+def _demo_path_runs(args: argparse.Namespace, space: Path, run: str, seed: int) -> dict[str, Any] | None:
+    """For a layer-path space: the table of its runs side by side. PS+DFS runs three searches, PS (RUN-ps), DFS
+    over the sources (RUN-dfs) and DFS over the PS merge and the sources (RUN); the table holds the PS run's rows
+    with its evolved recipe as `PS`, then `DFS` and `PS+DFS`. None for a parameter-space space."""
+    from .path_space import PathSpace, load_space
+
+    if not isinstance(load_space(space), PathSpace):
+        return None
+    ps_recipe = _ps_stage(args, space, run, seed)
+    ps_file = Path(args.runs_dir) / f"{run}-ps" / "report.json"
+    ps_report = json.loads(ps_file.read_text()) if ps_recipe and ps_file.is_file() else {"rows": {}}
+    dfs = _run_with_progress(_search_config(args, space, f"{run}-dfs" if ps_recipe else run, seed)).report
+    if ps_recipe is None:
+        return dfs
+    both = _run_with_progress(_search_config(args, space, run, seed, ps_recipe)).report
+    rows = {("PS" if k == "evolved" else k): v for k, v in ps_report["rows"].items()}
+    rows["DFS"] = dfs["rows"]["evolved"]
+    rows["PS+DFS"] = both["rows"]["evolved"]
+    return {**both, "rows": rows}
 
 
 def _add_search_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
@@ -528,6 +584,11 @@ def _add_search_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--subsample", type=int, default=None, help="score this many search examples per task per trial")
     p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
     _add_evaluator_args(p)
+    p.add_argument(
+        "--ps-recipe",
+        help="layer-path spaces: a parameter-space recipe whose merge joins the participants (PS+DFS) instead of "
+        "running the space's ps: search first",
+    )
     p.add_argument("--no-baselines", action="store_true", help="leave the simple merges out of the final report")
     p.add_argument("--max-failures", type=int, default=10, help="failed candidates in a row that stop the search")
     p.add_argument(
@@ -634,7 +695,11 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     p.set_defaults(func=cmd_soup)
 
     p = add("demo", "build/reuse the zoo, evolve a recipe for the composed task, print the table")
-    p.add_argument("--name", default=None, help="run name prefix; default: demo (demo-small with --small)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="run name prefix; default: demo (demo-small with --small), then -SPACE for a space other than the default",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one search per seed")
     p.add_argument("--zoo-seed", type=int, default=0, help="seed of the zoo build")
     p.add_argument("--small", action="store_true", help="use the tiny zoo (a fast smoke run)")

@@ -213,22 +213,24 @@ def _load(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype)
 
 
 def model_card(recipe: Recipe, extra: str = "") -> str:
-    """HF model card: front matter naming the merged models, then the recipe that reproduces the merge."""
-    import yaml
-
+    """The model card of a parameter-space merge."""
     uses_base = any(get_method(m).needs_base for m in {recipe.merge_method} | {r.method for r in recipe.method_rules})
     models = ([recipe.base_model] if recipe.base_model and uses_base else []) + [
         m.model for m in recipe.models if not (uses_base and m.model == recipe.base_model)
     ]
+    methods = f" (per-group methods: {sorted({r.method for r in recipe.method_rules})})" if recipe.method_rules else ""
+    extra = f"Merged with evomerge using `{recipe.merge_method}`{methods}.\n\n{extra}"
+    return model_card_text(recipe.name or "Merged model", models, extra, recipe.to_yaml())
+
+
+def model_card_text(title: str, models: list[str], body: str, recipe_yaml: str) -> str:
+    """HF model card: front matter naming the merged models, a body, and the recipe that reproduces the merge."""
+    import yaml
+
     front = yaml.safe_dump(
         {"library_name": "transformers", "tags": ["merge", "evomerge"], "base_model": models}, sort_keys=False
     )
-    methods = f" (per-group methods: {sorted({r.method for r in recipe.method_rules})})" if recipe.method_rules else ""
-    title = recipe.name or "Merged model"
-    return (
-        f"---\n{front}---\n\n# {title}\n\nMerged with evomerge using "
-        f"`{recipe.merge_method}`{methods}.\n\n{extra}## Recipe\n\n```yaml\n{recipe.to_yaml()}```\n"
-    )
+    return f"---\n{front}---\n\n# {title}\n\n{body}## Recipe\n\n```yaml\n{recipe_yaml}```\n"
 
 
 def write_merged(

@@ -157,10 +157,7 @@ class Recipe(BaseModel):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipe":
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise RecipeError(f"{path}: cannot read recipe ({e})") from None
+        data = read_yaml(path, "recipe")
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a YAML mapping with merge_method and models")
         return cls.from_dict(data, where=str(path))
@@ -280,6 +277,14 @@ def _same_path(a: str | None, b: str | None) -> bool:
     if a is None or b is None:
         return False
     return a == b or os.path.abspath(a) == os.path.abspath(b)
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content; one clear error for a missing or malformed file."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise RecipeError(f"{path}: cannot read {what} ({e})") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -191,7 +191,34 @@ class _Part:
     label: str | None
 
 
-class BoundSpace:
+class GeneVector:
+    """A flat, ordered list of genes (`self.genes`) and its maps to and from the unit cube that CMA-ES searches."""
+
+    genes: list[Gene]
+
+    @property
+    def dim(self) -> int:
+        return len(self.genes)
+
+    def initial(self) -> dict[str, float | str]:
+        return {
+            g.name: (g.choices[min(len(g.choices) - 1, int(g.init * len(g.choices)))] if g.choices else g.init)
+            for g in self.genes
+        }
+
+    def from_unit(self, x) -> dict[str, float | str]:
+        return {g.name: g.from_unit(u) for g, u in zip(self.genes, x)}
+
+    def to_unit(self, params: dict[str, float | str]) -> list[float]:
+        return [g.to_unit(params[g.name]) for g in self.genes]
+
+    def missing(self, params: dict[str, float | str]) -> None:
+        missing = [g.name for g in self.genes if g.name not in params]
+        if missing:
+            raise RecipeError(f"search point lacks gene(s) {missing[:5]}")
+
+
+class BoundSpace(GeneVector):
     """A search space bound to a base, sources and tensor names: a flat, ordered list of genes."""
 
     def __init__(
@@ -249,27 +276,9 @@ class BoundSpace:
             groups.append(_Group("head", None, head))
         return groups
 
-    @property
-    def dim(self) -> int:
-        return len(self.genes)
-
-    def initial(self) -> dict[str, float | str]:
-        return {
-            g.name: (g.choices[min(len(g.choices) - 1, int(g.init * len(g.choices)))] if g.choices else g.init)
-            for g in self.genes
-        }
-
-    def from_unit(self, x) -> dict[str, float | str]:
-        return {g.name: g.from_unit(u) for g, u in zip(self.genes, x)}
-
-    def to_unit(self, params: dict[str, float | str]) -> list[float]:
-        return [g.to_unit(params[g.name]) for g in self.genes]
-
     def decode(self, params: dict[str, float | str], name: str | None = None) -> Recipe:
         """Deterministic: the same params always give the same Recipe."""
-        missing = [g.name for g in self.genes if g.name not in params]
-        if missing:
-            raise RecipeError(f"search point lacks gene(s) {missing[:5]}")
+        self.missing(params)
         s = self.space
         if s.granularity == "global":
             models = [

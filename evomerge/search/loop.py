@@ -24,16 +24,17 @@ from typing import Any, Callable
 import optuna
 from pydantic import ValidationError
 
-from ..engine import Engine
 from ..errors import HeldOutError, one_line, validation_summary
 from ..evaluate.evaluator import EVALUATORS, Evaluator, with_twins
-from ..evaluate.fitness import Fitness, weighted_mean
+from ..evaluate.fitness import weighted_mean
 from ..evaluate.tasks import TaskError, TaskSpec, check_task_files, load_task, searching
+from ..path_space import PathSpace, space_from_dict
 from ..recipe import Recipe, RecipeError, atomic_write_text
 from ..space import BoundSpace, SearchSpace
 from . import OPTIMIZERS, reliability
 from .optimizers import CMAOptimizer, GreedySoupOptimizer, OptunaOptimizer, completed, make_sampler, sampler_seed
 from .reliability import StorageUnavailable, fail_stale_trials, run_lock
+from .session import PathSession, Session, make_session
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -75,9 +76,9 @@ class SearchConfig:
         """The config as written to config.json and the study: the storage URL without its password."""
         return {**asdict(self), "storage": reliability.redact(self.storage)}
 
-    def search_space(self) -> SearchSpace:
+    def search_space(self) -> SearchSpace | PathSpace:
         try:
-            return SearchSpace.model_validate(self.space)
+            return space_from_dict(self.space)
         except ValidationError as e:
             raise RecipeError(f"run {self.name!r}: invalid search space: {validation_summary(e)}") from None
 
@@ -113,37 +114,6 @@ class SearchOutcome:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-class Session:
-    """Resident engine + target model + search-split evaluator for one run configuration."""
-
-    def __init__(self, cfg: SearchConfig) -> None:
-        from transformers import AutoTokenizer
-
-        self.cfg = cfg
-        self.engine = Engine(cfg.base, cfg.sources, device=cfg.device, dtype=cfg.dtype, delta_dtype=cfg.delta_dtype)
-        self.model = self.engine.load_target_model()
-        self.target = self.engine.bind(self.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.base)
-        self.space: BoundSpace = cfg.search_space().bind(
-            cfg.base, cfg.sources, self.engine.names, self.engine.num_layers, cfg.source_names
-        )
-        self.specs = cfg.task_specs()
-        with searching():
-            self.tasks = [load_task(s, "search") for s in self.specs]
-        self.evaluator = Evaluator(self.model, self.tokenizer, self.tasks, cfg.batch_size, cfg.evaluator)
-        self.fitness = Fitness(
-            self.evaluator,
-            {s.name: s.weight for s in self.specs},
-            subsample=cfg.subsample,
-            racing=cfg.racing,
-            seed=cfg.seed,
-        )
-
-    def score(self, recipe: Recipe, call: int):
-        self.engine.materialize(recipe, self.target)
-        return self.fitness(call)
-
-
 def validate(cfg: SearchConfig) -> None:
     """The checks that need no model: optimizer, space (gene bounds against each method's parameter ranges),
     every split of every task (parsed; held-out splits are not scored), and the storage. They run before
@@ -152,7 +122,8 @@ def validate(cfg: SearchConfig) -> None:
         raise RecipeError(f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
     if cfg.evaluator not in EVALUATORS:
         raise RecipeError(f"unknown evaluator {cfg.evaluator!r}; choose from {', '.join(EVALUATORS)}")
-    cfg.search_space()
+    if isinstance(cfg.search_space(), PathSpace) and cfg.optimizer == "greedy-soup":
+        raise RecipeError("greedy-soup chooses soup ingredients; a layer-path (dfs:) space needs another optimizer")
     if cfg.subsample is not None and cfg.subsample < 1:
         raise RecipeError(f"--subsample must be ≥ 1, got {cfg.subsample}")
     for spec in cfg.task_specs():
@@ -214,7 +185,7 @@ def run_search(
     cfg: SearchConfig,
     on_trial: Callable[[TrialInfo], None] | None = None,
     worker: bool = False,
-    session: Session | None = None,
+    session: Session | PathSession | None = None,
     say: Callable[[str], None] = log.info,
 ) -> SearchOutcome:
     """Run (or resume) a search until `cfg.trials` candidates are evaluated; then write the held-out report
@@ -227,7 +198,7 @@ def run_search(
     validate(cfg)
     if session is None:
         say(f"loading the base and {len(cfg.sources)} source(s), preparing {len(cfg.tasks)} task(s)")
-        session = Session(cfg)  # loads and checks the models, binds the space: still nothing written
+        session = make_session(cfg)  # loads and checks the models, binds the space: still nothing written
     run_dir = cfg.run_dir()
     study = open_study(cfg)
     _record_partitions(cfg, study, session)
@@ -242,16 +213,14 @@ def run_search(
     # a worker that finds the study done (its own last trials too) writes the final report
     last_worker = worker and len(evaluated(study)) >= cfg.trials and reliability.settle(study, cfg.heartbeat)
     if best_recipe is not None and (not worker or last_worker):
-        write_best(run_dir, best_recipe)
-        say(
-            f"scoring the base, {len(cfg.sources)} source(s), {'the baselines and ' if cfg.baselines else ''}the "
-            "evolved recipe on the held-out test split"
-        )
+        write_best(run_dir, best_recipe, session.mergekit_config)
+        references = ", ".join(session.references())
+        say(f"scoring {references} and the evolved recipe on the held-out test split")
         outcome.report = final_report(cfg, session, best_recipe, study)
     return outcome
 
 
-def _record_partitions(cfg: SearchConfig, study: optuna.Study, session: Session) -> None:
+def _record_partitions(cfg: SearchConfig, study: optuna.Study, session: Session | PathSession) -> None:
     """The study keeps what its lm-eval tasks' search parts were; a resume on other documents is refused."""
     from ..evaluate.lm_eval_adapter import partition_record
 
@@ -270,7 +239,7 @@ def _record_partitions(cfg: SearchConfig, study: optuna.Study, session: Session)
 def _search_loop(
     cfg: SearchConfig,
     study: optuna.Study,
-    session: Session,
+    session: Session | PathSession,
     worker: bool,
     on_trial: Callable[[TrialInfo], None] | None,
 ) -> float:
@@ -328,7 +297,8 @@ def _search_loop(
             failures = 0
             if not res.pruned and res.value > best_value:
                 best_value = res.value
-                write_best(run_dir, space.decode(cand.params, name=f"{cfg.name}-trial{cand.trial.number}"))
+                best_recipe = space.decode(cand.params, name=f"{cfg.name}-trial{cand.trial.number}")
+                write_best(run_dir, best_recipe, session.mergekit_config)
             if on_trial:
                 n = len(done) + 1
                 on_trial(
@@ -392,7 +362,7 @@ def _tell(
 RESULT_ATTRS = ("scores", "n_examples", "pruned", "rung", "per_rung")  # and "fitness", FitnessResult.value
 
 
-def _evaluate(session: Session, space: BoundSpace, cand: Any, name: str) -> tuple[Any, str | None]:
+def _evaluate(session: Session | PathSession, space: BoundSpace, cand: Any, name: str) -> tuple[Any, str | None]:
     """(fitness result, None), or (None, reason) when the candidate cannot be merged or scored: an error in the
     merge, an out-of-range value, non-finite logits."""
     try:
@@ -413,12 +383,14 @@ def _record(study: optuna.Study, trial_id: int, attrs: dict[str, Any]) -> None:
         study._storage.set_trial_user_attr(trial_id, key, value)
 
 
-def write_best(run_dir: Path, recipe: Recipe) -> None:
+def write_best(run_dir: Path, recipe: Any, mergekit: Callable[[Any], dict] | None = None) -> None:
+    """The best recipe, and the mergekit config that reproduces it (`mergekit`: the session's exporter)."""
     recipe.save(run_dir / "best_recipe.yaml")
     try:
         import yaml
 
-        atomic_write_text(run_dir / "best_mergekit.yaml", yaml.safe_dump(recipe.to_mergekit(), sort_keys=False))
+        config = (mergekit or (lambda r: r.to_mergekit()))(recipe)
+        atomic_write_text(run_dir / "best_mergekit.yaml", yaml.safe_dump(config, sort_keys=False))
     except RecipeError as e:
         atomic_write_text(
             run_dir / "best_mergekit.yaml", f"# this recipe cannot be expressed as a mergekit config: {e}\n"
@@ -464,67 +436,19 @@ def write_trials_csv(study: optuna.Study, path: Path, task_names: list[str]) -> 
     atomic_write_text(path, buf.getvalue())
 
 
-# ---- baselines and the held-out report ------------------------------------------------------------
-def baseline_recipes(base: str, sources: list[str], names: list[str]) -> dict[str, Recipe]:
-    """Simple merges at default settings (documented in the README): uniform soup, task arithmetic
-    (every task vector at weight 1), TIES and DARE-TIES (weight 1, density 0.5)."""
-
-    def r(method: str, params: dict[str, float], extra: dict | None = None) -> Recipe:
-        return Recipe.from_dict(
-            {
-                "merge_method": method,
-                "base_model": base,
-                "models": [{"model": s, "parameters": dict(params)} for s in sources],
-                "parameters": extra or {},
-                "name": method,
-            }
-        )
-
-    return {
-        "uniform soup": r("linear", {"weight": 1.0}),
-        "task arithmetic": r("task_arithmetic", {"weight": 1.0}),
-        "TIES": r("ties", {"weight": 1.0, "density": 0.5}),
-        "DARE-TIES": r("dare_ties", {"weight": 1.0, "density": 0.5}),
-    }
-
-
-def final_report(cfg: SearchConfig, session: Session, best: Recipe, study: optuna.Study) -> dict[str, Any]:
-    """Score sources, baselines and the evolved recipe once on the test split (never during the search)."""
+# ---- the held-out report ------------------------------------------------------------------------------
+def final_report(cfg: SearchConfig, session: Session | PathSession, best: Any, study: optuna.Study) -> dict[str, Any]:
+    """Score the references (base, sources, simple merges; or each participant of a layer path) and the evolved
+    recipe once on the test split (never during the search)."""
     from ..report import write_html_report
 
     specs = session.specs
     test_tasks = [load_task(s, "test") for s in specs]
     evaluator = Evaluator(session.model, session.tokenizer, test_tasks, cfg.batch_size, cfg.evaluator)
-    names = cfg.source_names or [Path(s).name for s in cfg.sources]
     rows: dict[str, dict[str, float]] = {}
-
-    def score(recipe: Recipe) -> dict[str, float]:
-        session.engine.materialize(recipe, session.target)
-        return evaluator.evaluate().scores
-
-    rows["base"] = score(
-        Recipe.from_dict(
-            {
-                "merge_method": "task_arithmetic",
-                "base_model": cfg.base,
-                "models": [{"model": s, "parameters": {"weight": 0.0}} for s in cfg.sources],
-            }
-        )
-    )
-    for src, name in zip(cfg.sources, names):
-        rows[name] = score(
-            Recipe.from_dict(
-                {
-                    "merge_method": "task_arithmetic",
-                    "base_model": cfg.base,
-                    "models": [{"model": s, "parameters": {"weight": 1.0 if s == src else 0.0}} for s in cfg.sources],
-                }
-            )
-        )
-    if cfg.baselines:
-        for label, recipe in baseline_recipes(cfg.base, cfg.sources, names).items():
-            rows[label] = score(recipe)
-    rows["evolved"] = score(best)
+    for label, recipe in [*session.references().items(), ("evolved", best)]:
+        session.install(recipe)
+        rows[label] = evaluator.evaluate().scores
     weights = {s.name: s.weight for s in specs}
     for row in rows.values():
         row["fitness"] = weighted_mean(row, weights)
@@ -550,5 +474,5 @@ def final_report(cfg: SearchConfig, session: Session, best: Recipe, study: optun
         "seed": cfg.seed,
     }
     atomic_write_text(cfg.run_dir() / "report.json", json.dumps(report, indent=2) + "\n")
-    write_html_report(cfg.run_dir(), report, best, session.space)
+    write_html_report(cfg.run_dir(), report, best, session.space if isinstance(session, Session) else None)
     return report

@@ -1,0 +1,162 @@
+"""What a search's candidates run on: resident models, one model that each candidate is installed into, and the
+search-split evaluator bound to it. `Session` installs parameter-space recipes (merged in place by the engine);
+`PathSession` installs layer paths over resident participants (no weights copied)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..engine import Engine
+from ..evaluate.evaluator import Evaluator
+from ..evaluate.fitness import Fitness
+from ..evaluate.tasks import load_task, searching
+from ..layer_path import LayerPaths, PathRecipe, load_participants
+from ..path_fold import residual_writers
+from ..recipe import Recipe
+
+if TYPE_CHECKING:
+    from .loop import SearchConfig
+
+
+class _Scoring:
+    """The tasks of a run, their search parts, the evaluator bound to `self.model` and the fitness."""
+
+    model: Any
+    tokenizer: Any
+
+    def _prepare_scoring(self, cfg: "SearchConfig") -> None:
+        self.cfg = cfg
+        self.specs = cfg.task_specs()
+        with searching():
+            self.tasks = [load_task(s, "search") for s in self.specs]
+        self.evaluator = Evaluator(self.model, self.tokenizer, self.tasks, cfg.batch_size, cfg.evaluator)
+        self.fitness = Fitness(
+            self.evaluator,
+            {s.name: s.weight for s in self.specs},
+            subsample=cfg.subsample,
+            racing=cfg.racing,
+            seed=cfg.seed,
+        )
+
+    def score(self, recipe: Any, call: int):
+        self.install(recipe)
+        return self.fitness(call)
+
+    def install(self, recipe: Any) -> None:
+        raise NotImplementedError
+
+
+class Session(_Scoring):
+    """Resident engine + target model + search-split evaluator for one parameter-space run."""
+
+    def __init__(self, cfg: "SearchConfig") -> None:
+        from transformers import AutoTokenizer
+
+        self.engine = Engine(cfg.base, cfg.sources, device=cfg.device, dtype=cfg.dtype, delta_dtype=cfg.delta_dtype)
+        self.model = self.engine.load_target_model()
+        self.target = self.engine.bind(self.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.base)
+        self.space = cfg.search_space().bind(
+            cfg.base, cfg.sources, self.engine.names, self.engine.num_layers, cfg.source_names
+        )
+        self._prepare_scoring(cfg)
+
+    def install(self, recipe: Recipe) -> None:
+        self.engine.materialize(recipe, self.target)
+
+    def references(self) -> dict[str, Recipe]:
+        """What the final report scores next to the evolved recipe: the base, each source, the simple merges."""
+        cfg = self.cfg
+        names = cfg.source_names or [Path(s).name for s in cfg.sources]
+
+        def weights(ws: list[float]) -> Recipe:
+            return Recipe.from_dict(
+                {
+                    "merge_method": "task_arithmetic",
+                    "base_model": cfg.base,
+                    "models": [{"model": s, "parameters": {"weight": w}} for s, w in zip(cfg.sources, ws)],
+                }
+            )
+
+        rows = {"base": weights([0.0] * len(cfg.sources))}
+        for i, name in enumerate(names):
+            rows[name] = weights([1.0 if j == i else 0.0 for j in range(len(cfg.sources))])
+        if cfg.baselines:
+            rows.update(baseline_recipes(cfg.base, cfg.sources))
+        return rows
+
+    def mergekit_config(self, recipe: Recipe) -> dict[str, Any]:
+        return recipe.to_mergekit()
+
+
+class PathSession(_Scoring):
+    """Resident participants + one host model whose layer list each candidate path replaces."""
+
+    def __init__(self, cfg: "SearchConfig") -> None:
+        from transformers import AutoTokenizer
+
+        space = cfg.search_space()
+        e = space.embed_model
+        self.labels = [p.label for p in space.participants]
+        start = PathRecipe(models=space.participants, layer_path=[{"model": e, "layer": 0}], embed_model=e)
+        self.models = load_participants(start, cfg.device, cfg.dtype)
+        self.paths = LayerPaths(self.models, self.labels, e)
+        self.model = self.paths.use(self.paths.identity(e))
+        self.tokenizer = AutoTokenizer.from_pretrained(space.participants[e].directory())
+        self.space = space.bind(self.paths.num_layers)
+        self._writers: dict[tuple[int, int], list[str]] | None = None
+        self._prepare_scoring(cfg)
+
+    def install(self, recipe: PathRecipe) -> None:
+        self.paths.use(recipe.steps())
+
+    def references(self) -> dict[str, PathRecipe]:
+        """Each participant alone (its own layers in order)."""
+        models = self.space.space.participants
+        return {
+            label: PathRecipe(
+                models=models,
+                layer_path=[{"model": p, "layer": i, "scale": s} for p, i, s in self.paths.identity(k)],
+                embed_model=k,
+            )
+            for k, label in enumerate(self.labels)
+        }
+
+    def mergekit_config(self, recipe: PathRecipe) -> dict[str, Any]:
+        if self._writers is None:  # measured once, on first export
+            self._writers = {
+                (p, layer): names
+                for p, model in enumerate(self.models)
+                for layer, names in residual_writers(model, self.paths.list_name).items()
+            }
+        return recipe.to_mergekit(self._writers)
+
+
+def make_session(cfg: "SearchConfig") -> Session | PathSession:
+    from ..path_space import PathSpace
+
+    return PathSession(cfg) if isinstance(cfg.search_space(), PathSpace) else Session(cfg)
+
+
+def baseline_recipes(base: str, sources: list[str]) -> dict[str, Recipe]:
+    """Simple merges at default settings (documented in the README): uniform soup, task arithmetic
+    (every task vector at weight 1), TIES and DARE-TIES (weight 1, density 0.5)."""
+
+    def r(method: str, params: dict[str, float], extra: dict | None = None) -> Recipe:
+        return Recipe.from_dict(
+            {
+                "merge_method": method,
+                "base_model": base,
+                "models": [{"model": s, "parameters": dict(params)} for s in sources],
+                "parameters": extra or {},
+                "name": method,
+            }
+        )
+
+    return {
+        "uniform soup": r("linear", {"weight": 1.0}),
+        "task arithmetic": r("task_arithmetic", {"weight": 1.0}),
+        "TIES": r("ties", {"weight": 1.0, "density": 0.5}),
+        "DARE-TIES": r("dare_ties", {"weight": 1.0, "density": 0.5}),
+    }
