@@ -17,15 +17,18 @@ console = Console()
 DEFAULT_DEMO_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "sakana_ps.yaml"
 
 
-def score_table(title: str, rows: dict[str, dict[str, float]], columns: list[str]) -> Table:
+def score_table(
+    title: str, rows: dict[str, dict[str, float]], columns: list[str], notes: dict[str, dict[str, str]] | None = None
+) -> Table:
+    """Scores per row; `notes` adds text columns (header → row → text)."""
     table = Table(title=title)
     table.add_column("model")
-    for c in columns:
+    for c in columns + list(notes or {}):
         table.add_column(c, justify="right")
     for name, row in rows.items():
-        table.add_row(
-            name, *[f"{row[c]:.3f}" if c in row else "-" for c in columns], style="bold" if name == "evolved" else None
-        )
+        cells = [f"{row[c]:.3f}" if c in row else "-" for c in columns]
+        cells += [column.get(name, "") for column in (notes or {}).values()]
+        table.add_row(name, *cells, style="bold" if name in ("evolved", "PS", "DFS", "PS+DFS") else None)
     return table
 
 
@@ -275,9 +278,23 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def _print_report(report: dict[str, Any] | None, title: str | None = None) -> None:
-    if report:
-        title = title or f"{report['name']}: held-out test split"
-        console.print(score_table(title, report["rows"], report["tasks"] + ["fitness"]))
+    """The held-out table, with each row's paired difference from the best source and the best simple merge."""
+    from .significance import short
+
+    if not report:
+        return
+    title = title or f"{report['name']}: held-out test split"
+    significance = report.get("significance", {})
+    notes = {
+        f"Δ vs {c['ref']}": {row: short(c["rows"].get(row)) for row in report["rows"]} for c in significance.values()
+    }
+    console.print(score_table(title, report["rows"], report["tasks"] + ["fitness"], notes))
+    if significance:
+        refs = ", ".join(f"the {kind} ({c['ref']})" for kind, c in significance.items())
+        console.print(
+            f"Δ: fitness difference from {refs}, the best on test, on the same test items: bootstrap 95% interval"
+            ", exact McNemar p for 0/1 tasks"
+        )
 
 
 def _ps_stage(args: argparse.Namespace, space_path: Path, name: str, seed: int):
@@ -332,12 +349,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         cfg.device = args.device
     outcome = _run_with_progress(cfg, worker=True)
     console.print(f"worker done; best search fitness so far {outcome.best_fitness:.3f}")
-    if outcome.report:
-        console.print(
-            score_table(
-                f"{cfg.name}: held-out test split", outcome.report["rows"], outcome.report["tasks"] + ["fitness"]
-            )
-        )
+    _print_report(outcome.report)
     return 0
 
 
@@ -351,11 +363,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"{path}: no report yet (the search has not finished); `evomerge report --refresh {run_dir}` writes one"
         )
     report = json.loads(path.read_text())
-    console.print(
-        score_table(
-            f"{report['name']}: held-out {report['split']} split", report["rows"], report["tasks"] + ["fitness"]
-        )
-    )
+    _print_report(report, f"{report['name']}: held-out {report['split']} split")
     failed = report.get("failed_trials", [])
     if failed:
         console.print(f"{len(failed)} failed trial(s); the last: trial {failed[-1]['number']}: {failed[-1]['reason']}")
@@ -552,10 +560,21 @@ def _demo_path_runs(args: argparse.Namespace, space: Path, run: str, seed: int) 
     if ps_recipe is None:
         return dfs
     both = _run_with_progress(_search_config(args, space, run, seed, ps_recipe)).report
-    rows = {("PS" if k == "evolved" else k): v for k, v in ps_report["rows"].items()}
-    rows["DFS"] = dfs["rows"]["evolved"]
-    rows["PS+DFS"] = both["rows"]["evolved"]
-    return {**both, "rows": rows}
+    from .significance import compare_rows
+
+    def renamed(part: dict[str, Any]) -> dict[str, Any]:
+        return {("PS" if k == "evolved" else k): v for k, v in part.items()}
+
+    rows, per_item = renamed(ps_report["rows"]), renamed(ps_report.get("per_item", {}))
+    for label, report in (("DFS", dfs), ("PS+DFS", both)):
+        rows[label], per_item[label] = report["rows"]["evolved"], report["per_item"]["evolved"]
+    per_item = {
+        row: {t: {int(i): v for i, v in items.items()} for t, items in tasks.items()} for row, tasks in per_item.items()
+    }
+    kinds = ps_report.get("references") or both["references"]
+    fitness = {k: r["fitness"] for k, r in rows.items()}
+    significance = compare_rows(per_item, fitness, both["weights"], kinds, seed)
+    return {**both, "rows": rows, "per_item": per_item, "references": kinds, "significance": significance}
 
 
 def _add_search_args(p: argparse.ArgumentParser, demo: bool = False) -> None:

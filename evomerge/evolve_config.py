@@ -9,8 +9,9 @@ space, base, sources and lm-eval task specs. The mapping:
   two models per slice by a softmax of weights — write a space with a `t` gene instead);
 - `layer_granularity` k → `granularity: block, block_size: k` (0: one group, `global`); `filters` → `filters`
   (genes per filter and layer group, the rest in a default set); `smooth` → `smooth` (the groups' genes as a
-  gradient list interpolated over depth); embeddings and head follow the first and last layer groups, as
-  mergekit's slices give them;
+  gradient list interpolated over depth); embeddings and head take what mergekit gives them: with slices the
+  first and the last layer group's values, with `smooth` the first group's (mergekit reads a gradient list at
+  t = 0 outside the layers);
 - the weight gene → `weight` in [0, 1] (mergekit takes |x| of an unbounded value), or [-1, 1] with
   `allow_negative_weights`, starting at 1/len(models); the density gene → `density` in [0.01, 1] (mergekit
   clamps |x| to [0, 1]), starting at 1; `normalize` (default on for linear, ties, dare_ties) and `int8_mask`

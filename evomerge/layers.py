@@ -28,10 +28,11 @@ class TensorInfo:
     group: str
 
     def t(self, num_layers: int | None) -> float:
-        """Position along the depth in [0, 1], mergekit's convention for gradients: pre-layer tensors 0,
-        layer i → i/(L−1), post-layer tensors (final norm, head) 1."""
+        """Position along the depth in [0, 1] where gradient lists are read, as mergekit 0.1.5 reads them: layer i
+        → i/(L−1); every tensor outside the layers (embeddings, and also the final norm and head after the last
+        layer) at 0 — `plan_module` reads them with `ConfigReader(t=0)`."""
         if self.layer is None:
-            return 0.0 if self.group == "embed" else 1.0
+            return 0.0
         if not num_layers or num_layers <= 1:
             return 0.0
         return self.layer / (num_layers - 1)

@@ -3,8 +3,8 @@
 The schema is mergekit's (`merge_method`, `base_model`, `models[].parameters`, `parameters`, `dtype`,
 `tokenizer_source`) so a mergekit config loads as a recipe. A parameter value is
 - a scalar,
-- a gradient list, interpolated over depth as mergekit does (pre-layer tensors t=0, layer i t=i/(L−1),
-  post-layer t=1; a list of length L gives each layer its own value exactly), or
+- a gradient list, interpolated over depth as mergekit 0.1.5 does (layer i at t=i/(L−1); tensors outside the
+  layers — embeddings, final norm, head — at t=0; a list of length L gives each layer its own value exactly), or
 - a list of rules `{filter, layers, value}` tried in order; `filter` matches a layer group
   (embed, attn, mlp, norm, head) or a substring of the tensor name, `layers` an explicit index list
   (an evomerge extension mergekit cannot express).

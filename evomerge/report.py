@@ -11,6 +11,7 @@ from typing import Any
 
 from .layers import classify
 from .recipe import Recipe, atomic_write_text
+from .significance import short
 
 
 def _png(fig) -> str:
@@ -64,15 +65,30 @@ def write_html_report(run_dir: Path, report: dict[str, Any], best: Recipe, space
 
     tasks = report["tasks"]
     rows = report["rows"]
-    table = "<table><tr><th>model</th>" + "".join(f"<th>{html.escape(t)}</th>" for t in tasks) + "<th>fitness</th></tr>"
+    compared = report.get("significance", {}).values()
+    table = (
+        "<table><tr><th>model</th>"
+        + "".join(f"<th>{html.escape(t)}</th>" for t in tasks)
+        + "<th>fitness</th>"
+        + "".join(f"<th>Δ vs {html.escape(c['ref'])}</th>" for c in compared)
+        + "</tr>"
+    )
     for name, row in rows.items():
         style = ' style="font-weight:bold"' if name == "evolved" else ""
         table += (
             f"<tr{style}><td>{html.escape(name)}</td>"
             + "".join(f"<td>{row[t]:.3f}</td>" for t in tasks)
-            + f"<td>{row['fitness']:.3f}</td></tr>"
+            + f"<td>{row['fitness']:.3f}</td>"
+            + "".join(f"<td>{html.escape(short(c['rows'].get(name)))}</td>" for c in compared)
+            + "</tr>"
         )
     table += "</table>"
+    if compared:
+        table += (
+            "<p>Δ: the row's fitness minus that of the best source / best simple merge on test, on the same test "
+            "items, with a paired bootstrap 95% interval and, for 0/1 tasks, an exact McNemar p-value. An interval "
+            "above zero: better beyond the luck of the items drawn.</p>"
+        )
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
     hist = [(n, f) for n, f in report["history"] if f is not None]

@@ -1,10 +1,11 @@
 """Search spaces: which recipe knobs the optimizer turns, and how a point decodes to a Recipe.
 
 A space (YAML in `search_spaces/`) names the method (or a categorical method choice), the granularity
-(global, blocks of k layers, single layers; optionally attention and MLP apart) and the genes with
-bounds. Bound to concrete models it becomes a flat list of named genes; a point (gene name → value) decodes
-deterministically into a Recipe whose per-layer values are mergekit gradient lists (one entry per layer)
-and whose embedding/head values are per-tensor filters, so most searched recipes export to mergekit.
+(global, blocks of k layers, single layers, or K knots over depth with each layer's value interpolated
+between them; optionally attention and MLP apart) and the genes with bounds. Bound to concrete models it
+becomes a flat list of named genes; a point (gene name → value) decodes deterministically into a Recipe whose
+per-layer values are mergekit gradient lists (one entry per layer, or per knot) and whose embedding/head
+values are per-tensor filters, so most searched recipes export to mergekit.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ class SearchSpace(BaseModel):
     description: str = ""
     method: str | None = None
     method_choice: list[str] | None = None
-    granularity: Literal["global", "block", "layer"] = "layer"
+    granularity: Literal["global", "block", "layer", "knots"] = "layer"
     block_size: int = 1
+    knots: int = 4  # granularity knots: control points over depth, values interpolated between them
     split_attn_mlp: bool = False
     filters: list[str] = Field(default_factory=list)  # tensor-name filters with genes of their own (mergekit-evolve)
     smooth: bool = False  # per-layer values interpolated between the groups' genes (a mergekit gradient list)
@@ -85,8 +87,12 @@ class SearchSpace(BaseModel):
             raise ValueError("block_size must be ≥ 1")
         if self.split_attn_mlp and self.filters:
             raise ValueError("give split_attn_mlp or filters, not both")
-        if self.smooth and self.granularity == "global":
+        if self.smooth and self.granularity in ("global", "knots"):
             raise ValueError("smooth interpolates between layer groups: use granularity block or layer")
+        if self.granularity == "knots" and self.knots < 2:
+            raise ValueError(f"granularity knots needs knots ≥ 2, got {self.knots}")
+        if self.granularity == "knots" and self.method_choice:
+            raise ValueError("a method cannot be interpolated between knots: use granularity block or layer")
         self._check_ranges()
         return self
 
@@ -181,6 +187,7 @@ class _Group:
     layers: tuple[int, ...] | None  # layer group; None for a set of non-layer tensors
     tensors: tuple[str, ...] = ()  # non-layer tensors of this group
     part: str | None = None  # label of the tensors of the layers it covers ("attn"/"mlp" when split, a filter)
+    knot: bool = False  # a control point over depth (granularity knots), not a set of layers of its own
 
 
 @dataclass(frozen=True)
@@ -264,14 +271,27 @@ class BoundSpace(GeneVector):
         groups = []
         own = s.embed_head_genes
         embed = tuple(n for n in names if own and classify(n).layer is None and classify(n).group == "embed")
-        head = tuple(n for n in names if own and classify(n).layer is None and classify(n).group != "embed")
+        head = tuple(n for n in names if own and _after_layers(n))
         if embed:
             groups.append(_Group("embed", None, embed))
-        for start in range(0, num_layers, k):
-            layers = tuple(range(start, min(start + k, num_layers)))
-            label = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
-            for part in self.parts:
-                groups.append(_Group(f"{label}.{part.label}" if part.label else label, layers, part=part.label))
+        if s.granularity == "knots":
+            if s.knots > num_layers:
+                raise RecipeError(
+                    f"space {s.name}: {s.knots} knots over {num_layers} layers; use at most one per layer"
+                )
+            # knot j sits at depth j/(K−1), where mergekit puts entry j of a K-entry gradient list; its layer group
+            # is the nearest layer (what the report's heatmap reads back)
+            for j in range(s.knots):
+                nearest = (round(j * (num_layers - 1) / (s.knots - 1)),)
+                for part in self.parts:
+                    label = f"K{j}.{part.label}" if part.label else f"K{j}"
+                    groups.append(_Group(label, nearest, part=part.label, knot=True))
+        else:
+            for start in range(0, num_layers, k):
+                layers = tuple(range(start, min(start + k, num_layers)))
+                label = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
+                for part in self.parts:
+                    groups.append(_Group(f"{label}.{part.label}" if part.label else label, layers, part=part.label))
         if head:
             groups.append(_Group("head", None, head))
         return groups
@@ -316,7 +336,7 @@ class BoundSpace(GeneVector):
 
     def _rules(self, params: dict, pname: str, sname: str) -> list[Rule]:
         """Per-tensor rules for the embedding/head genes, then one rule per part: a value per layer, or with
-        `smooth` the groups' values as a gradient list (interpolated over depth as mergekit does)."""
+        `smooth` or knots the groups' values as a gradient list (interpolated over depth as mergekit does)."""
         rules = []
         per_layer = {part.label: [0.0] * self.num_layers for part in self.parts}
         anchors: dict[str | None, list[float]] = {part.label: [] for part in self.parts}
@@ -326,11 +346,17 @@ class BoundSpace(GeneVector):
                 rules.extend(Rule(filter=t, value=value) for t in g.tensors)
                 continue
             anchors[g.part].append(value)
-            for i in g.layers:
+            for i in () if g.knot else g.layers:
                 per_layer[g.part][i] = value
+        interpolated = self.space.smooth or self.space.granularity == "knots"
+        if not self.space.embed_head_genes and not interpolated:
+            # mergekit slices: the tensors after the last layer take the last slice's values (a gradient list
+            # would give them its first entry: mergekit reads it at t = 0 outside the layers)
+            last = per_layer[self.parts[-1].label][-1]
+            rules.extend(Rule(filter=n, value=last) for n in self.tensor_names if _after_layers(n))
         # filtered parts first: rules match first-wins
         for part in sorted(self.parts, key=lambda p: p.filter is None):
-            values = anchors[part.label] if self.space.smooth else per_layer[part.label]
+            values = anchors[part.label] if interpolated else per_layer[part.label]
             rules.append(Rule(filter=part.filter, value=values if len(values) > 1 else values[0]))
         return rules
 
@@ -349,3 +375,9 @@ class BoundSpace(GeneVector):
 
     def _filter_of(self, label: str | None) -> str | None:
         return next(p.filter for p in self.parts if p.label == label)
+
+
+def _after_layers(name: str) -> bool:
+    """A tensor after the last layer (final norm, head): outside the layers and not an embedding."""
+    info = classify(name)
+    return info.layer is None and info.group != "embed"

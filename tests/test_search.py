@@ -39,7 +39,7 @@ def complete_trials(db):
     return rows
 
 
-def test_search_writes_run_outputs_and_held_out_report(small_zoo, tmp_path):
+def test_search_writes_run_outputs_and_held_out_report(small_zoo, tmp_path, capsys):
     assert (
         main(
             [
@@ -94,7 +94,18 @@ def test_search_writes_run_outputs_and_held_out_report(small_zoo, tmp_path):
     assert "data:image/png;base64" in (run / "report.html").read_text()
     # the best recipe is a normal recipe: it merges to a model directory
     assert main(["merge", str(run / "best_recipe.yaml"), "--out", str(tmp_path / "merged")]) == 0
+    # every row against the best source and the best simple merge, paired on the same test items
+    significance = report["significance"]
+    assert set(significance) == {"best source", "best simple merge"}
+    best_source = max(["expert_math", "expert_lang_b", "expert_reverse"], key=lambda r: report["rows"][r]["fitness"])
+    assert significance["best source"]["ref"] == best_source
+    evolved = significance["best source"]["rows"]["evolved"]
+    gap = report["rows"]["evolved"]["fitness"] - report["rows"][best_source]["fitness"]
+    assert evolved["diff"] == pytest.approx(gap) and evolved["low"] <= evolved["diff"] <= evolved["high"]
+    assert "Δ vs" in (run / "report.html").read_text()
+    capsys.readouterr()
     assert main(["report", str(run)]) == 0
+    assert f"Δ vs {best_source}" in capsys.readouterr().out
 
 
 def test_same_seed_reproduces_the_same_trials(small_zoo, tmp_path):

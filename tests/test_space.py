@@ -13,7 +13,14 @@ NAMES = (
     ]
     + ["model.norm.weight", "lm_head.weight"]
 )
-SPACES = ["sakana_ps", "layerwise_ties", "method_choice", "mergekit_evolve_like", "global_task_arithmetic"]
+SPACES = [
+    "sakana_ps",
+    "sakana_knots",
+    "layerwise_ties",
+    "method_choice",
+    "mergekit_evolve_like",
+    "global_task_arithmetic",
+]
 
 
 def bound(name, **over):
@@ -62,7 +69,8 @@ def test_split_attention_and_mlp():
 
 def test_smooth_filters_interpolate_between_block_genes_as_mergekit_evolve_does():
     """Blocks of 2 layers, an `mlp` filter with genes of its own, no embedding/head genes: a block's genes are
-    anchors of a gradient over depth (layer i at t = i/3), embeddings at t=0 and the head at t=1."""
+    anchors of a gradient over depth (layer i at t = i/3); embeddings and head at t = 0, where mergekit reads a
+    gradient list outside the layers."""
     space = bound("sakana_ps", granularity="block", block_size=2, filters=["mlp"], smooth=True, embed_head_genes=False)
     assert space.dim == 2 * 2 * 2 * 2  # (L0-1, L2-3) × (mlp, rest) × sources × (weight, density)
     params = {g.name: 0.5 for g in space.genes}
@@ -74,9 +82,39 @@ def test_smooth_filters_interpolate_between_block_genes_as_mergekit_evolve_does(
     assert weight("model.layers.3.mlp.up_proj.weight") == pytest.approx(0.8)
     assert weight("model.layers.2.self_attn.q_proj.weight") == pytest.approx(0.1 + (0.4 - 0.1) * 2 / 3)
     assert weight("model.embed_tokens.weight") == pytest.approx(0.1)
-    assert weight("lm_head.weight") == pytest.approx(0.4)
+    assert weight("lm_head.weight") == pytest.approx(0.1)
     with pytest.raises(Exception, match="smooth interpolates between layer groups"):
         bound("sakana_ps", granularity="global", smooth=True)
+
+
+def test_without_embedding_and_head_genes_the_head_follows_the_last_layer_as_mergekit_slices_give_it():
+    space = bound("sakana_ps", granularity="block", block_size=2, embed_head_genes=False)
+    params = {g.name: 0.5 for g in space.genes}
+    params["weight[a]@L0-1"], params["weight[a]@L2-3"] = 0.1, 0.4
+    r = space.decode(params)
+    weight = lambda name: r.plan(name, 4).source_params[0]["weight"]  # noqa: E731
+    assert weight("model.embed_tokens.weight") == pytest.approx(0.1)
+    assert weight("lm_head.weight") == weight("model.norm.weight") == pytest.approx(0.4)
+
+
+def test_knots_are_control_points_over_depth_with_values_interpolated_between_them():
+    """3 knots over 4 layers: knot j at depth j/2, layer i at i/3, so layer 1 sits 2/3 of the way from knot 0 to
+    knot 1. The embedding and head keep their own genes."""
+    space = bound("sakana_ps", granularity="knots", knots=3)
+    assert space.dim == (3 + 2) * 2 * 2  # (K0..K2, embed, head) × sources × (weight, density)
+    params = {g.name: 0.5 for g in space.genes}
+    params["weight[a]@K0"], params["weight[a]@K1"], params["weight[a]@K2"] = 0.0, 0.6, 0.9
+    r = space.decode(params)
+    weight = lambda name: r.plan(name, 4).source_params[0]["weight"]  # noqa: E731
+    expected = [0.0, 0.6 * 2 / 3, 0.6 + 0.3 / 3, 0.9]
+    for i, want in enumerate(expected):
+        assert weight(f"model.layers.{i}.mlp.up_proj.weight") == pytest.approx(want)
+    assert r.to_mergekit()["models"][0]["parameters"]["weight"][-1]["value"] == pytest.approx([0.0, 0.6, 0.9])
+    assert space.decode(params) == r
+    with pytest.raises(RecipeError, match="5 knots over 4 layers"):
+        bound("sakana_ps", granularity="knots", knots=5)
+    with pytest.raises(Exception, match="cannot be interpolated"):
+        bound("method_choice", granularity="knots")
 
 
 def test_method_choice_picks_a_method_per_block():

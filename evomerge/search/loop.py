@@ -30,6 +30,7 @@ from ..evaluate.fitness import weighted_mean
 from ..evaluate.tasks import TaskError, TaskSpec, check_task_files, load_task, searching
 from ..path_space import PathSpace, space_from_dict
 from ..recipe import Recipe, RecipeError, atomic_write_text
+from ..significance import compare_rows
 from ..space import BoundSpace, SearchSpace
 from . import OPTIMIZERS, reliability
 from .optimizers import CMAOptimizer, GreedySoupOptimizer, OptunaOptimizer, completed, make_sampler, sampler_seed
@@ -446,12 +447,15 @@ def final_report(cfg: SearchConfig, session: Session | PathSession, best: Any, s
     test_tasks = [load_task(s, "test") for s in specs]
     evaluator = Evaluator(session.model, session.tokenizer, test_tasks, cfg.batch_size, cfg.evaluator)
     rows: dict[str, dict[str, float]] = {}
+    per_item: dict[str, dict[str, dict[int, float]]] = {}
     for label, recipe in [*session.references().items(), ("evolved", best)]:
         session.install(recipe)
-        rows[label] = evaluator.evaluate().scores
+        result = evaluator.evaluate()
+        rows[label], per_item[label] = result.scores, result.per_item
     weights = {s.name: s.weight for s in specs}
     for row in rows.values():
         row["fitness"] = weighted_mean(row, weights)
+    kinds = session.reference_kinds()
     trials = evaluated(study)
     history = [
         (t.number, t.user_attrs.get("fitness"))
@@ -465,6 +469,10 @@ def final_report(cfg: SearchConfig, session: Session | PathSession, best: Any, s
         "tasks": [s.name for s in specs],
         "split": "test",
         "rows": rows,
+        "weights": weights,
+        "references": kinds,
+        "significance": compare_rows(per_item, {k: r["fitness"] for k, r in rows.items()}, weights, kinds, cfg.seed),
+        "per_item": per_item,
         "best_trial": bt.number if bt else None,
         "best_search_fitness": bt.user_attrs.get("fitness") if bt else None,
         "n_trials": len(trials),

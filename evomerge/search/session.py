@@ -89,6 +89,13 @@ class Session(_Scoring):
     def mergekit_config(self, recipe: Recipe) -> dict[str, Any]:
         return recipe.to_mergekit()
 
+    def reference_kinds(self) -> dict[str, list[str]]:
+        """The rows each row is compared with in the report (the best of each kind, on the test split)."""
+        kinds = {"best source": self.cfg.source_names or [Path(s).name for s in self.cfg.sources]}
+        if self.cfg.baselines:
+            kinds["best simple merge"] = list(baseline_recipes(self.cfg.base, self.cfg.sources))
+        return kinds
+
 
 class PathSession(_Scoring):
     """Resident participants + one host model whose layer list each candidate path replaces."""
@@ -122,6 +129,10 @@ class PathSession(_Scoring):
             )
             for k, label in enumerate(self.labels)
         }
+
+    def reference_kinds(self) -> dict[str, list[str]]:
+        participants = self.space.space.participants
+        return {"best source": [p.label for p in participants if p.model is not None]}
 
     def mergekit_config(self, recipe: PathRecipe) -> dict[str, Any]:
         if self._writers is None:  # measured once, on first export
