@@ -13,6 +13,7 @@ evomerge adds `method_rules` (a merge method per group) and `seed` (DARE/DELLA m
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from .layers import GROUPS, TensorInfo, classify
 from .methods import METHODS, get_method
 
 Scalar = Union[bool, int, float, str]
+ANY_METHOD_PARAMS = {p for spec in METHODS.values() for p in (*spec.source_params, *spec.global_params)}
+log = logging.getLogger(__name__)
 
 
 class Rule(BaseModel):
@@ -36,7 +39,7 @@ class Rule(BaseModel):
     value: Union[Scalar, list[float]]
 
     def matches(self, info: TensorInfo) -> bool:
-        if self.filter is not None and not (self.filter == info.group or self.filter in info.name):
+        if self.filter not in (None, "*") and not (self.filter == info.group or self.filter in info.name):
             return False
         if self.layers is not None and info.layer not in self.layers:
             return False
@@ -100,11 +103,14 @@ class Recipe(BaseModel):
         for where, params in [("parameters", self.parameters)] + [
             (f"models[{i}] ({m.model})", m.parameters) for i, m in enumerate(self.models)
         ]:
-            unknown = set(params) - known
+            unused = set(params) - known
+            unknown = unused - ANY_METHOD_PARAMS  # a typo, not a parameter of another method
             if unknown:
                 raise ValueError(
                     f"{where}: parameter(s) {sorted(unknown)} are not used by {sorted(methods)}; known: {sorted(known)}"
                 )
+            if unused:  # mergekit ignores them too (e.g. a weight on model_stock or slerp models)
+                log.warning("%s: %s not used by %s; ignored", where, ", ".join(sorted(unused)), ", ".join(methods))
         if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in [m.model for m in self.models]:
             raise ValueError(f"tokenizer_source must be 'base' or one of the models, got {self.tokenizer_source!r}")
         return self

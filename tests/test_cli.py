@@ -175,7 +175,7 @@ def test_gene_bounds_outside_a_parameter_range_fail_before_anything_is_written(s
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(space))
     assert main(search_args(small_zoo, tmp_path / "runs", "r", tmp_path / "bad.yaml")) == 2
     err = one_line_error(capsys)
-    assert "invalid search space: genes.density: bounds [0.1, 1.5] leave (0, 1]" in err
+    assert "invalid search space: genes.density: bounds [0.1, 1.5] leave [0, 1]" in err
     assert not (tmp_path / "runs").exists()
 
 

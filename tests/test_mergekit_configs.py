@@ -23,4 +23,3 @@ def test_evomerge_merge_equals_mergekit(config, tmp_path):
     assert set(got) == set(want)
     worst = max((float((got[n].float() - want[n].float()).abs().max()), n) for n in want)
     assert worst[0] <= 1e-6, f"{config.stem}: {worst[1]} differs by {worst[0]:.3g}"
-

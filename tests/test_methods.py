@@ -133,6 +133,22 @@ def test_della_rejects_density_epsilon_outside_unit_interval():
         merge_deltas("della", torch.zeros(4), [torch.ones(4)], [{"weight": 1.0, "density": 0.1, "epsilon": 0.2}])
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "della", "della_linear"])
+def test_density_zero_keeps_nothing_of_that_task_vector_but_keeps_its_weight(method):
+    """mergekit 0.1.5: sparsifying at density 0 gives zeros (DELLA's ε band does not apply); the source's weight
+    still counts where a method normalizes by the sum of weights."""
+    g = torch.Generator().manual_seed(0)
+    base, a, b = (torch.randn(64, 16, generator=g) for _ in range(3))
+    extra = {"epsilon": 0.1} if method.startswith("della") else {}
+    params = [{"weight": 0.7, "density": 0.0, **extra}, {"weight": 0.4, "density": 0.5, **extra}]
+    got = merge_deltas(method, base, [a, b], params, {"normalize": True}, seed=3, key="k")
+    zeroed = [{"weight": 0.7, "density": 1.0, **extra}, params[1]]
+    want = merge_deltas(method, base, [torch.zeros_like(a), b], zeroed, {"normalize": True}, seed=3, key="k")
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+    alone = merge_deltas(method, base, [b], [params[1]], {"normalize": True}, seed=3, key="k")
+    assert not torch.equal(got, base) and (method.endswith("ties") or not torch.equal(got, alone))
+
+
 def test_slerp_endpoints_and_near_parallel_lerp():
     v0, v1 = t(1.0, 0.0), t(0.0, 2.0)
     assert torch.allclose(merge_tensors("slerp", [v1], global_params={"t": 0.0}, base=v0), v0)

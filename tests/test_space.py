@@ -143,9 +143,9 @@ def test_unit_cube_mapping_round_trips_and_clips():
         ({"genes": {"weight": {"low": 1, "high": 0}}}, "low < high"),
         (
             {"genes": {"density": {"low": 0.1, "high": 1.5}}},
-            r"bounds \[0.1, 1.5\] leave \(0, 1\], the range of density",
+            r"bounds \[0.1, 1.5\] leave \[0, 1\], the range of density",
         ),
-        ({"genes": {"density": {"low": 0.0, "high": 1.0}}}, "the range of density"),
+        ({"genes": {"density": {"low": -0.1, "high": 1.0}}}, "the range of density"),
         ({"parameters": {"density": 2.0}}, r"parameters.density: 2.0 is outside"),
         ({"method": "della", "genes": {"density": {"low": 0.1, "high": 0.9}}}, "density ± epsilon"),
         (

@@ -48,6 +48,9 @@ def merge_deltas(
     weight in a linear merge where it is listed among the models (mergekit allows that)."""
     spec = get_method(method)
     params, g = resolve_params(spec, len(deltas), list(source_params), dict(global_params or {}))
+    if any(p.get("density", 1.0) <= 0 for p in params):  # density 0 keeps nothing of that task vector (mergekit)
+        deltas = [torch.zeros_like(d) if p.get("density", 1.0) <= 0 else d for d, p in zip(deltas, params)]
+        params = [{**p, "density": 1.0} if p.get("density", 1.0) <= 0 else p for p in params]
     if spec.family == "task_arithmetic":
         return kernels.task_arithmetic(
             spec, base, deltas, params, g, out=out, seeds=source_seeds(seed, key, len(deltas))

@@ -72,7 +72,7 @@ RESCALE_MODES = ("l1", "inverse_density")
 
 # (low, high, low included, high included) for parameters with a range; the rest are any real number.
 PARAM_RANGES: dict[str, tuple[float, float, bool, bool]] = {
-    "density": (0.0, 1.0, False, True),
+    "density": (0.0, 1.0, True, True),  # 0 keeps nothing of that task vector, as in mergekit
     "gamma": (0.0, 1.0, True, False),
     "t": (0.0, 1.0, True, True),
 }
@@ -138,7 +138,7 @@ def resolve_params(
         for name in ("density", "gamma"):
             if name in p and not in_range(name, p[name]):
                 raise MethodError(f"{spec.name}: {name} must be in {range_text(name)}, got {p[name]} for source {i}")
-        if "epsilon" in p and not della_band_ok(p["density"], p["density"], p["epsilon"]):
+        if "epsilon" in p and p["density"] > 0 and not della_band_ok(p["density"], p["density"], p["epsilon"]):
             raise MethodError(
                 f"{spec.name}: density ± epsilon must lie in (0, 1), got density={p['density']} "
                 f"epsilon={p['epsilon']} for source {i}"

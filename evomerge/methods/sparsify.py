@@ -41,11 +41,8 @@ def rescale(delta: torch.Tensor, kept: torch.Tensor, mode: str | None, density: 
 
 
 def magnitude_k(n: int, density: float) -> int:
-    """TIES keeps int(density·n) entries; zero would erase the tensor, which is a parameter error."""
-    k = int(density * n)
-    if k <= 0:
-        raise ValueError(f"density {density} keeps no entry of a tensor with {n} elements")
-    return k
+    """TIES keeps int(density·n) entries, and at least one when density > 0 (mergekit 0.1.5)."""
+    return max(1, int(density * n)) if density > 0 and n > 0 else 0
 
 
 def breadcrumbs_window(n: int, density: float, gamma: float) -> tuple[int, int]:
