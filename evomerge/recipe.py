@@ -99,6 +99,12 @@ class Recipe(BaseModel):
             known |= set(spec.source_params) | set(spec.global_params)
             if spec.needs_base and self.base_model is None:
                 raise ValueError(f"merge method {m} needs base_model")
+        linear = sorted(m for m in methods if METHODS[m].family == "linear")
+        if linear and self.base_model is not None and self.base_entry() is None:
+            raise ValueError(
+                f"{linear[0]} averages every model, base_model too: list {self.base_model} among the models with a "
+                "weight (0 leaves it out), or drop base_model (mergekit refuses this config as well)"
+            )
         known |= {"int8_mask"}  # accepted for mergekit compatibility; a no-op here
         for where, params in [("parameters", self.parameters)] + [
             (f"models[{i}] ({m.model})", m.parameters) for i, m in enumerate(self.models)

@@ -319,6 +319,8 @@ class BoundSpace(GeneVector):
                 )
             method = s.method_choice[0] if s.method_choice else s.method
             rules = self._method_rules(params) if s.method_choice else []
+        if any(METHODS[m].family == "linear" for m in s.methods()):  # a linear merge leaves the base out: weight 0
+            models.insert(0, ModelEntry(model=self.base, parameters={"weight": 0.0}))
         global_params = dict(s.parameters)
         for p in GLOBAL_GENES:
             if p in s.genes:

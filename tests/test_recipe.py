@@ -103,3 +103,15 @@ def test_yaml_save_and_load(tmp_path):
     r = Recipe.from_dict(yaml.safe_load(MERGEKIT_TIES))
     r.save(tmp_path / "r.yaml")
     assert Recipe.load(tmp_path / "r.yaml") == r
+
+
+def test_a_linear_merge_with_an_unlisted_base_model_is_refused_as_mergekit_refuses_it():
+    config = {
+        "merge_method": "linear",
+        "base_model": "/m/base",
+        "models": [{"model": "/m/a", "parameters": {"weight": 0.5}}, {"model": "/m/b", "parameters": {"weight": 0.5}}],
+    }
+    with pytest.raises(RecipeError, match="list /m/base among the models with a weight"):
+        Recipe.from_dict(config)
+    config["models"].insert(0, {"model": "/m/base", "parameters": {"weight": 0.0}})
+    assert [m.model for m in Recipe.from_dict(config).source_entries()] == ["/m/a", "/m/b"]

@@ -155,11 +155,12 @@ def baseline_recipes(base: str, sources: list[str]) -> dict[str, Recipe]:
     (every task vector at weight 1), TIES and DARE-TIES (weight 1, density 0.5)."""
 
     def r(method: str, params: dict[str, float], extra: dict | None = None) -> Recipe:
+        left_out = [{"model": base, "parameters": {"weight": 0.0}}] if method == "linear" else []  # sources only
         return Recipe.from_dict(
             {
                 "merge_method": method,
                 "base_model": base,
-                "models": [{"model": s, "parameters": dict(params)} for s in sources],
+                "models": left_out + [{"model": s, "parameters": dict(params)} for s in sources],
                 "parameters": extra or {},
                 "name": method,
             }

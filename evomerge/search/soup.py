@@ -23,7 +23,8 @@ def soup_recipe(reference: str, members: list[str], name: str = "soup") -> Recip
         {
             "merge_method": "linear",
             "base_model": reference,
-            "models": [{"model": m, "parameters": {"weight": 1.0}} for m in members],
+            "models": ([] if reference in members else [{"model": reference, "parameters": {"weight": 0.0}}])
+            + [{"model": m, "parameters": {"weight": 1.0}} for m in members],
             "name": name,
         }
     )
