@@ -88,9 +88,9 @@ def _cmd_export_mergekit(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_mergekit(args: argparse.Namespace) -> int:
-    from .recipe import Recipe
+    from .layer_path import load_any_recipe
 
-    recipe = Recipe.load(args.config)  # the recipe schema is mergekit's; loading validates it
+    recipe = load_any_recipe(args.config)  # mergekit's schema (passthrough slices: a layer path); validated
     if args.out:
         recipe.save(args.out)
         print(f"wrote {args.out}")

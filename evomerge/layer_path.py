@@ -99,6 +99,7 @@ class PathRecipe(BaseModel):
     models: list[Participant]
     layer_path: list[Step]
     embed_model: Union[int, str] = 0
+    head_model: Union[int, str, None] = None  # final norm and head; default: embed_model
     dtype: str = "float32"
     name: str | None = None
 
@@ -110,6 +111,7 @@ class PathRecipe(BaseModel):
         if not self.layer_path:
             raise ValueError("layer_path is empty: a path needs at least one step")
         self.embed_model = self.index(self.embed_model)
+        self.head_model = self.index(self.head_model) if self.head_model is not None else None
         for step in self.layer_path:
             step.model = self.index(step.model)
         return self
@@ -126,6 +128,45 @@ class PathRecipe(BaseModel):
 
     def steps(self) -> list[tuple[int, int, float]]:
         return [(int(s.model), s.layer, s.scale) for s in self.layer_path]
+
+    @property
+    def head(self) -> int:
+        return int(self.embed_model if self.head_model is None else self.head_model)
+
+    @classmethod
+    def from_mergekit(cls, data: dict[str, Any], where: str = "config") -> "PathRecipe":
+        """A mergekit `passthrough` config with `slices` (a frankenmerge: layer ranges copied, stacked, repeated).
+        As in mergekit, the embedding comes from the first slice's model, the final norm and head from the last."""
+        slices = data.get("slices") or []
+        models: list[str] = []
+        steps = []
+        for i, piece in enumerate(slices):
+            sources = piece.get("sources") if isinstance(piece, dict) else None
+            if not sources or len(sources) != 1:
+                raise RecipeError(f"{where}: passthrough slice {i} needs exactly one source, got {sources!r}")
+            source = sources[0]
+            if source.get("parameters") or piece.get("parameters") or data.get("parameters"):
+                raise RecipeError(
+                    f"{where}: passthrough `scale` multiplies the slice's tensors; evomerge's layer paths scale the "
+                    "residual stream instead (`scale:` of a step) and cannot import it"
+                )
+            start, stop = source["layer_range"]
+            if source["model"] not in models:
+                models.append(source["model"])
+            steps += [{"model": models.index(source["model"]), "layer": j} for j in range(start, stop)]
+        if not steps:
+            raise RecipeError(f"{where}: a passthrough config needs slices with layer ranges")
+        names = [Path(m).name for m in models]
+        participants = [
+            {"model": m, **({"name": f"{n}-{k}"} if names.count(n) > 1 else {})}
+            for k, (m, n) in enumerate(zip(models, names))
+        ]
+        recipe = {"models": participants, "layer_path": steps, "embed_model": steps[0]["model"]}
+        recipe["head_model"] = steps[-1]["model"]
+        for key in ("dtype", "name"):
+            if data.get(key):
+                recipe[key] = data[key]
+        return cls.from_dict(recipe, where=where)
 
     # ---- files --------------------------------------------------------------------------------
     @classmethod
@@ -152,12 +193,12 @@ class PathRecipe(BaseModel):
                 "with `evomerge merge` and name those directories as participants"
             )
         steps = self.steps()
-        e = int(self.embed_model)
-        if steps[0][0] != e or steps[-1][0] != e:
+        e, h = int(self.embed_model), self.head
+        if steps[0][0] != e or steps[-1][0] != h:
             raise RecipeError(
                 f"mergekit takes the embedding from the first slice's model and the head from the last one's; this "
                 f"path starts in {self.models[steps[0][0]].label} and ends in {self.models[steps[-1][0]].label}, "
-                f"its embedding and head come from {self.models[e].label}"
+                f"its embedding comes from {self.models[e].label} and its head from {self.models[h].label}"
             )
         factors = fold_factors(steps)
         slices: list[dict[str, Any]] = []
@@ -184,6 +225,8 @@ def load_any_recipe(path: str | os.PathLike) -> Recipe | PathRecipe:
     data = read_yaml(path, "recipe")
     if isinstance(data, dict) and "layer_path" in data:
         return PathRecipe.from_dict(data, where=str(path))
+    if isinstance(data, dict) and data.get("merge_method") == "passthrough" and "slices" in data:
+        return PathRecipe.from_mergekit(data, where=str(path))
     return Recipe.load(path)
 
 
@@ -274,7 +317,9 @@ class LayerPaths:
     each candidate path is installed into. The host object stays the same, so evaluators bound to it score
     whatever path is installed."""
 
-    def __init__(self, participants: list[torch.nn.Module], labels: list[str], embed: int = 0) -> None:
+    def __init__(
+        self, participants: list[torch.nn.Module], labels: list[str], embed: int = 0, head: int | None = None
+    ) -> None:
         check_participants(participants, labels)
         self.participants = participants
         self.labels = labels
@@ -283,7 +328,26 @@ class LayerPaths:
         self.layers = [list(m.get_submodule(self.list_name)) for m in participants]
         self.num_layers = [len(layers) for layers in self.layers]
         self.host, self._list_parent = self._make_host(participants[embed])
+        if head is not None and head != embed:
+            self._swap_head(participants[head])
         self.steps: list[tuple[int, int, float]] = []
+
+    def _swap_head(self, model: torch.nn.Module) -> None:
+        """The modules after the layers (final norm, head) from another participant: every module outside the
+        layer list whose parameters are not embeddings."""
+        from .layers import classify
+
+        owners = {
+            name.rsplit(".", 1)[0]
+            for name, _ in self.host.named_parameters()
+            if not name.startswith(self.list_name + ".") and classify(name).group != "embed"
+        }
+        for owner in owners:
+            parent, _, child = owner.rpartition(".")
+            node = self.host.get_submodule(parent) if parent else self.host
+            if node is not self.host and node not in _chain(self.host, self.list_name.split(".")[:-1]):
+                raise RecipeError(f"cannot take {owner} from another participant: its parent is shared")
+            node._modules[child] = model.get_submodule(owner)
 
     def _make_host(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
         """Copies of the modules from the root down to the layer list's parent, with a config of their own; every

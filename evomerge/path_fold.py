@@ -21,6 +21,7 @@ import torch
 
 from .errors import CheckpointError, RecipeError
 from .layer_path import LayerPaths, PathRecipe, fold_factors, load_participants
+from .layers import classify
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def write_path(
     final = parse_dtype(out_dtype or recipe.dtype)
     models = load_participants(recipe, resolve_device(device), recipe.dtype)
     labels = [p.label for p in recipe.models]
-    paths = LayerPaths(models, labels, int(recipe.embed_model))
+    paths = LayerPaths(models, labels, int(recipe.embed_model), recipe.head)
     steps = recipe.steps()
     paths.use(steps)
     factors = fold_factors(steps)
@@ -151,9 +152,10 @@ def write_path(
     states = [m.state_dict() for m in models]
     prefix = paths.list_name + "."
     tensors: dict[str, tuple[int, torch.Tensor | None, float]] = {}
-    for n in names:
+    for n in names:  # outside the layers: embeddings from embed_model, final norm and head from head_model
         if not n.startswith(prefix):
-            tensors[n] = (e, states[e][n], 1.0)
+            owner = e if classify(n).group == "embed" else recipe.head
+            tensors[n] = (owner, states[owner][n], 1.0)
     for k, (p, layer, _) in enumerate(steps):
         own = f"{prefix}{layer}."
         scaled = {f"{w}." for w in writers.get((p, layer), [])}
@@ -180,8 +182,9 @@ def write_path(
     shapes = {n: (tuple(t.shape), final if t.is_floating_point() else t.dtype) for n, (_, t, _) in tensors.items()}
     path_text = "".join(f"| {k} | {labels[p]} | {layer} | {s:g} |\n" for k, (p, layer, s) in enumerate(steps))
     card = (
-        f"## Layer path\n\n{len(steps)} layers; embedding, final norm and head from {labels[e]}. Residual-stream "
-        "scales are folded into the output projections.\n\n| step | model | layer | scale |\n|---|---|---|---|\n"
+        f"## Layer path\n\n{len(steps)} layers; embedding from {labels[e]}, final norm and head from "
+        f"{labels[recipe.head]}. Residual-stream scales are folded into the output projections.\n\n"
+        "| step | model | layer | scale |\n|---|---|---|---|\n"
         f"{path_text}\n"
     )
     log.info("writing a %d-step layer path into %s", len(steps), out_dir)
@@ -214,5 +217,5 @@ def path_to_mergekit(recipe: PathRecipe) -> dict[str, Any]:
     if all(f == 1.0 for f in fold_factors(steps)) or any(p.model is None for p in recipe.models):
         return recipe.to_mergekit({})  # nothing to measure, or an error that needs no model
     models = load_participants(recipe)
-    paths = LayerPaths(models, [p.label for p in recipe.models], int(recipe.embed_model))
+    paths = LayerPaths(models, [p.label for p in recipe.models], int(recipe.embed_model), recipe.head)
     return recipe.to_mergekit(writers_of_scaled(models, paths.list_name, steps))

@@ -179,8 +179,8 @@ class Recipe(BaseModel):
         data = dict(data)
         if "slices" in data:
             raise RecipeError(
-                f"{where}: mergekit 'slices' (frankenmerges, layer stacking) are not supported; use models: with "
-                "per-layer gradient values"
+                f"{where}: mergekit 'slices' are supported for merge_method passthrough (a layer path); for "
+                f"{data.get('merge_method')}, use models: with per-layer gradient values"
             )
         for m in data.get("models") or []:
             if (

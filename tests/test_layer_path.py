@@ -191,6 +191,34 @@ def test_merge_writes_a_path_whose_logits_equal_the_in_memory_path(kind, tmp_pat
     assert "## Layer path" in card and "layer_path" in card
 
 
+def test_mergekit_passthrough_slices_import_as_a_path_with_the_last_slices_head(llamas, tmp_path):
+    config = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(llamas[0]), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(llamas[1]), "layer_range": [1, 3]}]},
+        ],
+        "dtype": "float32",
+    }
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(config))
+    assert main(["import-mergekit", str(tmp_path / "mk.yml"), "--out", str(tmp_path / "path.yaml")]) == 0
+    r = PathRecipe.from_dict(yaml.safe_load((tmp_path / "path.yaml").read_text()))
+    assert r.steps() == [(0, 0, 1.0), (0, 1, 1.0), (1, 1, 1.0), (1, 2, 1.0)] and (r.embed_model, r.head) == (0, 1)
+    assert main(["merge", str(tmp_path / "mk.yml"), "--out", str(tmp_path / "out")]) == 0
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    paths = LayerPaths(load_participants(r), [p.label for p in r.models], 0, head=1)
+    host = paths.use(r.steps())
+    with torch.no_grad():
+        assert torch.equal(written(input_ids=TOKENS).logits, host(input_ids=TOKENS).logits)
+    assert (
+        host.lm_head is paths.participants[1].lm_head
+        and host.model.embed_tokens is paths.participants[0].model.embed_tokens
+    )
+    config["slices"][0]["sources"][0]["parameters"] = {"scale": 0.5}
+    (tmp_path / "scaled.yml").write_text(yaml.safe_dump(config))
+    assert main(["merge", str(tmp_path / "scaled.yml"), "--out", str(tmp_path / "out2")]) == 2
+
+
 def test_residual_writers_are_measured_on_the_model(llamas, tmp_path):
     llama = load_participants(recipe(llamas, [(0, 0, 1.0)]))[0]
     assert residual_writers(llama, "model.layers") == {i: ["self_attn.o_proj", "mlp.down_proj"] for i in range(3)}
