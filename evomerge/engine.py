@@ -246,8 +246,6 @@ def write_merged(
     """Merge a recipe tensor by tensor (peak memory ~ one tensor per model + one shard) into an HF model dir."""
     check_output_dir(out_dir, overwrite)
     dev = resolve_device(device)
-    work = parse_dtype(recipe.dtype)
-    final = parse_dtype(out_dtype or recipe.out_dtype or recipe.dtype)
     sources = [Checkpoint.open(m.model, allow_pickle=allow_pickle) for m in recipe.source_entries()]
     base = Checkpoint.open(recipe.base_model, allow_pickle=allow_pickle) if recipe.base_model else None
     reference = base or sources[0]
@@ -284,6 +282,11 @@ def write_merged(
             )
 
     floats = {n: reference.get(n).is_floating_point() for n in names}
+    # no dtype given: task vectors and output in the sources' dtype, as mergekit computes and writes them (a bf16
+    # model stays bf16; TIES ranks the same rounded |δ|); sums still accumulate in float32
+    stored = next((reference.get(n).dtype for n in names if floats[n]), torch.float32)
+    work = parse_dtype(recipe.dtype or stored)
+    final = parse_dtype(out_dtype or recipe.out_dtype or recipe.dtype or stored)
     shapes = {n: (reference.shape(n), final if floats[n] else reference.get(n).dtype) for n in names}
     config = dict(reference.config)
     dtype_name = {

@@ -78,8 +78,8 @@ class Recipe(BaseModel):
     models: list[ModelEntry]
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     method_rules: list[MethodRule] = Field(default_factory=list)
-    dtype: str = "float32"
-    out_dtype: str | None = None
+    dtype: str | None = None  # the arithmetic's dtype (None: float32); given alone, also the output's
+    out_dtype: str | None = None  # None: `dtype` if given, else the sources' own dtype (as mergekit keeps it)
     tokenizer_source: str | None = None
     seed: int = 0
     name: str | None = None
@@ -250,7 +250,8 @@ class Recipe(BaseModel):
         params = {k: export(v) for k, v in self.parameters.items() if k != "rescale_mode"}
         if params:
             cfg["parameters"] = params
-        cfg["dtype"] = self.dtype
+        if self.dtype:
+            cfg["dtype"] = self.dtype
         if self.out_dtype:
             cfg["out_dtype"] = self.out_dtype
         if self.tokenizer_source:
