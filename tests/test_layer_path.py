@@ -316,6 +316,15 @@ def test_ps_dfs_search_runs_resumes_and_merges(small_zoo, tmp_path, capsys):
     assert written.config.num_hidden_layers == len(best["layer_path"])
 
 
+@pytest.mark.parametrize("optimizer", ["tpe", "random"])
+def test_optuna_samplers_search_the_dfs_genome(small_zoo, tmp_path, optimizer):
+    space = str(ROOT / "search_spaces" / "sakana_dfs.yaml")
+    args = ["search", "--zoo", str(small_zoo), "--space", space, "--optimizer", optimizer, "--trials", "4"]
+    assert main(args + ["--runs-dir", str(tmp_path), "--name", "d"]) == 0
+    rows = (tmp_path / "d" / "trials.csv").read_text().splitlines()
+    assert len(rows) == 5 and "on@0" in rows[0] and "scale@expert_math>expert_lang_b" in rows[0]
+
+
 def test_ps_recipe_flag_is_refused_for_parameter_space_spaces(small_zoo, tmp_path, capsys):
     code = main(
         ["search", "--zoo", str(small_zoo), "--ps-recipe", str(tmp_path / "x.yaml"), "--runs-dir", str(tmp_path)]
