@@ -56,11 +56,7 @@ class PathSpace(BaseModel):
     participants: list[Participant] = Field(default_factory=list)  # set when bound to models (search, demo)
     embed_model: int = 0
     dtype: str = "float32"
-    seed: int = 0
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "PathSpace":
-        return load_space(path)  # type: ignore[return-value]
+    seed: int = 0  # recorded with the run like a parameter-space space's; a layer path draws nothing at random
 
     def ps_space(self) -> SearchSpace | None:
         return SearchSpace.load(self.ps) if self.ps else None
