@@ -184,6 +184,16 @@ def test_resuming_with_different_settings_is_refused(small_zoo, tmp_path, capsys
     assert main(base) == 0
     assert main(base[:-1] + ["--seed", "5", "--no-baselines"]) == 2
     assert "different configuration" in capsys.readouterr().err
+    # a run written before a space field existed (stored without it) resumes: the defaults fill it in
+    import optuna
+
+    study = optuna.load_study(study_name="r", storage=f"sqlite:///{tmp_path / 'r' / 'study.db'}")
+    stored = study.user_attrs["evomerge_config"]
+    del stored["space"]["knots"]
+    study.set_user_attr("evomerge_config", stored)
+    again = list(base)
+    again[again.index("--trials") + 1] = "3"
+    assert main(again) == 0
 
 
 @pytest.mark.slow

@@ -92,6 +92,7 @@ class SearchConfig:
         d = asdict(self)
         for k in ("trials", "storage", "runs_dir", "device", "batch_size", "baselines", "heartbeat", "max_failures"):
             d.pop(k)
+        d["space"] = self.search_space().model_dump()  # with defaults: a field added later does not change it
         return json.loads(json.dumps(d))
 
 
