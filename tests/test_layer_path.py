@@ -303,6 +303,7 @@ def test_ps_dfs_search_runs_resumes_and_merges(small_zoo, tmp_path, capsys):
         "pd",
     ]
     assert main(args) == 0
+    assert_first_trial_is_the_start_point(tmp_path / "pd")  # cma: the PS merge's own path first
     report = json.loads((tmp_path / "pd" / "report.json").read_text())
     assert list(report["rows"]) == ["ps", "expert_math", "expert_lang_b", "expert_reverse", "evolved"]
     assert (tmp_path / "pd-ps" / "report.json").is_file()
@@ -323,6 +324,20 @@ def test_optuna_samplers_search_the_dfs_genome(small_zoo, tmp_path, optimizer):
     assert main(args + ["--runs-dir", str(tmp_path), "--name", "d"]) == 0
     rows = (tmp_path / "d" / "trials.csv").read_text().splitlines()
     assert len(rows) == 5 and "on@0" in rows[0] and "scale@expert_math>expert_lang_b" in rows[0]
+    assert_first_trial_is_the_start_point(tmp_path / "d")
+
+
+def assert_first_trial_is_the_start_point(run: Path) -> None:
+    """A layer-path search scores its start point (the first participant's own layers) first."""
+    import optuna
+
+    from evomerge.path_space import space_from_dict
+
+    study = optuna.load_study(study_name=run.name, storage=f"sqlite:///{run / 'study.db'}")
+    first = min(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    space = space_from_dict(json.loads((run / "config.json").read_text())["space"])
+    want = space.bind([2] * len(space.participants)).initial()  # the small zoo's models have 2 layers
+    assert first.params == pytest.approx(want)
 
 
 def test_ps_recipe_flag_is_refused_for_parameter_space_spaces(small_zoo, tmp_path, capsys):

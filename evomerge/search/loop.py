@@ -311,9 +311,12 @@ def _search_loop(
 
 
 def _optimizer(cfg: SearchConfig, study: optuna.Study, space: BoundSpace, worker: bool, stale: list) -> Any:
+    start_first = isinstance(cfg.search_space(), PathSpace)  # a layer path starts from a model worth scoring
     if cfg.optimizer == "cma":
         state = cfg.run_dir() / "cma_state.pkl"
-        return CMAOptimizer(study, space, state, seed=cfg.seed, sigma0=cfg.sigma0, popsize=cfg.popsize)
+        return CMAOptimizer(
+            study, space, state, seed=cfg.seed, sigma0=cfg.sigma0, popsize=cfg.popsize, start_first=start_first
+        )
     if cfg.optimizer == "greedy-soup":
         optimizer = GreedySoupOptimizer(study, space)  # replays its state from the complete trials
         cfg.trials = min(cfg.trials, optimizer.total)
@@ -329,6 +332,8 @@ def _optimizer(cfg: SearchConfig, study: optuna.Study, space: BoundSpace, worker
     for t in stale if not worker else []:  # the interrupted candidates come first, as cma's do
         if t.params:
             study.enqueue_trial(t.params, skip_if_exists=False)
+    if start_first and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(space.initial())
     return OptunaOptimizer(study, space, sampler_for)
 
 

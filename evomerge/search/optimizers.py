@@ -115,7 +115,10 @@ class CMAOptimizer:
         sigma0: float = 0.2,
         popsize: int | None = None,
         x0: list[float] | None = None,
+        start_first: bool = False,
     ) -> None:
+        """`start_first`: the first candidate is the start point itself (CMA-ES otherwise only samples around it);
+        a layer-path search starts from a model worth scoring, e.g. the PS merge."""
         import cma
 
         self.study = study
@@ -141,6 +144,8 @@ class CMAOptimizer:
                 opts["popsize"] = popsize
             start = x0 if x0 is not None else space.to_unit(space.initial())
             self.es = cma.CMAEvolutionStrategy(start, sigma0, opts)
+            if start_first:
+                self.es.inject([start], force=True)
             self.generation, self.solutions, self.values = 0, None, {}
 
     def _save(self) -> None:
