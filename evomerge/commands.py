@@ -269,7 +269,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     space = Path(args.space or DEFAULT_DEMO_SPACE)
     default_name = Path(args.mergekit_evolve).stem if args.mergekit_evolve else space.stem
     name = args.name or default_name
-    ps_recipe = _ps_stage(args, space, name, args.seed)
+    ps_recipe, _ = _ps_stage(args, space, name, args.seed)
     cfg = _search_config(args, space, name, args.seed, ps_recipe)
     outcome = _run_with_progress(cfg)
     _print_report(outcome.report)
@@ -297,9 +297,10 @@ def _print_report(report: dict[str, Any] | None, title: str | None = None) -> No
         )
 
 
-def _ps_stage(args: argparse.Namespace, space_path: Path, name: str, seed: int):
-    """The parameter-space merge a PS+DFS search starts from: --ps-recipe, or the best recipe of the space's `ps`
-    search, run (or resumed) first as NAME-ps. None for other spaces."""
+def _ps_stage(args: argparse.Namespace, space_path: Path, name: str, seed: int) -> tuple[Any, dict[str, Any] | None]:
+    """(recipe, report): the parameter-space merge a PS+DFS search starts from — --ps-recipe (no report), or the
+    best recipe of the space's `ps` search, run (or resumed) first as NAME-ps, with its held-out report. (None,
+    None) for other spaces."""
     from .path_space import PathSpace, load_space
     from .recipe import Recipe, RecipeError
 
@@ -307,13 +308,13 @@ def _ps_stage(args: argparse.Namespace, space_path: Path, name: str, seed: int):
     if getattr(args, "ps_recipe", None):
         if not isinstance(space, PathSpace):
             raise RecipeError("--ps-recipe joins a merge to the participants of a layer-path (dfs:) space")
-        return Recipe.load(args.ps_recipe)
+        return Recipe.load(args.ps_recipe), None
     if not isinstance(space, PathSpace) or not space.ps:
-        return None
+        return None, None
     say(f"PS+DFS: the parameter-space search {name}-ps first")
     outcome = _run_with_progress(_search_config(args, Path(space.ps), f"{name}-ps", seed))
     _print_report(outcome.report)
-    return outcome.best_recipe
+    return outcome.best_recipe, outcome.report
 
 
 def _storage_arg(args: argparse.Namespace) -> str | None:
@@ -553,9 +554,8 @@ def _demo_path_runs(args: argparse.Namespace, space: Path, run: str, seed: int) 
 
     if not isinstance(load_space(space), PathSpace):
         return None
-    ps_recipe = _ps_stage(args, space, run, seed)
-    ps_file = Path(args.runs_dir) / f"{run}-ps" / "report.json"
-    ps_report = json.loads(ps_file.read_text()) if ps_recipe and ps_file.is_file() else {"rows": {}}
+    ps_recipe, ps_report = _ps_stage(args, space, run, seed)
+    ps_report = ps_report or {"rows": {}}  # --ps-recipe: no PS run of its own
     dfs = _run_with_progress(_search_config(args, space, f"{run}-dfs" if ps_recipe else run, seed)).report
     if ps_recipe is None:
         return dfs
@@ -568,9 +568,6 @@ def _demo_path_runs(args: argparse.Namespace, space: Path, run: str, seed: int) 
     rows, per_item = renamed(ps_report["rows"]), renamed(ps_report.get("per_item", {}))
     for label, report in (("DFS", dfs), ("PS+DFS", both)):
         rows[label], per_item[label] = report["rows"]["evolved"], report["per_item"]["evolved"]
-    per_item = {
-        row: {t: {int(i): v for i, v in items.items()} for t, items in tasks.items()} for row, tasks in per_item.items()
-    }
     kinds = ps_report.get("references") or both["references"]
     fitness = {k: r["fitness"] for k, r in rows.items()}
     significance = compare_rows(per_item, fitness, both["weights"], kinds, seed)

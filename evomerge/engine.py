@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -288,18 +288,7 @@ def write_merged(
     work = parse_dtype(recipe.dtype or stored)
     final = parse_dtype(out_dtype or recipe.out_dtype or recipe.dtype or stored)
     shapes = {n: (reference.shape(n), final if floats[n] else reference.get(n).dtype) for n in names}
-    config = dict(reference.config)
-    dtype_name = {
-        torch.float32: "float32",
-        torch.bfloat16: "bfloat16",
-        torch.float16: "float16",
-        torch.float64: "float64",
-    }[final]
-    for key in ("torch_dtype", "dtype"):
-        if key in config:
-            config[key] = dtype_name
-    if "torch_dtype" not in config and "dtype" not in config:
-        config["torch_dtype"] = dtype_name
+    config = set_config_dtype(dict(reference.config), final)
     tok_src = reference.path
     if recipe.tokenizer_source not in (None, "base"):
         tok_src = Path(recipe.tokenizer_source)
@@ -314,3 +303,14 @@ def write_merged(
         max_shard_bytes=max_shard_bytes,
         overwrite=overwrite,
     )
+
+
+def set_config_dtype(config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """A written model's config names the dtype of its weights (under the key it has: `dtype` or `torch_dtype`)."""
+    name = str(dtype).removeprefix("torch.")
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = name
+    if "torch_dtype" not in config and "dtype" not in config:
+        config["torch_dtype"] = name
+    return config

@@ -13,7 +13,6 @@ twice in a path keeps two KV-cache entries). `path_fold.write_path` writes the p
 from __future__ import annotations
 
 import copy
-import logging
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -24,8 +23,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from .errors import RecipeError, validation_summary
 from .recipe import Recipe, atomic_write_text, read_yaml
-
-log = logging.getLogger(__name__)
 
 # config keys that may differ between participants: what a layer computes does not depend on them
 FREE_CONFIG_KEYS = {
@@ -305,9 +302,7 @@ def _layer_config(model: torch.nn.Module) -> dict[str, Any]:
 def _shallow(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of the module tree that shares every parameter and buffer (and copies of the hook tables)."""
     new = copy.copy(module)
-    for key, value in module.__dict__.items():
-        if isinstance(value, dict) and key.startswith("_") and key != "_modules":
-            new.__dict__[key] = type(value)(value)
+    _fresh_tables(new, module)
     new._modules = {k: _shallow(v) if v is not None else None for k, v in module._modules.items()}
     return new
 
@@ -322,15 +317,12 @@ class LayerPaths:
     ) -> None:
         check_participants(participants, labels)
         self.participants = participants
-        self.labels = labels
-        self.embed = embed
         self.list_name = layer_list_name(participants[embed])
         self.layers = [list(m.get_submodule(self.list_name)) for m in participants]
         self.num_layers = [len(layers) for layers in self.layers]
         self.host, self._list_parent = self._make_host(participants[embed])
         if head is not None and head != embed:
             self._swap_head(participants[head])
-        self.steps: list[tuple[int, int, float]] = []
 
     def _swap_head(self, model: torch.nn.Module) -> None:
         """The modules after the layers (final norm, head) from another participant: every module outside the
@@ -388,7 +380,6 @@ class LayerPaths:
         config.num_hidden_layers = len(steps)
         if getattr(self.participants[0].config, "layer_types", None) is not None:
             config.layer_types = [self.participants[p].config.layer_types[layer] for p, layer, _ in steps]
-        self.steps = list(steps)
         return self.host
 
     def identity(self, participant: int) -> list[tuple[int, int, float]]:
@@ -406,6 +397,7 @@ def _scaler(scale: float):
 
 
 def _fresh_tables(new: torch.nn.Module, orig: torch.nn.Module) -> None:
+    """A copied module's own tables (children, parameters, buffers, hooks): changing them leaves `orig` as it is."""
     for key, value in orig.__dict__.items():
         if isinstance(value, dict) and key.startswith("_"):
             new.__dict__[key] = type(value)(value)

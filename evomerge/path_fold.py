@@ -20,7 +20,14 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, RecipeError
-from .layer_path import LayerPaths, PathRecipe, fold_factors, load_participants
+from .layer_path import (
+    LayerPaths,
+    PathRecipe,
+    check_participants,
+    fold_factors,
+    layer_list_name,
+    load_participants,
+)
 from .layers import classify
 
 log = logging.getLogger(__name__)
@@ -49,7 +56,7 @@ def residual_writers(model: torch.nn.Module, list_name: str) -> dict[int, list[s
         hooks.append(layer.register_forward_hook(post, with_kwargs=True))
         for name, sub in layer.named_modules():
             if name and any(True for _ in sub.parameters(recurse=False)):
-                hooks.append(sub.register_forward_hook(_record(seen[i]["outputs"], name, sub)))
+                hooks.append(sub.register_forward_hook(_record(seen[i]["outputs"], name)))
     probe = torch.arange(1, 9, device=next(model.parameters()).device)[None] % model.config.vocab_size
     try:
         with torch.no_grad():
@@ -61,7 +68,7 @@ def residual_writers(model: torch.nn.Module, list_name: str) -> dict[int, list[s
         return {i: _writers_of(layers[i], seen[i], f"{type(model).__name__} layer {i}") for i in range(len(layers))}
 
 
-def _record(store: dict, name: str, module: torch.nn.Module):
+def _record(store: dict, name: str):
     def hook(mod, args, output):
         if isinstance(output, torch.Tensor):
             store[name] = (args, output)
@@ -135,7 +142,7 @@ def write_path(
 ) -> Path:
     """Write a layer path as an HF model directory that `AutoModelForCausalLM` loads without custom code."""
     from .checkpoint import Checkpoint, check_output_dir, write_model_dir
-    from .engine import model_card_text, parse_dtype, resolve_device
+    from .engine import model_card_text, parse_dtype, resolve_device, set_config_dtype
 
     check_output_dir(out_dir, overwrite)
     final = parse_dtype(out_dtype or recipe.dtype)
@@ -172,13 +179,10 @@ def write_path(
         # a copy even when unscaled: a layer used twice must not be one storage under two names in a shard
         return t * factor if factor != 1.0 and t.is_floating_point() else t.clone()
 
-    config = models[e].config.to_dict()
+    config = set_config_dtype(models[e].config.to_dict(), final)
     config["num_hidden_layers"] = len(steps)
-    if paths.host.config.to_dict().get("layer_types") is not None:
+    if getattr(paths.host.config, "layer_types", None) is not None:
         config["layer_types"] = paths.host.config.layer_types
-    dtype_name = str(final).replace("torch.", "")
-    config["dtype"] = dtype_name
-    config.pop("torch_dtype", None)
     shapes = {n: (tuple(t.shape), final if t.is_floating_point() else t.dtype) for n, (_, t, _) in tensors.items()}
     path_text = "".join(f"| {k} | {labels[p]} | {layer} | {s:g} |\n" for k, (p, layer, s) in enumerate(steps))
     card = (
@@ -202,20 +206,31 @@ def write_path(
     )
 
 
-def writers_of_scaled(models: list[torch.nn.Module], list_name: str, steps) -> dict[tuple[int, int], list[str]]:
-    """(participant, layer) → its residual-stream writers, for the participants of steps whose factor is not 1."""
-    scaled = {p for (p, _, _), f in zip(steps, fold_factors(steps)) if f != 1.0}
-    return {
-        (p, layer): names for p in sorted(scaled) for layer, names in residual_writers(models[p], list_name).items()
-    }
+def writers_of_scaled(
+    models: list[torch.nn.Module], list_name: str, steps, measured: dict[int, dict[int, list[str]]] | None = None
+) -> dict[tuple[int, int], list[str]]:
+    """(participant, layer) → its residual-stream writers, for the participants of steps whose factor is not 1;
+    `measured` keeps each participant's measurement for the next call."""
+    measured = {} if measured is None else measured
+    scaled = sorted({p for (p, _, _), f in zip(steps, fold_factors(steps)) if f != 1.0})
+    for p in scaled:
+        if p not in measured:
+            measured[p] = residual_writers(models[p], list_name)
+    return {(p, layer): names for p in scaled for layer, names in measured[p].items()}
 
 
-def path_to_mergekit(recipe: PathRecipe) -> dict[str, Any]:
-    """The recipe as mergekit passthrough slices; a scaled path loads its participants to find the weights the
-    scales fold into."""
+def path_to_mergekit(
+    recipe: PathRecipe,
+    models: list[torch.nn.Module] | None = None,
+    measured: dict[int, dict[int, list[str]]] | None = None,
+) -> dict[str, Any]:
+    """The recipe as mergekit passthrough slices. A scaled path needs the weights its scales fold into, measured on
+    its participants: `models` when resident (a search), else loaded here."""
     steps = recipe.steps()
     if all(f == 1.0 for f in fold_factors(steps)) or any(p.model is None for p in recipe.models):
         return recipe.to_mergekit({})  # nothing to measure, or an error that needs no model
-    models = load_participants(recipe)
-    paths = LayerPaths(models, [p.label for p in recipe.models], int(recipe.embed_model), recipe.head)
-    return recipe.to_mergekit(writers_of_scaled(models, paths.list_name, steps))
+    if models is None:
+        models = load_participants(recipe)
+        check_participants(models, [p.label for p in recipe.models])
+    list_name = layer_list_name(models[int(recipe.embed_model)])
+    return recipe.to_mergekit(writers_of_scaled(models, list_name, steps, measured))

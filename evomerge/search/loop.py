@@ -390,13 +390,13 @@ def _record(study: optuna.Study, trial_id: int, attrs: dict[str, Any]) -> None:
         study._storage.set_trial_user_attr(trial_id, key, value)
 
 
-def write_best(run_dir: Path, recipe: Any, mergekit: Callable[[Any], dict] | None = None) -> None:
+def write_best(run_dir: Path, recipe: Any, mergekit: Callable[[Any], dict]) -> None:
     """The best recipe, and the mergekit config that reproduces it (`mergekit`: the session's exporter)."""
     recipe.save(run_dir / "best_recipe.yaml")
     try:
         import yaml
 
-        config = (mergekit or (lambda r: r.to_mergekit()))(recipe)
+        config = mergekit(recipe)
         atomic_write_text(run_dir / "best_mergekit.yaml", yaml.safe_dump(config, sort_keys=False))
     except RecipeError as e:
         atomic_write_text(

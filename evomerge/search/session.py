@@ -4,7 +4,6 @@ search-split evaluator bound to it. `Session` installs parameter-space recipes (
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..engine import Engine
@@ -12,7 +11,7 @@ from ..evaluate.evaluator import Evaluator
 from ..evaluate.fitness import Fitness
 from ..evaluate.tasks import load_task, searching
 from ..layer_path import LayerPaths, PathRecipe, load_participants
-from ..path_fold import residual_writers
+from ..path_fold import path_to_mergekit
 from ..recipe import Recipe
 
 if TYPE_CHECKING:
@@ -68,7 +67,6 @@ class Session(_Scoring):
     def references(self) -> dict[str, Recipe]:
         """What the final report scores next to the evolved recipe: the base, each source, the simple merges."""
         cfg = self.cfg
-        names = cfg.source_names or [Path(s).name for s in cfg.sources]
 
         def weights(ws: list[float]) -> Recipe:
             return Recipe.from_dict(
@@ -80,7 +78,7 @@ class Session(_Scoring):
             )
 
         rows = {"base": weights([0.0] * len(cfg.sources))}
-        for i, name in enumerate(names):
+        for i, name in enumerate(self.space.source_names):
             rows[name] = weights([1.0 if j == i else 0.0 for j in range(len(cfg.sources))])
         if cfg.baselines:
             rows.update(baseline_recipes(cfg.base, cfg.sources))
@@ -91,7 +89,7 @@ class Session(_Scoring):
 
     def reference_kinds(self) -> dict[str, list[str]]:
         """The rows each row is compared with in the report (the best of each kind, on the test split)."""
-        kinds = {"best source": self.cfg.source_names or [Path(s).name for s in self.cfg.sources]}
+        kinds = {"best source": list(self.space.source_names)}
         if self.cfg.baselines:
             kinds["best simple merge"] = list(baseline_recipes(self.cfg.base, self.cfg.sources))
         return kinds
@@ -112,7 +110,7 @@ class PathSession(_Scoring):
         self.model = self.paths.use(self.paths.identity(e))
         self.tokenizer = AutoTokenizer.from_pretrained(space.participants[e].directory())
         self.space = space.bind(self.paths.num_layers)
-        self._writers: dict[tuple[int, int], list[str]] | None = None
+        self._measured: dict[int, dict[int, list[str]]] = {}  # residual writers per participant, once
         self._prepare_scoring(cfg)
 
     def install(self, recipe: PathRecipe) -> None:
@@ -135,13 +133,7 @@ class PathSession(_Scoring):
         return {"best source": [p.label for p in participants if p.model is not None]}
 
     def mergekit_config(self, recipe: PathRecipe) -> dict[str, Any]:
-        if self._writers is None:  # measured once, on first export
-            self._writers = {
-                (p, layer): names
-                for p, model in enumerate(self.models)
-                for layer, names in residual_writers(model, self.paths.list_name).items()
-            }
-        return recipe.to_mergekit(self._writers)
+        return path_to_mergekit(recipe, self.models, self._measured)
 
 
 def make_session(cfg: "SearchConfig") -> Session | PathSession:
