@@ -48,7 +48,7 @@ def main() -> None:
 
     from evomerge.evaluate.evaluator import Evaluator
     from evomerge.evaluate.tasks import TaskSpec, load_task
-    from evomerge.zoo.build import SMALL, build_zoo, ensure_lm_eval_yamls
+    from evomerge.zoo.build import SMALL, build_zoo, ensure_current_tasks
 
     transformers.utils.logging.disable_progress_bar()
     logging.disable(logging.WARNING)
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128, help="all three (128 is the search's default)")
     args = ap.parse_args()
     zoo = Path(args.zoo) if args.zoo else build_zoo(Path(tempfile.mkdtemp()) / "zoo", SMALL)
-    ensure_lm_eval_yamls(zoo)
+    ensure_current_tasks(zoo)
     manifest = json.loads((zoo / "manifest.json").read_text())
     path = manifest["experts"]["expert_math"]
     model = AutoModelForCausalLM.from_pretrained(path).eval()

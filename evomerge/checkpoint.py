@@ -169,6 +169,10 @@ class Checkpoint:
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
 
+    def float_dtype(self) -> torch.dtype | None:
+        """The dtype its floating-point tensors are stored in (the first one's); None when it has none."""
+        return next((t.dtype for t in map(self.get, self.weight_map) if t.is_floating_point()), None)
+
     @property
     def model_type(self) -> str | None:
         return self.config.get("model_type")

@@ -36,9 +36,9 @@ def score_table(
 def _zoo_config(args):
     from dataclasses import replace
 
-    from .zoo.build import FULL, SMALL
+    from .zoo.build import FULL, SMOKE
 
-    cfg = SMALL if getattr(args, "small", False) else FULL
+    cfg = SMOKE if getattr(args, "small", False) else FULL
     return replace(cfg, seed=args.zoo_seed if hasattr(args, "zoo_seed") else args.seed)
 
 
@@ -107,6 +107,17 @@ def build_zoo_with_progress(args: argparse.Namespace, out: str | None, overwrite
         training.close()
 
 
+def current_zoo(zoo: Path) -> Path:
+    """A built zoo, whatever its config, with its tasks brought up to date (see `ensure_current_tasks`)."""
+    from .errors import EvomergeError
+    from .zoo.build import ensure_current_tasks
+
+    if not (zoo / "manifest.json").is_file():
+        raise EvomergeError(f"{zoo}: no zoo here (no manifest.json); `evomerge zoo build --out {zoo}` builds one")
+    ensure_current_tasks(zoo, say)
+    return zoo
+
+
 def say(message: str) -> None:
     console.print(f"[dim]{message}[/dim]")
 
@@ -165,7 +176,7 @@ def _search_config(args: argparse.Namespace, space_path: Path, name: str, seed: 
     space = loaded.model_dump(exclude={"participants"} if isinstance(loaded, PathSpace) else set())
     manifest: dict[str, Any] | None = None
     if args.zoo:
-        manifest = json.loads((Path(args.zoo) / "manifest.json").read_text())
+        manifest = json.loads((current_zoo(Path(args.zoo)) / "manifest.json").read_text())
     base = args.base or space.get("base") or (manifest and manifest["base"])
     sources = args.sources or space.get("sources")
     names = None
@@ -248,6 +259,8 @@ def _make_search_config(args, name, seed, space, base, sources, names, specs, su
         evaluator=args.evaluator,
         heartbeat=args.heartbeat,
         max_failures=args.max_failures,
+        select_top=args.select_top,
+        select_every=args.select_every,
     )
 
 
@@ -279,6 +292,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def _print_report(report: dict[str, Any] | None, title: str | None = None) -> None:
     """The held-out table, with each row's paired difference from the best source and the best simple merge."""
+    from .report import selection_line
     from .significance import short
 
     if not report:
@@ -289,6 +303,8 @@ def _print_report(report: dict[str, Any] | None, title: str | None = None) -> No
         f"Δ vs {c['ref']}": {row: short(c["rows"].get(row)) for row in report["rows"]} for c in significance.values()
     }
     console.print(score_table(title, report["rows"], report["tasks"] + ["fitness"], notes))
+    if "best_trial" in report:
+        console.print(selection_line(report))
     if significance:
         refs = ", ".join(f"the {kind} ({c['ref']})" for kind, c in significance.items())
         console.print(
@@ -411,22 +427,19 @@ def _evaluated_now(args: argparse.Namespace, run_dir: Path) -> int | None:
 
 def _refresh_report(args: argparse.Namespace, run_dir: Path) -> None:
     from .evaluate.tasks import searching
-    from .search.loop import best_trial, final_report, open_study, write_best
+    from .search.loop import best_trial, conclude, open_study
     from .search.session import make_session
 
     cfg = _run_config(args, run_dir)
     study = open_study(cfg, create=False)
-    best = best_trial(study)
-    if best is None:
+    if best_trial(study) is None:
         from .errors import EvomergeError
 
         raise EvomergeError(f"run {cfg.name!r} has no complete trial to report")
-    say("loading the models to score the current best recipe on the held-out test split")
+    say("loading the models to choose the run's recipe and score it on the held-out test split")
     with searching():
         session = make_session(cfg)
-    recipe = session.space.decode(best.params, name=f"{cfg.name}-best")
-    write_best(run_dir, recipe, session.mergekit_config)
-    final_report(cfg, session, recipe, study)
+    conclude(cfg, study, session, say)
 
 
 # ---- soup --------------------------------------------------------------------------------------
@@ -516,8 +529,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Build or reuse the zoo, evolve a recipe for the composed task, print the paper-style table."""
     import statistics
 
-    zoo = build_zoo_with_progress(args, args.zoo)
-    args.zoo = str(zoo)
+    given = args.zoo and (Path(args.zoo) / "manifest.json").is_file()
+    args.zoo = str(current_zoo(Path(args.zoo)) if given else build_zoo_with_progress(args, args.zoo))
+    args.trials = args.trials or (40 if args.small else 200)
     reports = []
     space = Path(args.space or DEFAULT_DEMO_SPACE)
     # a smoke run never blocks the full demo, nor one space's demo another's
@@ -563,7 +577,8 @@ def _demo_path_runs(args: argparse.Namespace, space: Path, run: str, seed: int) 
     from .significance import compare_rows
 
     def renamed(part: dict[str, Any]) -> dict[str, Any]:
-        return {("PS" if k == "evolved" else k): v for k, v in part.items()}
+        names = {"evolved": "PS", "best on search": "PS, best on search"}
+        return {names.get(k, k): v for k, v in part.items()}
 
     rows, per_item = renamed(ps_report["rows"]), renamed(ps_report.get("per_item", {}))
     for label, report in (("DFS", dfs), ("PS+DFS", both)):
@@ -586,7 +601,12 @@ def _add_search_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
         help="tasks to optimize; default: every task in --tasks, else the zoo's composed task",
     )
     p.add_argument("--optimizer", default="cma", choices=OPTIMIZERS, help="search algorithm")
-    p.add_argument("--trials", type=int, default=200 if demo else 100, help="stop when this many trials are complete")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=None if demo else 100,
+        help="stop when this many trials are complete" + (" (default 200; 40 with --small)" if demo else ""),
+    )
     p.add_argument("--popsize", type=int, default=None, help="population per generation (cma, optuna-cma, nsga2)")
     p.add_argument("--sigma0", type=float, default=0.2, help="cma: initial step size on the unit cube")
     _add_storage_args(p, "default: sqlite in RUNS_DIR/NAME/")
@@ -604,6 +624,15 @@ def _add_search_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
         "--ps-recipe",
         help="layer-path spaces: a parameter-space recipe whose merge joins the participants (PS+DFS) instead of "
         "running the space's ps: search first",
+    )
+    p.add_argument(
+        "--select-top",
+        type=int,
+        default=5,
+        help="candidates, best on search first, scored on the tasks' select split to choose the run's recipe",
+    )
+    p.add_argument(
+        "--select-every", type=int, default=0, help="also choose every this many trials (default 0: at the end)"
     )
     p.add_argument("--no-baselines", action="store_true", help="leave the simple merges out of the final report")
     p.add_argument("--max-failures", type=int, default=10, help="failed candidates in a row that stop the search")
@@ -649,7 +678,7 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     )
     b.add_argument("--out", default=None, help="directory; default: ~/.cache/evomerge/zoo-<config hash>")
     b.add_argument("--seed", type=int, default=0, help="seed of the generated world, data and training")
-    b.add_argument("--small", action="store_true", help="a tiny, fast build (tests, CI)")
+    b.add_argument("--small", action="store_true", help="the smoke zoo: small models, built in about a minute")
     b.add_argument("--overwrite", action="store_true", help="rebuild even if a zoo exists at --out")
     b.set_defaults(func=cmd_zoo_build)
 
@@ -657,7 +686,7 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     p.add_argument("model", help="model directory (a hub id only with --hub)")
     p.add_argument("--tasks", required=True, help="a zoo directory/manifest or a task file")
     p.add_argument("--task-names", nargs="+", help="tasks to score; default: all listed")
-    p.add_argument("--split", default="test", choices=["search", "test"], help="which split to score")
+    p.add_argument("--split", default="test", choices=["search", "select", "test"], help="which split to score")
     _add_evaluator_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -718,6 +747,8 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one search per seed")
     p.add_argument("--zoo-seed", type=int, default=0, help="seed of the zoo build")
-    p.add_argument("--small", action="store_true", help="use the tiny zoo (a fast smoke run)")
+    p.add_argument(
+        "--small", action="store_true", help="a smoke run: the small zoo and 40 trials (about 2 minutes on 2 cores)"
+    )
     _add_search_args(p, demo=True)
     p.set_defaults(func=cmd_demo)

@@ -5,6 +5,7 @@ recipe straight into a target model's parameters, with no disk I/O and no new mo
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -283,10 +284,17 @@ def write_merged(
 
     floats = {n: reference.get(n).is_floating_point() for n in names}
     # no dtype given: task vectors and output in the sources' dtype, as mergekit computes and writes them (a bf16
-    # model stays bf16; TIES ranks the same rounded |δ|); sums still accumulate in float32
-    stored = next((reference.get(n).dtype for n in names if floats[n]), torch.float32)
+    # model stays bf16; TIES ranks the same rounded |δ|); sums still accumulate in float32. Models stored in
+    # different dtypes are merged in the one that holds them all (bf16 + fp16 → fp32, as torch promotes them)
+    stored, mixed = stored_dtype([base, *sources] if base is not None else sources)
     work = parse_dtype(recipe.dtype or stored)
     final = parse_dtype(out_dtype or recipe.out_dtype or recipe.dtype or stored)
+    if mixed:
+        note = (
+            f"The models are stored in different dtypes ({mixed}): merged in {_name(work)}, written in {_name(final)}"
+        )
+        log.warning("%s", note)
+        card_extra = f"{card_extra}{note}.\n\n"
     shapes = {n: (reference.shape(n), final if floats[n] else reference.get(n).dtype) for n in names}
     config = set_config_dtype(dict(reference.config), final)
     tok_src = reference.path
@@ -305,9 +313,22 @@ def write_merged(
     )
 
 
+def stored_dtype(checkpoints: list[Checkpoint]) -> tuple[torch.dtype, str]:
+    """The dtype that holds every checkpoint's floating-point tensors, and each checkpoint's dtype when they differ
+    ("" when they agree)."""
+    dtypes = {Path(c.path).name: c.float_dtype() or torch.float32 for c in checkpoints}
+    common = functools.reduce(torch.promote_types, dtypes.values())
+    mixed = len(set(dtypes.values())) > 1
+    return common, ", ".join(f"{name} {_name(d)}" for name, d in dtypes.items()) if mixed else ""
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def set_config_dtype(config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     """A written model's config names the dtype of its weights (under the key it has: `dtype` or `torch_dtype`)."""
-    name = str(dtype).removeprefix("torch.")
+    name = _name(dtype)
     for key in ("torch_dtype", "dtype"):
         if key in config:
             config[key] = name

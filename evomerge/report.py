@@ -51,6 +51,24 @@ def recipe_matrix(recipe: Recipe, space) -> tuple[list[str], list[str], list[lis
     return rows, columns, values
 
 
+def selection_line(report: dict[str, Any]) -> str:
+    """Which trial became the run's recipe, with its search and select fitness (and the best on search when the
+    select split chose another)."""
+    sel = report.get("selection") or {}
+    top = {c["trial"]: c for c in sel.get("top", [])}
+    if not top:
+        best, fitness = report["best_trial"], report["best_search_fitness"]
+        return f"the run's recipe: trial #{best}, the best on search ({fitness:.3f}; the tasks have no select split)"
+    chosen, first = top[sel["chosen"]], top[sel["best_on_search"]]
+    line = (
+        f"the run's recipe: trial #{chosen['trial']}, search {chosen['search']:.3f}, select {chosen['select']:.3f}, "
+        f"chosen on the select split among the top {len(top)} on search"
+    )
+    if chosen is not first:
+        line += f" (the best on search, trial #{first['trial']}: {first['search']:.3f}, select {first['select']:.3f})"
+    return line
+
+
 STYLE = (
     "body{font-family:sans-serif;max-width:960px;margin:2em auto}td,th{padding:4px 10px;text-align:right}"
     "td:first-child{text-align:left}"
@@ -127,7 +145,7 @@ def write_html_report(run_dir: Path, report: dict[str, Any], best: Recipe, space
     name = html.escape(report["name"])
     summary = (
         f"{report['n_trials']} trials, optimizer {html.escape(str(report['optimizer']))}, seed {report['seed']}; "
-        f"best trial #{report['best_trial']} (search fitness {report['best_search_fitness']})."
+        f"{html.escape(selection_line(report))}."
     )
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>evomerge run {name}</title>
 <style>{STYLE}</style></head><body>

@@ -305,7 +305,7 @@ def test_ps_dfs_search_runs_resumes_and_merges(small_zoo, tmp_path, capsys):
     assert main(args) == 0
     assert_first_trial_is_the_start_point(tmp_path / "pd")  # cma: the PS merge's own path first
     report = json.loads((tmp_path / "pd" / "report.json").read_text())
-    assert list(report["rows"]) == ["ps", "expert_math", "expert_lang_b", "expert_reverse", "evolved"]
+    assert list(report["rows"]) == ["ps", "expert_math", "expert_lang_b", "expert_reverse", "evolved", "best on search"]
     assert (tmp_path / "pd-ps" / "report.json").is_file()
     best = yaml.safe_load((tmp_path / "pd" / "best_recipe.yaml").read_text())
     assert best["models"][0]["name"] == "ps" and best["models"][0]["recipe"]["merge_method"] == "dare_ties"

@@ -14,6 +14,7 @@ import yaml
 from evomerge.cli import main
 from evomerge.errors import HeldOutError, TaskError
 from evomerge.evaluate.evaluator import Evaluator
+from evomerge.evaluate.lm_eval_adapter import check_lm_eval_task
 from evomerge.evaluate.native import NativeEvaluator
 from evomerge.evaluate.tasks import TaskSpec, load_specs, load_task, searching, write_jsonl
 
@@ -100,8 +101,8 @@ def local_tasks(small_zoo, random_model, tmp_path_factory):
     digits = [{"question": g["question"], "answer": "#### " + (n[-1][:1] if n else "x")} for g, n in zip(gsm, numbers)]
     write_task(folder, "gsm_digits", digits, **{**GSM8K_STYLE, "filter_list": first_digit})
     (folder / "gsm_group.yaml").write_text(yaml.safe_dump({"group": "gsm_group", "task": ["gsm_local", "gsm_digits"]}))
-    facts = load_task(load_specs(small_zoo, ["facts_a"])[0], "search").items
-    facts += load_task(load_specs(small_zoo, ["facts_b"])[0], "search").items
+    facts = [item for name in ("facts_a", "facts_b") for split in ("search", "select")
+             for item in load_task(load_specs(small_zoo, [name])[0], split).items]  # fmt: skip
     mc = {
         "output_type": "multiple_choice",
         "doc_to_text": "{{prompt}}",
@@ -145,6 +146,8 @@ def test_specs_round_trip_and_reject_what_they_cannot_mean(tmp_path):
     for bad, why in [
         ({"lm_eval": "t", "search_fraction": 1.0}, "search_fraction must be a number in \\(0, 1\\)"),
         ({"lm_eval": "t", "search_fraction": 0.5, "search_split": "validation"}, "not both"),
+        ({"lm_eval": "t", "select_fraction": 0.2, "select_split": "validation"}, "not both"),
+        ({"lm_eval": "t", "select_fraction": 0}, "select_fraction must be a number in \\(0, 1\\)"),
         ({"lm_eval": "t", "limit": 3}, "unknown key"),
         ({"lm_eval": ""}, "must name an lm-eval task"),
     ]:
@@ -166,13 +169,28 @@ def test_documents_split_once_seeded_disjoint_and_complete(local_tasks):
             load_task(a, "test")
 
 
+def test_a_select_fraction_is_carved_from_the_search_part_and_leaves_the_test_part_as_it_was(local_tasks):
+    plain = spec("facts_local", local_tasks, search_fraction=0.5)
+    carved = spec("facts_local", local_tasks, search_fraction=0.5, select_fraction=0.25)
+    parts = {split: set(load_task(carved, split).items) for split in ("search", "select", "test")}
+    assert parts["test"] == set(load_task(plain, "test").items)
+    assert parts["search"] | parts["select"] == set(load_task(plain, "search").items)
+    assert not parts["search"] & parts["select"] and len(parts["select"]) == round(0.25 * 16)
+    with searching(), pytest.raises(HeldOutError):
+        load_task(carved, "select")
+    assert check_lm_eval_task(carved) == {"search": 12, "select": 4, "test": 16}
+    assert "select" not in check_lm_eval_task(plain)
+
+
 def test_zoo_tasks_search_their_validation_split_and_report_their_test_split(small_zoo):
     native = load_specs(small_zoo, ["facts_a"])[0]
-    twin = spec("zoo_facts_a", small_zoo / "tasks" / "lm_eval")
-    for split in ("search", "test"):
+    twin = spec("zoo_facts_a", small_zoo / "tasks" / "lm_eval", select_split="select")
+    for split in ("search", "select", "test"):
         task = load_task(twin, split)
         docs = [task.source[leaf].eval_docs[i]["prompt"] for leaf, i in task.items]
         assert docs == [it["prompt"] for it in load_task(native, split).items]
+    with pytest.raises(TaskError, match="select_split 'test' is also searched or tested"):
+        check_lm_eval_task(spec("zoo_facts_a", small_zoo / "tasks" / "lm_eval", select_split="test"))
 
 
 def test_compiled_native_scores_equal_lm_eval_per_document(random_model, local_tasks, caplog):
@@ -292,7 +310,7 @@ def test_lm_eval_search_gives_the_native_fitness_trial_for_trial(small_zoo, tmp_
         "facts_b",
         "math_b",
         "--subsample",
-        "12",
+        "6",
         "--racing",
         "bound",
     ]

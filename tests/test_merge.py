@@ -194,3 +194,33 @@ def test_export_mergekit_cli(tmp_path, llama_family, capsys):
 def test_missing_recipe_file_is_a_clean_error(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_models_stored_in_different_dtypes_merge_in_the_one_that_holds_them_all(tmp_path, llama_family, caplog):
+    base, fts = llama_family
+    stored = {}
+    for d, dtype in zip(fts[:2], (torch.bfloat16, torch.float16)):
+        copy = tmp_path / f"{d.name}-{str(dtype).removeprefix('torch.')}"
+        shutil.copytree(d, copy)
+        tensors = load_file(copy / "model.safetensors")
+        save_file({k: v.to(dtype) for k, v in tensors.items()}, copy / "model.safetensors", metadata={"format": "pt"})
+        stored[copy] = dtype
+    bf16, fp16 = stored
+    for models, want in (([bf16, bf16], torch.bfloat16), ([bf16, fp16], torch.float32)):
+        recipe = {
+            "merge_method": "linear",
+            "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models],
+        }
+        out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        caplog.clear()
+        assert main(["merge", str(write_yaml(tmp_path / "r.yaml", recipe)), "--out", str(out)]) == 0
+        got = Checkpoint.open(out).get("model.norm.weight")
+        assert got.dtype == want
+        card = (out / "README.md").read_text()
+        if want == torch.float32:  # bf16 + fp16: neither holds the other; both are exact in float32
+            sources = [Checkpoint.open(m).get("model.norm.weight").float() for m in models]
+            assert torch.equal(got, (sources[0] + sources[1]) / 2)
+            note = f"({bf16.name} bfloat16, {fp16.name} float16): merged in float32, written in float32"
+            assert note in card and note in caplog.text
+        else:
+            assert "different dtypes" not in card and "different dtypes" not in caplog.text

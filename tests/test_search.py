@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 import signal
@@ -131,10 +132,10 @@ def test_same_seed_reproduces_the_same_trials(small_zoo, tmp_path):
             )
             == 0
         )
-    a = (tmp_path / "a" / "trials.csv").read_text().splitlines()
-    b = (tmp_path / "b" / "trials.csv").read_text().splitlines()
-    strip = lambda rows: [r.split(",")[:4] + r.split(",")[7:] for r in rows]  # noqa: E731  (drop timing columns)
-    assert strip(a) == strip(b)
+    a, b = (list(csv.DictReader(open(tmp_path / name / "trials.csv"))) for name in ("a", "b"))
+    for row in a + b:
+        row.pop("seconds")  # timing differs
+    assert a == b
 
 
 @pytest.mark.parametrize("optimizer", ["tpe", "optuna-cma", "nsga2", "random"])
@@ -332,14 +333,14 @@ def test_racing_and_subsampling_through_the_search_loop(small_zoo, tmp_path):
         "--racing",
         "halving",
         "--subsample",
-        "12",
+        "6",
         "--no-baselines",
     ]
     assert main(args) == 0
     study = optuna.load_study(study_name="race", storage=f"sqlite:///{tmp_path / 'race' / 'study.db'}")
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(done) == 8
-    assert all(t.user_attrs["n_examples"] <= 24 for t in done)  # 12 per task at most
+    assert all(t.user_attrs["n_examples"] <= 12 for t in done)  # 6 per task at most
     assert all("pruned" in t.user_attrs and "rung" in t.user_attrs for t in done)
     header = (tmp_path / "race" / "trials.csv").read_text().splitlines()[0]
     assert "pruned" in header and "n_examples" in header
@@ -439,3 +440,54 @@ def test_resume_evaluates_the_interrupted_candidate_again_and_reproduces_the_run
         assert after[:5] == whole[:5]
     else:
         assert after == whole  # the run is the uninterrupted one, trial for trial
+
+
+def test_the_select_split_chooses_the_runs_recipe_among_the_top_candidates(small_zoo, tmp_path, capsys):
+    args = ["search", "--zoo", str(small_zoo), "--space", str(SPACE), "--trials", "6", "--popsize", "3"]
+    args += ["--runs-dir", str(tmp_path), "--name", "s", "--no-baselines", "--task-names", "facts_a", "facts_b"]
+    args += ["--select-top", "3", "--select-every", "3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    rows = {int(r["number"]): r for r in csv.DictReader(open(tmp_path / "s" / "trials.csv"))}
+    top = report["selection"]["top"]
+    assert [c["search"] for c in top] == sorted((float(r["fitness"]) for r in rows.values()), reverse=True)[:3]
+    for c in top:
+        assert float(rows[c["trial"]]["select_fitness"]) == c["select"]
+    chosen = max(top, key=lambda c: (c["select"], c["search"], -c["trial"]))["trial"]
+    assert report["best_trial"] == report["selection"]["chosen"] == chosen
+    assert report["select_fitness"] == max(c["select"] for c in top)
+    # the choice after 3 trials scored all three on select, whatever the final top 3 are
+    assert all(rows[n]["select_fitness"] != "" for n in (0, 1, 2))
+    assert "best on search" in report["rows"] and f"the run's recipe: trial #{chosen}" in " ".join(out.split())
+    if chosen == report["selection"]["best_on_search"]:
+        assert report["rows"]["best on search"] == report["rows"]["evolved"]
+    # a resume scores no candidate on select twice
+    assert main(args) == 0
+    assert "on the select split" not in capsys.readouterr().out.split("the run's recipe")[0]
+
+
+def test_the_select_split_is_held_out_from_trials(small_zoo):
+    from evomerge.errors import HeldOutError
+    from evomerge.evaluate.tasks import load_specs, load_task, searching, selecting
+
+    spec = load_specs(small_zoo, ["facts_a"])[0]
+    with searching():
+        with pytest.raises(HeldOutError, match="select split"):
+            load_task(spec, "select")
+        with selecting():
+            assert load_task(spec, "select").items
+        with selecting(), pytest.raises(HeldOutError, match="test split"):
+            load_task(spec, "test")
+
+
+def test_without_a_select_split_the_best_on_search_is_the_runs_recipe(small_zoo, tmp_path, capsys):
+    spec = next(t for t in json.loads((small_zoo / "manifest.json").read_text())["tasks"] if t["name"] == "facts_a")
+    del spec["files"]["select"]
+    (tmp_path / "tasks.json").write_text(json.dumps([spec]))
+    args = ["search", "--zoo", str(small_zoo), "--space", str(SPACE), "--trials", "3", "--popsize", "3"]
+    assert main(args + ["--runs-dir", str(tmp_path), "--name", "n", "--tasks", str(tmp_path / "tasks.json")]) == 0
+    report = json.loads((tmp_path / "n" / "report.json").read_text())
+    best = max(complete_trials(tmp_path / "n" / "study.db"), key=lambda r: (r[1], -r[0]))[0]
+    assert report["best_trial"] == best and report["selection"]["top"] == [] and "best on search" not in report["rows"]
+    assert "no select split" in " ".join(capsys.readouterr().out.split())

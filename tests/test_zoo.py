@@ -1,9 +1,11 @@
 import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
-from evomerge.zoo.build import SMALL, build_zoo
+from evomerge.zoo.build import SMALL, TASKS_VERSION, build_zoo
 from evomerge.zoo.world import OPS, make_world, math_items
 
 
@@ -37,13 +39,42 @@ def test_small_build_loads_with_transformers_and_has_manifest(small_zoo):
 
 def test_task_splits_are_disjoint(small_zoo):
     m = json.loads((small_zoo / "manifest.json").read_text())
+    operands = lambda f: {tuple(sorted(json.loads(line)["prompt"].split()[1:4:2])) for line in open(f)}  # noqa: E731
     for t in m["tasks"]:
-        search = {line for line in open(t["files"]["search"])}
-        test = {line for line in open(t["files"]["test"])}
-        assert search and test and not (search & test), t["name"]
-        prompts = lambda f: {json.loads(line)["prompt"] for line in open(f)}  # noqa: E731
-        if t["kind"] == "generate":
-            assert not prompts(t["files"]["search"]) & prompts(t["files"]["test"])
+        assert set(t["files"]) == {"search", "select", "test"}
+        lines = {split: set(open(path)) for split, path in t["files"].items()}
+        assert all(lines.values()), t["name"]
+        assert not (
+            lines["search"] & lines["select"] or lines["search"] & lines["test"] or lines["select"] & lines["test"]
+        )
+        if t["name"].startswith("math"):  # no operand pair in two splits
+            pairs = {split: operands(path) for split, path in t["files"].items()}
+            assert not (pairs["search"] & pairs["select"] or pairs["select"] & pairs["test"]), t["name"]
+
+
+def test_a_zoo_built_before_select_splits_gets_them_without_retraining(small_zoo, tmp_path):
+    old = tmp_path / "zoo"
+    shutil.copytree(small_zoo, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for t in manifest["tasks"]:
+        search = Path(t["files"].pop("search").replace(str(small_zoo), str(old)))
+        select = Path(t["files"].pop("select").replace(str(small_zoo), str(old)))
+        search.write_text(search.read_text() + select.read_text())  # the search split as it was
+        select.unlink()
+        t["files"] = {k: v.replace(str(small_zoo), str(old)) for k, v in {**t["files"], "search": str(search)}.items()}
+    del manifest["tasks_version"]
+    manifest["scores"] = {k: {"search": v["search"], "test": v["test"]} for k, v in manifest["scores"].items()}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    weights = (old / "models" / "base" / "model.safetensors").stat().st_mtime_ns
+    assert build_zoo(old, SMALL) == old
+    updated = json.loads((old / "manifest.json").read_text())
+    assert updated["tasks_version"] == TASKS_VERSION
+    for t in updated["tasks"]:
+        assert set(t["files"]) == {"search", "select", "test"}
+        for split, path in t["files"].items():
+            assert Path(path).read_text() == (small_zoo / Path(path).relative_to(old)).read_text()
+    assert updated["scores"] == json.loads((small_zoo / "manifest.json").read_text())["scores"]
+    assert (old / "models" / "base" / "model.safetensors").stat().st_mtime_ns == weights
 
 
 def test_math_training_pairs_exclude_held_out_pairs():

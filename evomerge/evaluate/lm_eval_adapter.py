@@ -1,13 +1,16 @@
 """lm-eval tasks as evomerge tasks.
 
 A spec names a task the way mergekit-evolve does — `{lm_eval: <task or group>, metric: "acc,none", weight}`,
-plus optionally `include_path`, `search_split`/`test_split`, `search_fraction`, `split_seed`, `num_fewshot`.
+plus optionally `include_path`, `search_split`/`select_split`/`test_split`, `search_fraction`, `select_fraction`,
+`split_seed`, `num_fewshot`.
 Its task objects are built from the task's own YAML (`TaskManager(include_path, include_defaults=False)` when a
 folder is given: the default scan of every bundled task costs ~9 s), and its documents are divided once into a
 search part and a held-out test part:
 - the splits the spec names (`search_split`, `test_split`), else
 - the task's own `validation_split` (search) and `test_split` (test) when it defines both, else
-- a seeded random `search_fraction` (default 0.5) of its evaluation documents for search, the rest for test.
+- a seeded random `search_fraction` (default 0.5) of its evaluation documents for search, the rest for test;
+and, when asked, a select part (choosing the run's recipe): the split `select_split` names, or a seeded random
+`select_fraction` of the search part.
 Every document is scored on its own (lm-eval's logged samples), so subsampling and racing work as for native
 tasks, and a group scores the mean over all its subtasks' documents.
 
@@ -34,7 +37,7 @@ import torch
 
 from ..errors import TaskError, one_line
 from .native import EvalResult
-from .tasks import SPLITS, Task, TaskSpec
+from .tasks import SPLITS, Task, TaskSpec, has_select
 
 DEFAULT_FRACTION = 0.5
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed, plus a number from each document
@@ -46,8 +49,10 @@ SPEC_KEYS = {
     "weight",
     "include_path",
     "search_split",
+    "select_split",
     "test_split",
     "search_fraction",
+    "select_fraction",
     "split_seed",
     "num_fewshot",
     "apply_chat_template",
@@ -71,16 +76,18 @@ def spec_from_dict(d: dict[str, Any], root: Path | None = None) -> TaskSpec:
     if d.get("include_path"):
         include = Path(d["include_path"]).expanduser()
         opts["include_path"] = str((root / include) if root and not include.is_absolute() else include)
-    for key in ("search_split", "test_split"):
+    for key in ("search_split", "select_split", "test_split"):
         if key in d:
             opts[key] = str(d[key])
-    if "search_fraction" in d:
-        fraction = d["search_fraction"]
+    for key, named in (("search_fraction", "search_split"), ("select_fraction", "select_split")):
+        if key not in d:
+            continue
+        fraction = d[key]
         if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-            raise TaskError(f"{where}: search_fraction must be a number in (0, 1), got {fraction!r}")
-        if "search_split" in d:
-            raise TaskError(f"{where}: give search_split or search_fraction, not both")
-        opts["search_fraction"] = float(fraction)
+            raise TaskError(f"{where}: {key} must be a number in (0, 1), got {fraction!r}")
+        if named in d:
+            raise TaskError(f"{where}: give {named} or {key}, not both")
+        opts[key] = float(fraction)
     for key in ("split_seed", "num_fewshot"):
         if key in d:
             if not isinstance(d[key], int) or d[key] < 0:
@@ -107,8 +114,8 @@ def spec_from_dict(d: dict[str, Any], root: Path | None = None) -> TaskSpec:
 
 
 def from_native(spec: TaskSpec, folder: Path) -> TaskSpec:
-    """The lm-eval twin of a native jsonl task: its YAML written into `folder`, searched on its search split and
-    reported on its test split."""
+    """The lm-eval twin of a native jsonl task: its YAML written into `folder`, searched on its search split,
+    selected on its select split (when it has one) and reported on its test split."""
     write_task_yaml(folder, spec, f"evomerge_{spec.name}")
     metric = "acc,none" if spec.kind == "multiple_choice" else "exact_match,none"
     return spec_from_dict(
@@ -120,13 +127,15 @@ def from_native(spec: TaskSpec, folder: Path) -> TaskSpec:
             "include_path": str(folder),
             "search_split": "search",
             "test_split": "test",
+            **({"select_split": "select"} if "select" in spec.files else {}),
         }
     )
 
 
 def write_task_yaml(folder: Path, spec: TaskSpec, task_name: str) -> Path:
     """An lm-eval YAML for a native jsonl task: its search split as the validation split, its test split as the
-    test split, scored as the native evaluator scores it (exact match of stripped strings, or accuracy)."""
+    test split (a select split is in its data files, for `select_split`), scored as the native evaluator scores it
+    (exact match of stripped strings, or accuracy)."""
     import yaml
 
     cfg: dict[str, Any] = {
@@ -257,9 +266,10 @@ def _check_metric(spec: TaskSpec, leaf: Any) -> None:
 
 
 def select_part(spec: TaskSpec, name: str, leaf: Any, split: str) -> list[int]:
-    """The document ids of `leaf` (an lm-eval subtask) in the search or the test part. With named splits the
-    leaf is pointed at that split (its evaluation docs become the part); otherwise its evaluation docs are
-    shuffled with the spec's seed and cut at `search_fraction`."""
+    """The document ids of `leaf` (an lm-eval subtask) in the search, select or test part. A named split points the
+    leaf at that split (its evaluation docs become the part); otherwise its evaluation docs are shuffled with the
+    spec's seed and cut at `search_fraction`. `select_fraction` carves the select part out of the search part, so
+    the test part is the same with or without one."""
     opts = spec.lm_eval
     cfg = leaf.config
     if not hasattr(leaf, "evomerge_splits"):  # the task's own splits, before a part points it elsewhere
@@ -269,21 +279,38 @@ def select_part(spec: TaskSpec, name: str, leaf: Any, split: str) -> list[int]:
         search_split = None
     else:
         search_split = opts.get("search_split") or (validation if validation is not None and test is not None else None)
+    test_split = (opts.get("test_split") or test or validation) if search_split is not None else (test or validation)
+    if search_split is not None and search_split == test_split:
+        raise TaskError(f"lm-eval task {spec.name}: search and test split are both {search_split!r}")
+    if "select_split" in opts and opts["select_split"] in (search_split, test_split):
+        raise TaskError(f"lm-eval task {spec.name}: select_split {opts['select_split']!r} is also searched or tested")
+    if split == "select" and "select_split" in opts:
+        return _point_at(spec, name, leaf, opts["select_split"])
     if search_split is not None:
-        test_split = opts.get("test_split") or test or validation
-        chosen = search_split if split == "search" else test_split
-        if search_split == test_split:
-            raise TaskError(f"lm-eval task {spec.name}: search and test split are both {search_split!r}")
-        available = sorted(leaf.dataset) if hasattr(leaf.dataset, "keys") else []
-        if chosen not in available:
-            raise TaskError(f"lm-eval task {spec.name}: {name} has no split {chosen!r} (splits: {available})")
-        cfg.test_split = chosen  # evaluation docs = this split's docs
-        return list(range(len(leaf.eval_docs)))
-    n = len(leaf.eval_docs)
-    ids = list(range(n))
-    random.Random(f"{opts.get('split_seed', 0)}/{name}").shuffle(ids)
-    cut = round(opts.get("search_fraction", DEFAULT_FRACTION) * n)
+        if split == "test":
+            return _point_at(spec, name, leaf, test_split)
+        ids = _point_at(spec, name, leaf, search_split)
+    else:  # the evaluation docs (test, else validation), pointed at again: a select part may have moved them
+        ids = _point_at(spec, name, leaf, test_split) if test_split else list(range(len(leaf.eval_docs)))
+        random.Random(f"{opts.get('split_seed', 0)}/{name}").shuffle(ids)
+        cut = round(opts.get("search_fraction", DEFAULT_FRACTION) * len(ids))
+        if split == "test":
+            return sorted(ids[cut:])
+        ids = ids[:cut]
+    if "select_fraction" not in opts:
+        return sorted(ids)
+    random.Random(f"{opts.get('split_seed', 0)}/select/{name}").shuffle(ids)
+    cut = round((1 - opts["select_fraction"]) * len(ids))
     return sorted(ids[:cut] if split == "search" else ids[cut:])
+
+
+def _point_at(spec: TaskSpec, name: str, leaf: Any, split_name: str) -> list[int]:
+    """Make `split_name` the leaf's evaluation docs; all their ids."""
+    available = sorted(leaf.dataset) if hasattr(leaf.dataset, "keys") else []
+    if split_name not in available:
+        raise TaskError(f"lm-eval task {spec.name}: {name} has no split {split_name!r} (splits: {available})")
+    leaf.config.test_split = split_name  # evaluation docs = this split's docs
+    return list(range(len(leaf.eval_docs)))
 
 
 def _part_items(spec: TaskSpec, leaves: dict[str, Any], split: str) -> list[tuple[str, int]]:
@@ -300,9 +327,10 @@ def load_lm_eval_task(spec: TaskSpec, split: str) -> Task:
 
 
 def check_lm_eval_task(spec: TaskSpec) -> dict[str, int]:
-    """Build the task and count the documents of both parts (the test part is counted, never scored)."""
+    """Build the task and count the documents of its parts (the held-out ones are counted, never scored)."""
     leaves = build_leaves(spec)
-    return {split: len(_part_items(spec, leaves, split)) for split in SPLITS}
+    splits = [s for s in SPLITS if s != "select" or has_select(spec)]
+    return {split: len(_part_items(spec, leaves, split)) for split in splits}
 
 
 def partition_record(tasks: Sequence[Task]) -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""Task definitions: jsonl files with a `search` split (used while optimizing) and a `test` split (scored
-once, for the final report), or an lm-eval task or group whose docs are split into a search part and a test
-part (`lm_eval_adapter`).
+"""Task definitions: jsonl files with a `search` split (the fitness while optimizing), an optional `select` split
+(choosing the run's recipe among the best candidates on search) and a `test` split (scored once, for the final
+report), or an lm-eval task or group whose docs are divided into the same parts (`lm_eval_adapter`).
 
-The held-out discipline is enforced here: while a search runs (`searching()` is active) loading a test
-split raises `HeldOutError`, so no code path can peek at the test split during optimization.
+The held-out discipline is enforced here: while a search runs (`searching()` is active) loading a test split
+raises `HeldOutError`, and so does loading a select split outside `selecting()`, so no candidate is scored on
+data that is meant to judge it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any, Callable, Iterator
 
 from ..errors import HeldOutError, TaskError
 
-SPLITS = ("search", "test")
+SPLITS = ("search", "select", "test")
+REQUIRED = ("search", "test")  # a select split is optional: without one the run's recipe is the best on search
 _state = threading.local()
 
 
@@ -35,6 +37,17 @@ def searching() -> Iterator[None]:
 
 def in_search() -> bool:
     return getattr(_state, "searching", False)
+
+
+@contextlib.contextmanager
+def selecting() -> Iterator[None]:
+    """Mark the enclosed code as the selection step of a search: select splits can be loaded inside it."""
+    prev = getattr(_state, "selecting", False)
+    _state.selecting = True
+    try:
+        yield
+    finally:
+        _state.selecting = prev
 
 
 @dataclass
@@ -114,6 +127,8 @@ def load_task(spec: TaskSpec, split: str) -> Task:
         raise TaskError(f"split must be one of {SPLITS}, got {split!r}")
     if split == "test" and in_search():
         raise HeldOutError(f"task {spec.name}: the test split is held out and cannot be scored during a search")
+    if split == "select" and in_search() and not getattr(_state, "selecting", False):
+        raise HeldOutError(f"task {spec.name}: the select split only scores the top candidates, never a trial")
     if spec.kind == "lm_eval":
         from .lm_eval_adapter import load_lm_eval_task
 
@@ -128,10 +143,20 @@ def check_task_files(spec: TaskSpec) -> dict[str, int]:
         from .lm_eval_adapter import check_lm_eval_task
 
         return check_lm_eval_task(spec)
-    missing = [split for split in SPLITS if split not in spec.files]
+    missing = [split for split in REQUIRED if split not in spec.files]
     if missing:
         raise TaskError(f"task {spec.name}: no {' or '.join(missing)} split (files: {sorted(spec.files)})")
+    unknown = sorted(set(spec.files) - set(SPLITS))
+    if unknown:
+        raise TaskError(f"task {spec.name}: unknown split(s) {unknown}; splits are {', '.join(SPLITS)}")
     return {split: len(_read_items(spec, split)) for split in spec.files}
+
+
+def has_select(spec: TaskSpec) -> bool:
+    """Whether the task defines a select part (a `select` file; for lm-eval, `select_split` or `select_fraction`)."""
+    if spec.kind == "lm_eval":
+        return "select_split" in spec.lm_eval or "select_fraction" in spec.lm_eval
+    return "select" in spec.files
 
 
 def _read_items(spec: TaskSpec, split: str) -> list[dict[str, Any]]:

@@ -1,9 +1,10 @@
 """The search: propose → materialize in place → score on the search split → tell, every candidate a trial.
 
 A run lives in `runs/<name>/`: the Optuna study (`study.db` unless --storage names an RDB URL), the run
-config (`config.json`), `trials.csv`, `best_recipe.yaml` and `best_mergekit.yaml` (rewritten on every
-improvement), the cma state, and at the end `report.json`/`report.html` with the held-out test scores of
-the best recipe next to the baselines. Running the same command again resumes: finished trials stay, an
+config (`config.json`), `trials.csv`, `best_recipe.yaml` and `best_mergekit.yaml` (the best on search, rewritten
+on every improvement; once the tasks' select split has chosen among the top candidates, the chosen one), the cma
+state, and at the end `report.json`/`report.html` with the held-out test scores of the run's recipe next to the
+baselines. Running the same command again resumes: finished trials stay, an
 interrupted one is marked failed and its candidate evaluated again.
 """
 
@@ -35,6 +36,7 @@ from ..space import BoundSpace, SearchSpace
 from . import OPTIMIZERS, reliability
 from .optimizers import CMAOptimizer, GreedySoupOptimizer, OptunaOptimizer, completed, make_sampler, sampler_seed
 from .reliability import StorageUnavailable, fail_stale_trials, run_lock
+from .selection import Selection, select, select_scores
 from .session import PathSession, Session, make_session
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ class SearchConfig:
     evaluator: str = "auto"  # auto | native | lm-eval (evaluate/evaluator.py)
     heartbeat: float = reliability.HEARTBEAT_SECONDS  # seconds between a running trial's heartbeats
     max_failures: int = 10  # failed candidates in a row that stop the search
+    select_top: int = 5  # candidates (best on search) scored on the select split to choose the run's recipe
+    select_every: int = 0  # also choose every this many trials (0: at the end only)
 
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
@@ -90,7 +94,17 @@ class SearchConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that define the experiment; a resume must match them."""
         d = asdict(self)
-        for k in ("trials", "storage", "runs_dir", "device", "batch_size", "baselines", "heartbeat", "max_failures"):
+        operational = (
+            "trials",
+            "storage",
+            "runs_dir",
+            "device",
+            "batch_size",
+            "baselines",
+            "heartbeat",
+            "max_failures",
+        )
+        for k in (*operational, "select_top", "select_every"):  # a selection reads the trials; any K or N fits
             d.pop(k)
         d["space"] = self.search_space().model_dump()  # with defaults: a field added later does not change it
         return json.loads(json.dumps(d))
@@ -136,6 +150,8 @@ def validate(cfg: SearchConfig) -> None:
             )
     if cfg.max_failures < 1:
         raise RecipeError(f"--max-failures must be ≥ 1, got {cfg.max_failures}")
+    if cfg.select_top < 1 or cfg.select_every < 0:
+        raise RecipeError(f"--select-top must be ≥ 1 and --select-every ≥ 0, got {cfg.select_top}, {cfg.select_every}")
     if cfg.storage:
         reliability.check_storage(cfg.storage_url())
 
@@ -208,18 +224,32 @@ def run_search(
         if not worker:
             held.enter_context(run_lock(run_dir, study, cfg.heartbeat))
             atomic_write_text(run_dir / "config.json", json.dumps(cfg.public(), indent=2) + "\n")
-        best_value = _search_loop(cfg, study, session, worker, on_trial)
-    best = best_trial(study)
-    best_recipe = session.space.decode(best.params, name=f"{cfg.name}-best") if best else None
-    outcome = SearchOutcome(run_dir, best_recipe, best_value)
+        best_value = _search_loop(cfg, study, session, worker, on_trial, say)
     # a worker that finds the study done (its own last trials too) writes the final report
     last_worker = worker and len(evaluated(study)) >= cfg.trials and reliability.settle(study, cfg.heartbeat)
-    if best_recipe is not None and (not worker or last_worker):
-        write_best(run_dir, best_recipe, session.mergekit_config)
-        references = ", ".join(session.references())
-        say(f"scoring {references} and the evolved recipe on the held-out test split")
-        outcome.report = final_report(cfg, session, best_recipe, study)
-    return outcome
+    if not worker or last_worker:
+        recipe, report = conclude(cfg, study, session, say)
+        return SearchOutcome(run_dir, recipe, best_value, report)
+    best = best_trial(study)
+    return SearchOutcome(
+        run_dir, session.space.decode(best.params, name=f"{cfg.name}-best") if best else None, best_value
+    )
+
+
+def conclude(
+    cfg: SearchConfig, study: optuna.Study, session: Session | PathSession, say: Callable[[str], None] = log.info
+) -> tuple[Any, dict[str, Any]]:
+    """Choose the run's recipe (the select split among the top candidates), write it, and score it and the
+    references once on the held-out test split. (None, {}) when no trial is complete."""
+    with searching():
+        selection = select(cfg, study, session, say)
+    if selection is None:
+        return None, {}
+    recipe = session.space.decode(selection.chosen.params, name=f"{cfg.name}-best")
+    write_best(cfg.run_dir(), recipe, session.mergekit_config)
+    references = ", ".join(session.references())
+    say(f"scoring {references} and the evolved recipe on the held-out test split")
+    return recipe, final_report(cfg, session, recipe, study, selection)
 
 
 def _record_partitions(cfg: SearchConfig, study: optuna.Study, session: Session | PathSession) -> None:
@@ -244,10 +274,13 @@ def _search_loop(
     session: Session | PathSession,
     worker: bool,
     on_trial: Callable[[TrialInfo], None] | None,
+    say: Callable[[str], None] = log.info,
 ) -> float:
     """Ask, evaluate, tell until enough candidates are evaluated; returns the best search fitness. A failed
     candidate is a FAIL trial with its reason and the search goes on; `cfg.max_failures` failures in a row
-    stop it with the last reason. The study's storage retries by itself while the database is down."""
+    stop it with the last reason. The study's storage retries by itself while the database is down. Every
+    `cfg.select_every` trials (the searching process) the select split chooses among the top candidates and
+    the chosen one is written as the best recipe until the next choice."""
     space, run_dir = session.space, cfg.run_dir()
     stale = fail_stale_trials(study, cfg.heartbeat)
     if stale:
@@ -259,6 +292,7 @@ def _search_loop(
     best_value = best.user_attrs["fitness"] if best else float("-inf")
     failures = 0
     task_names = [s.name for s in session.specs]
+    chosen_once = bool(select_scores(study))
     with searching():
         while len(done := evaluated(study)) < cfg.trials:
             if worker:
@@ -297,12 +331,19 @@ def _search_loop(
                     )
                 continue
             failures = 0
+            n = len(done) + 1
             if not res.pruned and res.value > best_value:
                 best_value = res.value
-                best_recipe = space.decode(cand.params, name=f"{cfg.name}-trial{cand.trial.number}")
-                write_best(run_dir, best_recipe, session.mergekit_config)
+                if not chosen_once:
+                    best_recipe = space.decode(cand.params, name=f"{cfg.name}-trial{cand.trial.number}")
+                    write_best(run_dir, best_recipe, session.mergekit_config)
+            if cfg.select_every and not worker and n % cfg.select_every == 0 and n < cfg.trials:
+                selection = select(cfg, study, session, say)
+                if selection is not None and selection.candidates:
+                    chosen = space.decode(selection.chosen.params, name=f"{cfg.name}-trial{selection.chosen.number}")
+                    write_best(run_dir, chosen, session.mergekit_config)
+                    chosen_once = True
             if on_trial:
-                n = len(done) + 1
                 on_trial(
                     TrialInfo(cand.trial.number, res.value, res.scores, best_value, seconds, res.pruned, n, cfg.trials)
                 )
@@ -406,6 +447,7 @@ def write_best(run_dir: Path, recipe: Any, mergekit: Callable[[Any], dict]) -> N
 
 def write_trials_csv(study: optuna.Study, path: Path, task_names: list[str]) -> None:
     trials = study.get_trials(deepcopy=False)
+    selected = select_scores(study)
     param_names = sorted({p for t in trials for p in t.params})
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -415,6 +457,7 @@ def write_trials_csv(study: optuna.Study, path: Path, task_names: list[str]) -> 
             "state",
             "fitness",
             *[f"score:{n}" for n in task_names],
+            "select_fitness",
             "pruned",
             "n_examples",
             "seconds",
@@ -432,6 +475,7 @@ def write_trials_csv(study: optuna.Study, path: Path, task_names: list[str]) -> 
                 t.state.name,
                 a.get("fitness", ""),
                 *scores,
+                selected.get(t.number, {}).get("fitness", ""),
                 a.get("pruned", ""),
                 a.get("n_examples", ""),
                 a.get("seconds", ""),
@@ -444,9 +488,12 @@ def write_trials_csv(study: optuna.Study, path: Path, task_names: list[str]) -> 
 
 
 # ---- the held-out report ------------------------------------------------------------------------------
-def final_report(cfg: SearchConfig, session: Session | PathSession, best: Any, study: optuna.Study) -> dict[str, Any]:
+def final_report(
+    cfg: SearchConfig, session: Session | PathSession, best: Any, study: optuna.Study, selection: Selection
+) -> dict[str, Any]:
     """Score the references (base, sources, simple merges; or each participant of a layer path) and the evolved
-    recipe once on the test split (never during the search)."""
+    recipe once on the test split (never during the search). With a select split, the best candidate on search
+    is scored too (`best on search`), so the report shows what the selection changed; nothing is chosen by it."""
     from ..report import write_html_report
 
     specs = session.specs
@@ -454,10 +501,16 @@ def final_report(cfg: SearchConfig, session: Session | PathSession, best: Any, s
     evaluator = Evaluator(session.model, session.tokenizer, test_tasks, cfg.batch_size, cfg.evaluator)
     rows: dict[str, dict[str, float]] = {}
     per_item: dict[str, dict[str, dict[int, float]]] = {}
-    for label, recipe in [*session.references().items(), ("evolved", best)]:
+    on_search = selection.best_on_search
+    candidates = [*session.references().items(), ("evolved", best)]
+    if selection.candidates and on_search.number != selection.chosen.number:
+        candidates.append(("best on search", session.space.decode(on_search.params, name=f"{cfg.name}-on-search")))
+    for label, recipe in candidates:
         session.install(recipe)
         result = evaluator.evaluate()
         rows[label], per_item[label] = result.scores, result.per_item
+    if selection.candidates and "best on search" not in rows:  # the selection kept the best on search
+        rows["best on search"], per_item["best on search"] = dict(rows["evolved"]), per_item["evolved"]
     weights = {s.name: s.weight for s in specs}
     for row in rows.values():
         row["fitness"] = weighted_mean(row, weights)
@@ -469,7 +522,7 @@ def final_report(cfg: SearchConfig, session: Session | PathSession, best: Any, s
         if "fitness" in t.user_attrs
     ]
     failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
-    bt = best_trial(study)
+    chosen = selection.chosen
     report = {
         "name": cfg.name,
         "tasks": [s.name for s in specs],
@@ -479,8 +532,10 @@ def final_report(cfg: SearchConfig, session: Session | PathSession, best: Any, s
         "references": kinds,
         "significance": compare_rows(per_item, {k: r["fitness"] for k, r in rows.items()}, weights, kinds, cfg.seed),
         "per_item": per_item,
-        "best_trial": bt.number if bt else None,
-        "best_search_fitness": bt.user_attrs.get("fitness") if bt else None,
+        "best_trial": chosen.number,
+        "best_search_fitness": chosen.user_attrs.get("fitness"),
+        "select_fitness": select_scores(study).get(chosen.number, {}).get("fitness"),
+        "selection": selection.summary(),
         "n_trials": len(trials),
         "failed_trials": [{"number": t.number, "reason": t.user_attrs.get("fail_reason", "unknown")} for t in failed],
         "history": history,

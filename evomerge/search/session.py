@@ -4,18 +4,21 @@ search-split evaluator bound to it. `Session` installs parameter-space recipes (
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from ..engine import Engine
 from ..evaluate.evaluator import Evaluator
 from ..evaluate.fitness import Fitness
-from ..evaluate.tasks import load_task, searching
+from ..evaluate.tasks import has_select, load_task, searching, selecting
 from ..layer_path import LayerPaths, PathRecipe, load_participants
 from ..path_fold import path_to_mergekit
 from ..recipe import Recipe
 
 if TYPE_CHECKING:
     from .loop import SearchConfig
+
+log = logging.getLogger(__name__)
 
 
 class _Scoring:
@@ -37,6 +40,25 @@ class _Scoring:
             racing=cfg.racing,
             seed=cfg.seed,
         )
+        self._select: tuple[Evaluator, dict[str, float]] | None | bool = False  # built on first use
+
+    def select_scorer(self) -> tuple[Evaluator, dict[str, float]] | None:
+        """The evaluator over the tasks' select parts, with their weights (built on first use: most trials never
+        need it); None when no task has a select part."""
+        if self._select is False:
+            specs = [s for s in self.specs if has_select(s)]
+            missing = [s.name for s in self.specs if not has_select(s)]
+            if specs and missing:
+                log.warning(
+                    "task(s) %s have no select split; the selection scores %s", missing, [s.name for s in specs]
+                )
+            self._select = None
+            if specs:
+                with selecting():
+                    tasks = [load_task(s, "select") for s in specs]
+                evaluator = Evaluator(self.model, self.tokenizer, tasks, self.cfg.batch_size, self.cfg.evaluator)
+                self._select = (evaluator, {s.name: s.weight for s in specs})
+        return self._select
 
     def score(self, recipe: Any, call: int):
         self.install(recipe)

@@ -7,7 +7,8 @@ Models (all LlamaForCausalLM, one char-level tokenizer):
   `expert_math` (A arithmetic only), `expert_lang_b` (B text, with B arithmetic at a fifth of it, as a
   language model of B would see), `expert_reverse` (A reversal).
 - soup ingredients: fine-tunes of the math task with different learning rates and seeds.
-Tasks (jsonl, disjoint search/test splits; lm-eval YAMLs with absolute paths):
+Tasks (jsonl, disjoint search/select/test splits — select is half of the held-out items once searched, so
+training data are the same as before it existed; lm-eval YAMLs with absolute paths):
 - math_a (expert_math's), facts_b (expert_lang_b's, multiple choice), reverse_a (expert_reverse's),
   facts_a (multiple choice), and the composed target math_b: arithmetic asked in language B.
 """
@@ -29,6 +30,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..evaluate.tasks import TaskSpec, load_task, write_jsonl
+from ..recipe import atomic_write_text
 from . import world as W
 from .tokenizer import build_char_tokenizer
 from .train import train_lm
@@ -57,7 +59,7 @@ class ZooConfig:
 
 
 FULL = ZooConfig()
-SMALL = ZooConfig(
+SMALL = ZooConfig(  # the tests' zoo: trained for seconds, so every model is near chance
     hidden_size=32,
     num_layers=2,
     num_heads=2,
@@ -66,6 +68,24 @@ SMALL = ZooConfig(
     base_steps=30,
     expert_steps=10,
     soup_steps=5,
+    soup_lrs=(1e-4, 4e-4),
+    eval_ops_per_pair=1,
+)
+
+
+# `--small`: the smoke zoo (build ≈ 1 min on 2 cores): the experts learn their facts, arithmetic stays at a few
+# percent (small sums), so rows differ where SMALL — the tests' zoo, trained for seconds — scores zeros
+SMOKE = ZooConfig(
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=192,
+    batch_size=32,
+    base_steps=300,
+    base_lr=3e-3,
+    expert_steps=100,
+    expert_lr=1e-3,
+    soup_steps=30,
     soup_lrs=(1e-4, 4e-4),
     eval_ops_per_pair=1,
 )
@@ -113,15 +133,26 @@ def _streams(world: W.World, held_out_words: set[str]) -> dict[str, Callable[[ra
 
 
 # ---- tasks ---------------------------------------------------------------------------------------
+TASKS_VERSION = 2  # 2: a select split (half of the former search split); a zoo with older tasks gets them rewritten
+
+
+def _search_and_select(items: list[dict], group: int = 1) -> tuple[list[dict], list[dict]]:
+    """The first half of the items for search, the second for select, cut between groups of `group` items (the
+    items of one operand pair stay together: search and select never share a pair)."""
+    cut = len(items) // group // 2 * group
+    return items[:cut], items[cut:]
+
+
 def write_tasks(root: Path, world: W.World, final_root: Path | None = None, ops: int = 1) -> list[TaskSpec]:
     """Write every task's splits under `root`; the specs (and lm-eval YAMLs) name them under
     `final_root`, where the build is renamed to once complete."""
     specs = []
     final_root = (final_root or root).resolve()
 
-    def add(name, kind, search, test, **kw):
+    def add(name, kind, searched, test, group=1, **kw):
+        search, select = _search_and_select(searched, group)
         files = {}
-        for split, items in (("search", search), ("test", test)):
+        for split, items in (("search", search), ("select", select), ("test", test)):
             write_jsonl(root / "tasks" / name / f"{split}.jsonl", items)
             files[split] = str(final_root / "tasks" / name / f"{split}.jsonl")
         specs.append(TaskSpec(name=name, kind=kind, files=files, **kw))
@@ -131,6 +162,7 @@ def write_tasks(root: Path, world: W.World, final_root: Path | None = None, ops:
         "generate",
         W.math_items(world, "search", False, ops),
         W.math_items(world, "test", False, ops),
+        group=ops,
         metric="exact_match",
         max_new_tokens=4,
     )
@@ -139,6 +171,7 @@ def write_tasks(root: Path, world: W.World, final_root: Path | None = None, ops:
         "generate",
         W.math_items(world, "search", True, ops),
         W.math_items(world, "test", True, ops),
+        group=ops,
         metric="exact_match",
         max_new_tokens=4,
     )
@@ -161,10 +194,21 @@ def write_lm_eval_yamls(folder: Path, specs: list[TaskSpec]) -> None:
         write_task_yaml(folder, spec, f"zoo_{spec.name}")
 
 
-def ensure_lm_eval_yamls(zoo: Path) -> None:
-    """Write the lm-eval YAMLs of a zoo built before they had this form."""
-    specs = [TaskSpec.from_dict(t) for t in json.loads((zoo / "manifest.json").read_text())["tasks"]]
-    if not all((zoo / "tasks" / "lm_eval" / f"zoo_{s.name}.yaml").is_file() for s in specs):
+def ensure_current_tasks(zoo: Path, say: Callable[[str], None] = log.info) -> None:
+    """Bring the tasks of a zoo built by an earlier version up to date: the task files are a function of the world
+    seed alone (the models stay as they are); the manifest's scores are measured again."""
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    specs = [TaskSpec.from_dict(t) for t in manifest["tasks"]]
+    if manifest.get("tasks_version", 1) < TASKS_VERSION:
+        say(f"rewriting the tasks of {zoo} with a select split (models unchanged), then scoring the models again")
+        config = ZooConfig(**manifest["config"])
+        specs = write_tasks(zoo, W.make_world(config.seed), ops=config.eval_ops_per_pair)
+        models = {"base": manifest["base"], **manifest["experts"], **manifest["soup_ingredients"]}
+        tok = build_char_tokenizer(W.ALPHABET)
+        scores = score_models({k: Path(v) for k, v in models.items()}, specs, tok, say)
+        manifest.update(tasks=[s.to_dict() for s in specs], scores=scores, tasks_version=TASKS_VERSION)
+        atomic_write_text(zoo / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    elif not all((zoo / "tasks" / "lm_eval" / f"zoo_{s.name}.yaml").is_file() for s in specs):
         write_lm_eval_yamls(zoo / "tasks" / "lm_eval", specs)
 
 
@@ -202,7 +246,7 @@ def build_zoo(
     if (out / "manifest.json").is_file() and not overwrite:
         manifest = json.loads((out / "manifest.json").read_text())
         if manifest.get("config") == json.loads(json.dumps(asdict(config))):
-            ensure_lm_eval_yamls(out)
+            ensure_current_tasks(out, progress or log.info)
             return out
         raise FileExistsError(f"{out}: holds a zoo built with another config; pass --overwrite or another --out")
     say = progress or (lambda msg: log.info(msg))
@@ -225,7 +269,7 @@ def build_zoo(
         specs = write_tasks(work, world, final_root=out, ops=config.eval_ops_per_pair)
         held_out = {
             item["prompt"].split()[1]
-            for split in ("search", "test")
+            for split in ("search", "select", "test")
             for item in _read(work / "tasks" / "reverse_a" / f"{split}.jsonl")
         }
         streams = _streams(world, held_out)
@@ -303,6 +347,7 @@ def build_zoo(
         scores = score_models({k: Path(v) for k, v in models.items()}, specs_at(specs, work, out), tok, say)
         manifest = {
             "config": json.loads(json.dumps(asdict(config))),
+            "tasks_version": TASKS_VERSION,
             "seed": config.seed,
             "base": final["base"],
             "experts": {k: final[k] for k in experts},
@@ -356,7 +401,7 @@ def score_models(
 
     from ..evaluate.native import NativeEvaluator
 
-    tasks = {split: [load_task(s, split) for s in specs] for split in ("search", "test")}
+    tasks = {split: [load_task(s, split) for s in specs] for split in ("search", "select", "test")}
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for i, (name, path) in enumerate(models.items()):
         if say:
