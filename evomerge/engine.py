@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointError, check_compatible, check_finite, check_output_dir, write_model_dir
 from .layers import infer_num_layers
-from .methods import get_method, kernels, merge_deltas
+from .methods import get_method, kernels, merge_deltas, merge_tensors
 from .methods.fast import return_freed_memory
 from .recipe import Recipe, RecipeError, TensorPlan
 
@@ -264,8 +264,10 @@ def write_merged(
         with torch.no_grad():
             if base is None:
                 spec = get_method(plan.method)
-                if spec.family != "linear":
+                if spec.needs_base:
                     raise RecipeError(f"{plan.method} needs base_model")
+                if spec.family != "linear":
+                    return merge_tensors(plan.method, tensors, plan.source_params, plan.global_params)
                 weights = [p.get("weight", plan.global_params.get("weight")) for p in plan.source_params]
                 if any(w is None for w in weights):
                     raise RecipeError(f"linear: every model needs a weight (tensor {name})")

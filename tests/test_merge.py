@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from evomerge.checkpoint import Checkpoint
 from evomerge.cli import main
 from evomerge.engine import Engine
+from evomerge.methods import METHODS
 from evomerge.recipe import Recipe
 
 
@@ -224,3 +225,31 @@ def test_models_stored_in_different_dtypes_merge_in_the_one_that_holds_them_all(
             assert note in card and note in caplog.text
         else:
             assert "different dtypes" not in card and "different dtypes" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        ("nuslerp", {}),
+        ("multislerp", {}),
+        ("karcher", {}),
+        ("sce", {"select_topk": 0.5}),
+        ("nearswap", {"t": 0.01}),
+        ("arcee_fusion", {}),
+    ],
+)
+def test_the_engine_merges_the_newer_mergekit_methods_as_merge_writes_them(tmp_path, llama_family, method, params):
+    base, fts = llama_family
+    n = {"nuslerp": 2, "nearswap": 1, "arcee_fusion": 1}.get(method, len(fts))
+    weighted = "weight" in METHODS[method].source_params
+    models = [{"model": str(d), "parameters": {"weight": 0.3 + i} if weighted else {}} for i, d in enumerate(fts[:n])]
+    data = {"merge_method": method, "base_model": str(base), "models": models, "parameters": params}
+    engine = Engine(base, fts[:n])
+    in_memory = engine.merged(Recipe.from_dict(data))
+    assert main(["merge", str(write_yaml(tmp_path / "r.yaml", data)), "--out", str(tmp_path / "out")]) == 0
+    written = Checkpoint.open(tmp_path / "out")
+    changed = 0
+    for name, tensor in in_memory.items():
+        torch.testing.assert_close(tensor, written.get(name), rtol=0, atol=1e-6, msg=name)
+        changed += not torch.equal(tensor, engine.base[name])
+    assert changed > len(in_memory) // 2

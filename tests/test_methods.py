@@ -1,22 +1,22 @@
+import math
+
 import pytest
 import torch
 
-from evomerge.methods import MethodError, merge_deltas, merge_tensors
+from evomerge.methods import METHODS, MethodError, merge_deltas, merge_tensors
 from evomerge.methods.sparsify import magnitude, magnitude_outliers
 
-EVERY_METHOD = [
-    "linear",
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-    "slerp",
-    "model_stock",
-]
+EVERY_METHOD = list(METHODS)
+
+
+def example(method: str) -> tuple[int, list[dict], dict]:
+    """(sources, per-source parameters, merge-wide parameters) that `method` accepts and that change the base."""
+    spec = METHODS[method]
+    n = 1 if spec.max_sources == 1 else 2
+    given = {"weight": 0.6} if method in ("linear", "task_arithmetic") else {"weight": 0.6, "density": 0.5}
+    per_source = {k: v for k, v in {**given, "epsilon": 0.1}.items() if k in spec.source_params}
+    merge_wide = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.05}, "sce": {"select_topk": 0.5}}.get(method, {})
+    return n, [dict(per_source) for _ in range(n)], merge_wide
 
 
 def t(*v):
@@ -181,13 +181,8 @@ def test_linear_is_the_weighted_average():
 def test_every_method_writes_into_a_preallocated_output(method):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(16, 8, generator=g)
-    deltas = [torch.randn(16, 8, generator=g) * 0.1 for _ in range(1 if method == "slerp" else 2)]
-    params = [] if method in ("slerp", "model_stock") else [{"weight": 0.6, "density": 0.5}] * len(deltas)
-    if method in ("linear", "task_arithmetic"):
-        params = [{"weight": 0.6}] * len(deltas)
-    if method in ("della", "della_linear"):
-        params = [{"weight": 0.6, "density": 0.5, "epsilon": 0.1}] * len(deltas)
-    gp = {"t": 0.3} if method == "slerp" else {}
+    n, params, gp = example(method)
+    deltas = [torch.randn(16, 8, generator=g) * 0.1 for _ in range(n)]
     out = torch.empty_like(base)
     ptr = out.data_ptr()
     res = merge_deltas(method, base, deltas, params, gp, seed=1, key="k", out=out)
@@ -298,17 +293,37 @@ def test_every_method_accepts_bf16_task_vectors_and_output(method):
     """bf16 inputs (e.g. --delta-dtype bfloat16) merge like their fp32 upcast, rounded once."""
     g = torch.Generator().manual_seed(0)
     base = torch.randn(64, 32, generator=g).bfloat16()
-    n = 1 if method == "slerp" else 2
+    n, params, gp = example(method)
     deltas = [(torch.randn(64, 32, generator=g) * 0.1).bfloat16() for _ in range(n)]
-    params = (
-        []
-        if method in ("slerp", "model_stock")
-        else [{"weight": 0.6, "density": 0.5, **({"epsilon": 0.1} if "della" in method else {})} for _ in range(n)]
-    )
-    if method in ("linear", "task_arithmetic"):
-        params = [{"weight": 0.6}] * n
-    gp = {"t": 0.3} if method == "slerp" else {}
     got = merge_deltas(method, base, deltas, params, gp, seed=1, key="k")
     ref = merge_deltas(method, base.float(), [d.float() for d in deltas], params, gp, seed=1, key="k")
     assert got.dtype == torch.bfloat16
     assert (got.float() - ref).abs().max().item() <= 2**-7 * ref.abs().max().item()
+
+
+def test_the_methods_beyond_the_task_arithmetic_family_check_their_inputs():
+    base, d = torch.zeros(4), [torch.ones(4) * 0.1] * 3
+    for method, deltas, gp, why in [
+        ("nuslerp", d, {}, "nuslerp takes 2 non-base source"),
+        ("nearswap", d[:1], {"t": 0.0}, "t .* must be > 0"),
+        ("nearswap", d[:2], {"t": 0.1}, "nearswap takes 1 non-base source"),
+        ("sce", d, {"select_topk": 1.5}, "select_topk must be in \\[0, 1\\]"),
+        ("arcee_fusion", d[:2], {}, "arcee_fusion takes 1 non-base source"),
+    ]:
+        weights = [{"weight": 1.0}] * len(deltas) if "weight" in METHODS[method].source_params else []
+        with pytest.raises(MethodError, match=why):
+            merge_deltas(method, base, deltas, weights, gp)
+
+
+def test_nearswap_takes_entries_closer_than_t_whole_and_moves_the_others_by_t():
+    base = torch.zeros(4)
+    got = merge_deltas("nearswap", base, [torch.tensor([0.05, -0.05, 0.5, -2.0])], [], {"t": 0.1})
+    assert torch.allclose(got, torch.tensor([0.05, -0.05, 0.1, -0.1]))
+
+
+def test_spherical_methods_without_a_base_interpolate_the_models_themselves():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    mid = merge_tensors("nuslerp", [a, b], [{"weight": 1.0}, {"weight": 1.0}])
+    assert torch.allclose(mid, (a + b) * math.sin(math.pi / 4), atol=1e-6)  # a quarter turn, halved: sin(π/4)(a+b)
+    assert torch.allclose(merge_tensors("multislerp", [a, a * 3], [{"weight": 1.0}, {"weight": 1.0}]), a * 2)
+    assert torch.allclose(merge_tensors("karcher", [a, a * 3]), a * 2)

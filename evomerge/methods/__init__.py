@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import kernels
+from . import kernels, selective, spherical
 from .registry import METHODS, MethodError, MethodSpec, get_method, resolve_params
 
 __all__ = [
@@ -68,7 +68,34 @@ def merge_deltas(
         return kernels.slerp_delta(float(g["t"]), base, deltas[0], out=out)
     if spec.family == "model_stock":
         return kernels.model_stock(base, deltas, filter_wise=bool(g["filter_wise"]), out=out)
+    if spec.family == "karcher":  # a mean of the models themselves, the base among them (as mergekit takes it)
+        merged = spherical.karcher([base, *(base + d for d in deltas)], int(g["max_iter"]), float(g["tol"]))
+        return _written(merged, base, out)
+    change = merged_change(spec, base, deltas, params, g)
+    return _written(base.to(change.dtype) + change, base, out)
+
+
+def merged_change(
+    spec: MethodSpec, base: torch.Tensor, deltas: Sequence[torch.Tensor], params: list[dict], g: dict[str, Any]
+) -> torch.Tensor:
+    """The change to the base of the methods with kernels of their own (spherical.py, selective.py)."""
+    if spec.family == "nuslerp":
+        t = spherical.nuslerp_t([p["weight"] for p in params])
+        return spherical.nuslerp(t, deltas[0], deltas[1], bool(g["nuslerp_row_wise"]), bool(g["nuslerp_flatten"]))
+    if spec.family == "multislerp":
+        weights = [p["weight"] for p in params]
+        return spherical.multislerp(deltas, weights, bool(g["normalize_weights"]), float(g["eps"]))
+    if spec.family == "sce":
+        return selective.sce(deltas, float(g["select_topk"]))
+    if spec.family == "nearswap":
+        return selective.nearswap(float(g["t"]), deltas[0])
+    if spec.family == "arcee_fusion":
+        return selective.arcee_fusion(base, deltas[0])
     raise MethodError(f"no kernel for family {spec.family}")
+
+
+def _written(merged: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return merged.to(base.dtype) if out is None else out.copy_(merged)
 
 
 def merge_tensors(
@@ -87,6 +114,12 @@ def merge_tensors(
     if spec.family == "linear" and base is None:
         params, g = resolve_params(spec, len(tensors), source_params, dict(global_params or {}))
         return kernels.linear(tensors, [p["weight"] for p in params], normalize=bool(g["normalize"]))
+    if base is None and not spec.needs_base:  # the spherical methods on the models themselves
+        params, g = resolve_params(spec, len(tensors), source_params, dict(global_params or {}))
+        if spec.family == "karcher":
+            return spherical.karcher(tensors, int(g["max_iter"]), float(g["tol"])).to(tensors[0].dtype)
+        zero = torch.zeros((), dtype=tensors[0].dtype)  # from a zero base, the change is the result
+        return merged_change(spec, zero, tensors, params, g).to(tensors[0].dtype)
     if base is None:
         raise MethodError(f"{method} needs a base model tensor")
     if spec.family == "slerp":

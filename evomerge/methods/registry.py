@@ -15,7 +15,8 @@ from ..errors import MethodError
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    family: str  # "task_arithmetic" (sparsify → weight → consensus → sum), "linear", "slerp", "model_stock"
+    family: str  # "task_arithmetic" (sparsify → weight → consensus → sum), "linear", "slerp", "model_stock", or
+    # a method of its own (nuslerp, multislerp, karcher, sce, nearswap, arcee_fusion)
     sparsification: str | None = None  # magnitude | random | magnitude_outliers | rank_magnitude
     consensus: str | None = None  # "sum" sign election, or None
     needs_base: bool = True
@@ -65,6 +66,27 @@ METHODS: dict[str, MethodSpec] = {
         _gta("della_linear", "rank_magnitude", None, normalize=False, rescale=True),
         MethodSpec("slerp", "slerp", global_params={"t": None}, min_sources=1, max_sources=1),
         MethodSpec("model_stock", "model_stock", global_params={"filter_wise": False}, min_sources=2),
+        # the methods below: plain torch kernels (spherical.py, selective.py), parity with mergekit 0.1.5
+        MethodSpec(
+            "nuslerp",
+            "nuslerp",
+            needs_base=False,  # with a base: SLERP of the two task vectors
+            source_params={"weight": None},
+            global_params={"nuslerp_row_wise": False, "nuslerp_flatten": True},
+            min_sources=2,
+            max_sources=2,
+        ),
+        MethodSpec(
+            "multislerp",
+            "multislerp",
+            needs_base=False,
+            source_params={"weight": None},
+            global_params={"normalize_weights": True, "eps": 1e-8},
+        ),
+        MethodSpec("karcher", "karcher", needs_base=False, global_params={"max_iter": 10, "tol": 1e-5}),
+        MethodSpec("sce", "sce", global_params={"select_topk": 1.0}),
+        MethodSpec("nearswap", "nearswap", global_params={"t": None}, min_sources=1, max_sources=1),
+        MethodSpec("arcee_fusion", "arcee_fusion", min_sources=1, max_sources=1),
     ]
 }
 
@@ -155,6 +177,10 @@ def resolve_params(
         g[name] = value
     if "rescale_mode" in g and g["rescale_mode"] not in RESCALE_MODES:
         raise MethodError(f"{spec.name}: rescale_mode must be one of {RESCALE_MODES}, got {g['rescale_mode']!r}")
-    if "t" in g and not in_range("t", g["t"]):
+    if spec.family == "slerp" and not in_range("t", g["t"]):
         raise MethodError(f"slerp: t must be in {range_text('t')}, got {g['t']}")
+    if spec.family == "nearswap" and not float(g["t"]) > 0:
+        raise MethodError(f"nearswap: t (the distance under which an entry is swapped in) must be > 0, got {g['t']}")
+    if spec.family == "sce" and not 0 <= float(g["select_topk"]) <= 1:
+        raise MethodError(f"sce: select_topk must be in [0, 1], got {g['select_topk']}")
     return per_source, g
