@@ -13,6 +13,7 @@ evomerge adds `method_rules` (a merge method per group) and `seed` (DARE/DELLA m
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -178,10 +179,7 @@ class Recipe(BaseModel):
     def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
         data = dict(data)
         if "slices" in data:
-            raise RecipeError(
-                f"{where}: mergekit 'slices' are supported for merge_method passthrough (a layer path); for "
-                f"{data.get('merge_method')}, use models: with per-layer gradient values"
-            )
+            data = _one_slice_as_models(data, where)
         for m in data.get("models") or []:
             if (
                 isinstance(m, dict)
@@ -319,3 +317,46 @@ __all__ = [
     "GROUPS",
     "atomic_write_text",
 ]
+
+
+def _one_slice_as_models(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A mergekit config whose one slice takes every model's whole layer stack — the usual form of SLERP and
+    TIES configs — is the `models:` form: the same sources and parameters, gradients over the same layers (the
+    slice's parameters override the config's). Other slices (parts of the stack merged apart) are refused."""
+    slices = data.pop("slices")
+    shape = "slices: a list with one slice of sources (model, layer_range, parameters)"
+    if data.get("models"):
+        raise RecipeError(f"{where}: give models or slices, not both")
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+        raise RecipeError(
+            f"{where}: {shape}; a config that merges parts of the layer stack apart (several slices) cannot be "
+            "merged by evomerge yet: write one slice over all layers, with gradient values for the parts"
+        )
+    piece = slices[0]
+    sources = piece.get("sources")
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, dict) and "model" in s for s in sources):
+        raise RecipeError(f"{where}: {shape}")
+    for source in sources:
+        layers = _num_layers(source["model"])
+        if layers is None:
+            raise RecipeError(f"{where}: {source['model']}: no config.json with num_hidden_layers to check its range")
+        if list(source.get("layer_range") or []) != [0, layers]:
+            raise RecipeError(
+                f"{where}: {source['model']}: layer_range {source.get('layer_range')} is not the whole stack [0, "
+                f"{layers}]; only a slice over every layer has a models: form (layer paths: merge_method passthrough)"
+            )
+    unknown = set(piece) - {"sources", "base_model", "parameters"}
+    if unknown:
+        raise RecipeError(f"{where}: slice key(s) {sorted(unknown)} are not supported")
+    data["models"] = [{"model": s["model"], "parameters": s.get("parameters") or {}} for s in sources]
+    data["parameters"] = {**(data.get("parameters") or {}), **(piece.get("parameters") or {})}
+    if piece.get("base_model"):
+        data["base_model"] = piece["base_model"]
+    return data
+
+
+def _num_layers(model: str) -> int | None:
+    try:
+        return int(json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

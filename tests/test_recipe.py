@@ -115,3 +115,24 @@ def test_a_linear_merge_with_an_unlisted_base_model_is_refused_as_mergekit_refus
         Recipe.from_dict(config)
     config["models"].insert(0, {"model": "/m/base", "parameters": {"weight": 0.0}})
     assert [m.model for m in Recipe.from_dict(config).source_entries()] == ["/m/a", "/m/b"]
+
+
+def test_a_slice_over_part_of_the_stack_or_several_slices_are_refused_in_one_line(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"num_hidden_layers": 4}')
+    m = str(tmp_path / "m")
+
+    def config(*ranges):
+        pieces = [{"sources": [{"model": m, "layer_range": r}]} for r in ranges]
+        return {"merge_method": "ties", "base_model": m, "slices": pieces}
+
+    for data, why in [
+        (config([0, 2]), r"layer_range \[0, 2\] is not the whole stack \[0, 4\]"),
+        (config([0, 2], [2, 4]), "several slices"),
+        ({**config([0, 4]), "models": [{"model": m}]}, "models or slices, not both"),
+        (config([0, 4]) | {"slices": [{"sources": [{"model": "/nowhere", "layer_range": [0, 4]}]}]}, "no config.json"),
+    ]:
+        with pytest.raises(RecipeError, match=why):
+            Recipe.from_dict(data)
+    whole = Recipe.from_dict(config([0, 4]))
+    assert [e.model for e in whole.models] == [m] and whole.base_model == m
