@@ -39,3 +39,27 @@ def test_evomerge_merge_equals_mergekit(config, tmp_path):
         else:
             diff = float((got[n] - want[n]).abs().max())
             assert diff <= 1e-6, f"{config.stem}: {n} differs by {diff:.3g}"
+
+
+RANDOM = sorted((HERE / "configs_random").glob("*.yml"))
+
+
+@pytest.mark.parametrize("config", RANDOM, ids=[c.stem for c in RANDOM])
+def test_random_mask_merges_have_mergekits_statistics(config, tmp_path):
+    """DARE and DELLA draw other masks than mergekit (a counter-based hash, not torch's generator), so the outputs
+    are compared as distributions over the model's 7,920 entries: the share left at the base (no task vector
+    kept there) within four standard errors of a difference of two binomial shares, and ‖merged − base‖₁ (what
+    the rescale preserves) within 5 %."""
+    text = config.read_text().replace("MODELS/", f"{HERE / 'models'}/")
+    (tmp_path / "config.yml").write_text(text)
+    assert main(["merge", str(tmp_path / "config.yml"), "--out", str(tmp_path / "out")]) == 0
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    want = load_file(HERE / "expected" / f"{config.stem}.safetensors")
+    base = load_file(HERE / "models" / "base" / "model.safetensors")
+    names = sorted(want)
+    b, g, w = (torch.cat([d[n].flatten().float() for n in names]) for d in (base, got, want))
+    p_got, p_want = (g == b).float().mean().item(), (w == b).float().mean().item()
+    p = (p_got + p_want) / 2
+    assert abs(p_got - p_want) <= 4 * (2 * p * (1 - p) / b.numel()) ** 0.5, (p_got, p_want)
+    l1_got, l1_want = (g - b).abs().sum().item(), (w - b).abs().sum().item()
+    assert abs(l1_got / l1_want - 1) <= 0.05, (l1_got, l1_want)
