@@ -16,7 +16,7 @@ import torch
 from .checkpoint import Checkpoint, CheckpointError, check_compatible, check_finite, check_output_dir, write_model_dir
 from .layers import infer_num_layers
 from .methods import get_method, kernels, merge_deltas, merge_tensors
-from .methods.fast import return_freed_memory
+from .methods.fast import one_shot, return_freed_memory
 from .recipe import Recipe, RecipeError, TensorPlan
 
 log = logging.getLogger(__name__)
@@ -303,16 +303,17 @@ def write_merged(
     if recipe.tokenizer_source not in (None, "base"):
         tok_src = Path(recipe.tokenizer_source)
     log.info("merging %d tensors (%s) into %s", len(names), recipe.merge_method, out_dir)
-    return write_model_dir(
-        out_dir,
-        shapes,
-        produce,
-        config,
-        copy_from=tok_src,
-        model_card=model_card(recipe, card_extra),
-        max_shard_bytes=max_shard_bytes,
-        overwrite=overwrite,
-    )
+    with one_shot():  # each task vector is merged once: no statistics kept for later candidates
+        return write_model_dir(
+            out_dir,
+            shapes,
+            produce,
+            config,
+            copy_from=tok_src,
+            model_card=model_card(recipe, card_extra),
+            max_shard_bytes=max_shard_bytes,
+            overwrite=overwrite,
+        )
 
 
 def stored_dtype(checkpoints: list[Checkpoint]) -> tuple[torch.dtype, str]:

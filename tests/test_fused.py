@@ -43,6 +43,24 @@ def test_keep_largest_is_an_exact_top_k_with_positional_ties(dtype, n, host_nump
         assert torch.equal(got, reference_top_k(delta.abs().float(), k))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [100_001, 3_000_001])
+def test_a_one_shot_merge_selects_the_same_top_k_without_an_index(dtype, n):
+    """`evomerge merge` uses each task vector once: the bracketed selection replaces the bin index, same result."""
+    g = torch.Generator().manual_seed(n + 1)
+    delta = (torch.randn(n, generator=g) * 0.01).to(dtype)
+    delta[::7] = 0.0
+    ks = [int(d * n) for d in (0.001, 0.3, 0.5, 0.9, 0.95)]
+    with fast.one_shot():
+        found = fused.keep_largest(delta, ks)
+    assert found == fused.keep_largest(delta, ks)  # the index path of a search
+    for k, (t, cut) in zip(ks, found):
+        assert torch.equal(keep_mask(delta, t, cut), reference_top_k(delta.abs().float(), k))
+    a = delta.abs().float()
+    t, cut = fast.kth_largest(a, ks[2])
+    assert fast.kth_largest_bracketed(a, ks[2], sample=1) == (float(t), cut)  # a bracket that misses: the fallback
+
+
 @pytest.mark.parametrize("scan,host_numpy", [(fused.BLOCK * 3, True), (fused.SCAN, True), (fused.SCAN, False)])
 def test_tie_cut_scans_from_either_end_in_chunks(scan, host_numpy, monkeypatch):
     """16-bit task vectors: the k-th value has many ties; its nth is found between two `tie_index` records

@@ -212,6 +212,11 @@ def keep_largest(
             t, cut = fast.kth_largest(a, ks[i])
             result[i] = (float(t), cut)
         return result  # type: ignore[return-value]
+    if index is None and fast.in_one_shot():  # used once: an index would cost more than it saves
+        a = flat.abs().to(fast.work_dtype(flat))
+        for i in todo:
+            result[i] = fast.kth_largest_bracketed(a, ks[i])
+        return result  # type: ignore[return-value]
     index = index or magnitude_index(delta)
     above, edges = index.at_or_above, index.edges
     bins = []  # (b, lo, hi, need, size) of the bin b holding each k-th largest

@@ -1,0 +1,165 @@
+"""`evomerge merge` file to file, against `mergekit-yaml` and against reading and writing the same bytes.
+
+Writes a generated Llama-shaped fp32 base and N sources (base + noise; `search_memory.make_models`), then for
+each method merges them with both command-line tools, each run in a fresh child process (wall time, peak RSS),
+interleaved over the repeats (the page cache holds the inputs for both alike). The floor is the time to read every
+input file once from the page cache and write one model's bytes: what any streaming merge must move.
+
+    python benchmarks/merge_e2e.py [--params 100e6] [--sources 3] [--repeats 3] [--methods ties slerp]
+    PYTHONPATH=/path/to/mergekit-0.1.5 python benchmarks/merge_e2e.py   # mergekit side (else evomerge only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from search_memory import make_models  # noqa: E402
+
+METHODS = {
+    "linear": ({"weight": 1.0}, {}),
+    "task_arithmetic": ({"weight": 0.5}, {}),
+    "ties": ({"weight": 0.5, "density": 0.5}, {}),
+    "dare_ties": ({"weight": 0.5, "density": 0.5}, {}),
+    "slerp": ({}, {"t": 0.4}),
+    "model_stock": ({}, {}),
+    "della": ({"weight": 0.5, "density": 0.5, "epsilon": 0.1}, {}),
+}
+
+# each tool runs in a child that reports its own peak RSS (ru_maxrss, KiB on Linux) on its last line
+CHILD = """
+import json, resource, sys, time
+tool, config, out = sys.argv[1:4]
+started = time.perf_counter()
+if tool == "evomerge":
+    from evomerge.cli import main
+    code = main(["merge", config, "--out", out])
+else:
+    from mergekit.scripts.run_yaml import main
+    code = main([config, out, "--no-copy-tokenizer", "--lazy-unpickle"], standalone_mode=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": time.perf_counter() - started, "rss_kib": peak, "code": code or 0}))
+"""
+
+
+def config(method: str, base: str, sources: list[str]) -> dict:
+    per_source, merge_wide = METHODS[method]
+    models = sources[:1] if method == "slerp" else sources
+    entries = [{"model": m, "parameters": dict(per_source)} for m in models]
+    if method == "linear":  # mergekit averages the base too when it is the base_model: leave base_model out
+        return {"merge_method": method, "models": entries, "dtype": "float32"}
+    if method in ("slerp", "model_stock"):
+        entries = [{"model": base}] + [{"model": m} for m in models]
+    merge = {"merge_method": method, "base_model": base, "models": entries, "parameters": merge_wide}
+    return {**merge, "dtype": "float32"}
+
+
+def run(tool: str, config_path: Path, out: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, tool, str(config_path), str(out)], capture_output=True, text=True, check=False
+    )
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if proc.returncode or not last.startswith("{"):
+        raise SystemExit(f"{tool} failed on {config_path.name}:\n{proc.stderr[-2000:]}")
+    return json.loads(last)
+
+
+def floor_seconds(inputs: list[str], out_bytes: int, scratch: Path) -> float:
+    """Read every input safetensors file (page cache) and write `out_bytes`: the I/O a streaming merge does."""
+    started = time.perf_counter()
+    chunk = bytearray(16 << 20)
+    for folder in inputs:
+        for f in Path(folder).glob("*.safetensors"):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(chunk):
+                    pass
+    with open(scratch, "wb") as fh:
+        left = out_bytes
+        while left > 0:
+            fh.write(memoryview(chunk)[: min(left, len(chunk))])
+            left -= len(chunk)
+    elapsed = time.perf_counter() - started
+    scratch.unlink()
+    return elapsed
+
+
+def largest_tensor_bytes(model: str) -> int:
+    from safetensors import safe_open
+
+    largest = 0
+    for f in Path(model).glob("*.safetensors"):
+        with safe_open(f, "pt") as fh:
+            for name in fh.keys():
+                shape = fh.get_slice(name).get_shape()
+                largest = max(largest, 4 * int.__mul__(*shape) if len(shape) == 2 else 4 * shape[0])
+    return largest
+
+
+def main() -> None:
+    import yaml
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=float, default=100e6)
+    ap.add_argument("--sources", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = ap.parse_args()
+    try:
+        import mergekit  # noqa: F401
+
+        tools = ["evomerge", "mergekit"]
+    except ImportError:
+        tools = ["evomerge"]
+        print("mergekit is not importable: evomerge only (PYTHONPATH=... to a mergekit 0.1.5 install adds it)")
+    root = Path(tempfile.mkdtemp(prefix="merge-e2e-"))
+    base, sources, size = make_models(root / "models", args.params, args.sources)
+    largest = largest_tensor_bytes(base)
+    bound = 2 * size + largest * args.sources
+    print(f"{size / 1e6:.0f} MB per model (fp32), base + {args.sources} sources, {os.cpu_count()} cores")
+    print(f"peak RSS target: 2 × model + largest tensor × sources = {bound / 2**20:.0f} MiB")
+    times: dict[tuple[str, str], list[float]] = {}
+    rss: dict[tuple[str, str], list[float]] = {}
+    floors = []
+    for rep in range(args.repeats):
+        for method in args.methods:
+            path = root / f"{method}.yml"
+            path.write_text(yaml.safe_dump(config(method, base, sources)))
+            used = [base, *sources[: 1 if method == "slerp" else None]]
+            floors.append((method, floor_seconds(used, size, root / "scratch.bin")))
+            for tool in tools if rep % 2 == 0 else reversed(tools):
+                out = root / f"out-{tool}-{method}"
+                r = run(tool, path, out)
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+                times.setdefault((method, tool), []).append(r["seconds"])
+                rss.setdefault((method, tool), []).append(r["rss_kib"] / 1024)
+            print(f"  repeat {rep + 1}/{args.repeats}: {method} done", flush=True)
+    floor = {m: statistics.median(s for k, s in floors if k == m) for m in args.methods}
+    head = "| method | evomerge s | × floor | peak RSS MB |"
+    if "mergekit" in tools:
+        head += " mergekit s | peak RSS MB | mergekit / evomerge |"
+    print(f"\nmedian of {args.repeats}; floor = read the inputs + write one model from the page cache\n")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for m in args.methods:
+        e = statistics.median(times[(m, "evomerge")])
+        peak = statistics.median(rss[(m, "evomerge")])
+        row = f"| {m} | {e:.2f} | {e / floor[m]:.1f}× ({floor[m]:.2f} s) | {peak:.0f} |"
+        if "mergekit" in tools:
+            k = statistics.median(times[(m, "mergekit")])
+            row += f" {k:.2f} | {statistics.median(rss[(m, 'mergekit')]):.0f} | {k / e:.2f}× |"
+        print(row)
+    subprocess.run(["rm", "-rf", str(root)], check=True)
+
+
+if __name__ == "__main__":
+    main()
