@@ -905,7 +905,10 @@ def weighted_sum_into(
     """out = base_coeff·base + Σ cᵢ·δᵢ in one fused pass when compiled (fp32 accumulation for 16-bit
     tensors without a round trip through a scratch buffer); `fast.weighted_sum_into` otherwise."""
     b = base.reshape(-1)
-    if _use_compiled(b):  # the tensors below are only needed for compiled code
+    # a one-off merge (`evomerge merge`) runs the plain sum eagerly: tracing and loading the compiled kernel
+    # (~4 s a process) costs more than fusing saves on one pass; the sparsifying kernels stay compiled
+    one_off = fast.in_one_shot() and compile_mode() != "on"
+    if _use_compiled(b) and not one_off:  # the tensors below are only needed for compiled code
         work = fast.work_dtype(base)
         c = fast.to_device(torch.tensor([float(x) for x in coeffs] + [float(base_coeff)], dtype=work), base.device)
         ds = [d.reshape(-1) for d in deltas]
