@@ -236,6 +236,8 @@ def test_models_stored_in_different_dtypes_merge_in_the_one_that_holds_them_all(
         ("sce", {"select_topk": 0.5}),
         ("nearswap", {"t": 0.01}),
         ("arcee_fusion", {}),
+        ("ram", {"epsilon": 0.01}),
+        ("ramplus_tl", {"epsilon": 0.01, "r": 0.5}),
     ],
 )
 def test_the_engine_merges_the_newer_mergekit_methods_as_merge_writes_them(tmp_path, llama_family, method, params):

@@ -91,6 +91,10 @@ def merged_change(
         return selective.nearswap(float(g["t"]), deltas[0])
     if spec.family == "arcee_fusion":
         return selective.arcee_fusion(base, deltas[0])
+    if spec.family == "ram":
+        return selective.ram(deltas, float(g["epsilon"]))
+    if spec.family == "ramplus_tl":
+        return selective.ram(deltas, float(g["epsilon"]), float(g["r"]), float(g["alpha"]))
     raise MethodError(f"no kernel for family {spec.family}")
 
 

@@ -16,7 +16,7 @@ from ..errors import MethodError
 class MethodSpec:
     name: str
     family: str  # "task_arithmetic" (sparsify → weight → consensus → sum), "linear", "slerp", "model_stock", or
-    # a method of its own (nuslerp, multislerp, karcher, sce, nearswap, arcee_fusion)
+    # a method of its own (nuslerp, multislerp, karcher, sce, nearswap, arcee_fusion, ram, ramplus_tl)
     sparsification: str | None = None  # magnitude | random | magnitude_outliers | rank_magnitude
     consensus: str | None = None  # "sum" sign election, or None
     needs_base: bool = True
@@ -87,6 +87,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("sce", "sce", global_params={"select_topk": 1.0}),
         MethodSpec("nearswap", "nearswap", global_params={"t": None}, min_sources=1, max_sources=1),
         MethodSpec("arcee_fusion", "arcee_fusion", min_sources=1, max_sources=1),
+        MethodSpec("ram", "ram", global_params={"epsilon": 1e-5}),
+        MethodSpec("ramplus_tl", "ramplus_tl", global_params={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}),
     ]
 }
 

@@ -1,7 +1,8 @@
 """Merges that choose, entry by entry, how much of a fine-tune to take, as mergekit 0.1.5 defines them: SCE
 (select the entries where the task vectors vary most, weight each task vector by its mean square, erase
-minority signs), NearSwap (take the fine-tune where it is within `t` of the base) and Arcee Fusion (take it where
-its change, times the row's KL divergence from the base, is an outlier).
+minority signs), NearSwap (take the fine-tune where it is within `t` of the base), Arcee Fusion (take it where
+its change, times the row's KL divergence from the base, is an outlier) and RAM (entries only one task vector
+changes are taken whole, shared ones averaged; RAM+ scales each model's own entries up by how much it shares).
 
 Inputs are task vectors δᵢ = θᵢ − base; each returns the merged change, which the caller adds to the base. Not a
 search hot path: plain torch, computed in float32 at least.
@@ -66,3 +67,21 @@ def arcee_fusion(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     ordered = torch.sort(flat).values
     q1, median, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()]
     return d * (importance >= median + 1.5 * (q3 - q1)).to(d.dtype)
+
+
+def ram(
+    deltas: Sequence[torch.Tensor], epsilon: float = 1e-5, r: float | None = None, alpha: float = 0.2
+) -> torch.Tensor:
+    """Reinforced Agent Merging: an entry that only one task vector changes (|δ| > epsilon) takes that change
+    whole, one that several change takes their mean. With `r` (RAM+, tensor-local), each task vector's unique
+    entries are scaled by 1 + r·min(alpha, shared/unique), its counts of shared and unique entries."""
+    tv = torch.stack([_work(d).reshape(-1) for d in deltas])
+    changed = tv.abs() > epsilon
+    counts = changed.sum(dim=0, keepdim=True)
+    overlap, unique = counts > 1, counts == 1
+    kept = tv * changed
+    own = kept * unique
+    if r is not None:
+        rho = (changed & overlap).sum(dim=1) / (changed & unique).sum(dim=1).to(tv.dtype).clamp(min=epsilon)
+        own = own * (1 + r * rho.clamp(min=0, max=alpha)).unsqueeze(-1)
+    return (own + kept * overlap / counts.clamp(min=1)).sum(dim=0).reshape(deltas[0].shape)
