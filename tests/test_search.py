@@ -491,3 +491,35 @@ def test_without_a_select_split_the_best_on_search_is_the_runs_recipe(small_zoo,
     best = max(complete_trials(tmp_path / "n" / "study.db"), key=lambda r: (r[1], -r[0]))[0]
     assert report["best_trial"] == best and report["selection"]["top"] == [] and "best on search" not in report["rows"]
     assert "no select split" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_search_can_stop_at_its_choice_without_touching_the_test_split(small_zoo, tmp_path, monkeypatch):
+    """What benchmarks/search_defaults.py relies on to decide settings from search and select data alone."""
+    from evomerge.evaluate import tasks
+    from evomerge.evaluate.tasks import load_specs
+    from evomerge.search import loop, session
+
+    loaded = []
+
+    def spy(spec, split):
+        loaded.append(split)
+        return tasks.load_task(spec, split)
+
+    for module in (loop, session):  # where a search loads task splits
+        monkeypatch.setattr(module, "load_task", spy)
+    m = json.loads((small_zoo / "manifest.json").read_text())
+    cfg = loop.SearchConfig(
+        name="d",
+        space=yaml.safe_load(SPACE.read_text()),
+        base=m["base"],
+        sources=list(m["experts"].values()),
+        tasks=[s.to_dict() for s in load_specs(small_zoo, ["facts_a"])],
+        trials=3,
+        popsize=3,
+        runs_dir=str(tmp_path),
+        baselines=False,
+    )
+    choice = loop.run_search(cfg, test_report=False).report
+    assert "test" not in loaded and "select" in loaded
+    assert set(choice) == {"selection", "best_search_fitness", "select_fitness"}
+    assert not (tmp_path / "d" / "report.json").exists() and (tmp_path / "d" / "best_recipe.yaml").is_file()

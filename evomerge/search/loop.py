@@ -205,9 +205,12 @@ def run_search(
     worker: bool = False,
     session: Session | PathSession | None = None,
     say: Callable[[str], None] = log.info,
+    test_report: bool = True,
 ) -> SearchOutcome:
-    """Run (or resume) a search until `cfg.trials` candidates are evaluated; then write the held-out report
-    (the `search` process, or the worker that finishes the study). `say` reports the steps that take a while."""
+    """Run (or resume) a search until `cfg.trials` candidates are evaluated; then choose the run's recipe and
+    write the held-out report (the `search` process, or the worker that finishes the study). `say` reports the
+    steps that take a while; `test_report=False` stops after the choice, the test split untouched (experiments
+    that decide settings, `benchmarks/search_defaults.py`)."""
     if worker and cfg.optimizer in ("cma", "greedy-soup"):
         raise RecipeError(
             f"the {cfg.optimizer} optimizer is sequential (one process); use optuna-cma, tpe, nsga2 or random for "
@@ -228,7 +231,7 @@ def run_search(
     # a worker that finds the study done (its own last trials too) writes the final report
     last_worker = worker and len(evaluated(study)) >= cfg.trials and reliability.settle(study, cfg.heartbeat)
     if not worker or last_worker:
-        recipe, report = conclude(cfg, study, session, say)
+        recipe, report = conclude(cfg, study, session, say, test_report)
         return SearchOutcome(run_dir, recipe, best_value, report)
     best = best_trial(study)
     return SearchOutcome(
@@ -237,16 +240,26 @@ def run_search(
 
 
 def conclude(
-    cfg: SearchConfig, study: optuna.Study, session: Session | PathSession, say: Callable[[str], None] = log.info
+    cfg: SearchConfig,
+    study: optuna.Study,
+    session: Session | PathSession,
+    say: Callable[[str], None] = log.info,
+    test_report: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
     """Choose the run's recipe (the select split among the top candidates), write it, and score it and the
-    references once on the held-out test split. (None, {}) when no trial is complete."""
+    references once on the held-out test split (unless `test_report` is off: then the report holds the choice
+    alone). (None, {}) when no trial is complete."""
     with searching():
         selection = select(cfg, study, session, say)
     if selection is None:
         return None, {}
     recipe = session.space.decode(selection.chosen.params, name=f"{cfg.name}-best")
     write_best(cfg.run_dir(), recipe, session.mergekit_config)
+    if not test_report:
+        chosen = selection.chosen
+        select_fitness = select_scores(study).get(chosen.number, {}).get("fitness")
+        choice = {"best_search_fitness": chosen.user_attrs["fitness"], "select_fitness": select_fitness}
+        return recipe, {"selection": selection.summary(), **choice}
     references = ", ".join(session.references())
     say(f"scoring {references} and the evolved recipe on the held-out test split")
     return recipe, final_report(cfg, session, recipe, study, selection)
