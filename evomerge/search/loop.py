@@ -260,9 +260,7 @@ def conclude(
         select_fitness = select_scores(study).get(chosen.number, {}).get("fitness")
         choice = {"best_search_fitness": chosen.user_attrs["fitness"], "select_fitness": select_fitness}
         return recipe, {"selection": selection.summary(), **choice}
-    references = ", ".join(session.references())
-    say(f"scoring {references} and the evolved recipe on the held-out test split")
-    return recipe, final_report(cfg, session, recipe, study, selection)
+    return recipe, final_report(cfg, session, recipe, study, selection, say)
 
 
 def _record_partitions(cfg: SearchConfig, study: optuna.Study, session: Session | PathSession) -> None:
@@ -502,7 +500,12 @@ def write_trials_csv(study: optuna.Study, path: Path, task_names: list[str]) -> 
 
 # ---- the held-out report ------------------------------------------------------------------------------
 def final_report(
-    cfg: SearchConfig, session: Session | PathSession, best: Any, study: optuna.Study, selection: Selection
+    cfg: SearchConfig,
+    session: Session | PathSession,
+    best: Any,
+    study: optuna.Study,
+    selection: Selection,
+    say: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """Score the references (base, sources, simple merges; or each participant of a layer path) and the evolved
     recipe once on the test split (never during the search). With a select split, the best candidate on search
@@ -518,7 +521,8 @@ def final_report(
     candidates = [*session.references().items(), ("evolved", best)]
     if selection.candidates and on_search.number != selection.chosen.number:
         candidates.append(("best on search", session.space.decode(on_search.params, name=f"{cfg.name}-on-search")))
-    for label, recipe in candidates:
+    for i, (label, recipe) in enumerate(candidates, 1):
+        say(f"held-out test split {i}/{len(candidates)}: {label}")  # ~5 s a row on the demo zoo
         session.install(recipe)
         result = evaluator.evaluate()
         rows[label], per_item[label] = result.scores, result.per_item
