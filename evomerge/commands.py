@@ -540,7 +540,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for seed in args.seeds:
         run = f"{name}-seed{seed}"
         report = (
-            _demo_path_runs(args, space, run, seed) or _run_with_progress(_search_config(args, space, run, seed)).report
+            _demo_path_runs(args, space, run, seed)
+            or _run_with_progress(_unclaimed(_search_config(args, space, run, seed))).report
         )
         reports.append(report)
         _print_report(report, f"seed {seed}: held-out test split")
@@ -558,6 +559,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
             score_table(f"fitness over seeds {args.seeds} (test split)", rows, ["mean", "stdev", "min", "max"])
         )
     return 0
+
+
+def _unclaimed(cfg: Any) -> Any:
+    """The demo's run, renamed (its settings' digest appended) when an earlier demo with other settings — an older
+    zoo or evomerge — holds the name: a demo neither refuses to run nor touches that run."""
+    import hashlib
+
+    from .search.loop import SearchConfig
+
+    stored = cfg.run_dir() / "config.json"
+    if not stored.is_file():
+        return cfg
+    try:
+        if SearchConfig(**json.loads(stored.read_text())).identity() == cfg.identity():
+            return cfg
+    except (ValueError, TypeError):  # a config an older evomerge wrote: other settings
+        pass
+    digest = hashlib.sha256(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()[:8]
+    say(f"{stored.parent} holds a demo run with other settings, kept as it is; this one is {cfg.name}-{digest}")
+    cfg.name = f"{cfg.name}-{digest}"
+    return cfg
 
 
 def _demo_path_runs(args: argparse.Namespace, space: Path, run: str, seed: int) -> dict[str, Any] | None:

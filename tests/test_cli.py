@@ -272,3 +272,12 @@ def test_demo_smoke_run_does_not_take_the_full_demos_run_names(small_zoo, tmp_pa
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-small-seed0"]
     assert json.loads((tmp_path / "demo-small-seed0" / "config.json").read_text())["evaluator"] == "lm-eval"
+    # an earlier demo with other settings (here: the native evaluator) keeps its run; this one takes another name
+    earlier = sorted((tmp_path / "demo-small-seed0").iterdir())
+    args = ["demo", "--small", "--zoo", str(small_zoo), "--trials", "2", "--popsize", "2", "--no-baselines"]
+    assert main(args + ["--runs-dir", str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0] == "demo-small-seed0" and names[1].startswith("demo-small-seed0-")
+    assert sorted((tmp_path / "demo-small-seed0").iterdir()) == earlier
+    assert main(args + ["--runs-dir", str(tmp_path)]) == 0  # the same settings again: that run, resumed
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
