@@ -146,11 +146,13 @@ def local_model_dir(path: str, hub: bool = False) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoint import check_causal_lm
     from .engine import resolve_device
     from .evaluate.evaluator import Evaluator, with_twins
     from .evaluate.tasks import load_specs, load_task
 
     path = local_model_dir(args.model, args.hub)
+    check_causal_lm(path)
     specs = with_twins(load_specs(args.tasks, args.task_names, args.include_path), args.evaluator)
     tasks = [load_task(s, args.split) for s in specs]  # parsed before the model loads
     local = not args.hub
@@ -446,7 +448,7 @@ def _refresh_report(args: argparse.Namespace, run_dir: Path) -> None:
 def cmd_soup(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from .checkpoint import check_output_dir
+    from .checkpoint import check_causal_lm, check_output_dir
     from .engine import Engine, write_merged
     from .evaluate.evaluator import Evaluator, with_twins
     from .evaluate.fitness import Fitness, weighted_mean
@@ -458,6 +460,8 @@ def cmd_soup(args: argparse.Namespace) -> int:
         check_task_files(spec)  # every split, before any scoring
     check_output_dir(args.out, args.overwrite)
     models = [local_model_dir(m) for m in args.models]
+    for m in models:
+        check_causal_lm(m)
     engine = Engine(models[0], models[1:], device=args.device, dtype=args.dtype)
     model = engine.load_target_model()
     target = engine.bind(model)

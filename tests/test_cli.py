@@ -281,3 +281,25 @@ def test_demo_smoke_run_does_not_take_the_full_demos_run_names(small_zoo, tmp_pa
     assert sorted((tmp_path / "demo-small-seed0").iterdir()) == earlier
     assert main(args + ["--runs-dir", str(tmp_path)]) == 0  # the same settings again: that run, resumed
     assert sorted(p.name for p in tmp_path.iterdir()) == names
+
+
+def test_models_that_are_not_causal_lms_are_refused_in_one_line_by_eval_search_and_soup(small_zoo, tmp_path, capsys):
+    """A BERT checkpoint would load under BertLMHeadModel and be scored as a left-to-right LM; T5 would crash."""
+    from transformers import BertConfig, BertForMaskedLM, T5Config, T5ForConditionalGeneration
+
+    tiny = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+    BertForMaskedLM(BertConfig(vocab_size=64, num_hidden_layers=2, **tiny)).save_pretrained(tmp_path / "bert")
+    t5 = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2)
+    T5ForConditionalGeneration(t5).save_pretrained(tmp_path / "t5")
+    for name, kind in (("bert", "BertForMaskedLM"), ("t5", "T5ForConditionalGeneration")):
+        model = str(tmp_path / name)
+        runs = str(tmp_path / "runs")
+        for args in (
+            ["eval", model, "--tasks", str(small_zoo)],
+            ["search", "--base", model, "--sources", model, "--tasks", str(small_zoo), "--runs-dir", runs],
+            ["soup", model, model, "--tasks", str(small_zoo), "--out", str(tmp_path / "soup")],
+        ):
+            assert main(args) == 2, args
+            err = capsys.readouterr().err
+            assert f"a {kind}, not a causal language model" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "runs").exists() and not (tmp_path / "soup").exists()

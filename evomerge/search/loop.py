@@ -25,6 +25,7 @@ from typing import Any, Callable
 import optuna
 from pydantic import ValidationError
 
+from ..checkpoint import check_causal_lm
 from ..errors import HeldOutError, one_line, validation_summary
 from ..evaluate.evaluator import EVALUATORS, Evaluator, with_twins
 from ..evaluate.fitness import weighted_mean
@@ -136,6 +137,8 @@ def validate(cfg: SearchConfig) -> None:
     anything is written under runs/NAME, so a run that cannot start leaves nothing behind."""
     if cfg.optimizer not in OPTIMIZERS:
         raise RecipeError(f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    for model in dict.fromkeys([cfg.base, *cfg.sources]):
+        check_causal_lm(model)
     if cfg.evaluator not in EVALUATORS:
         raise RecipeError(f"unknown evaluator {cfg.evaluator!r}; choose from {', '.join(EVALUATORS)}")
     if isinstance(cfg.search_space(), PathSpace) and cfg.optimizer == "greedy-soup":
