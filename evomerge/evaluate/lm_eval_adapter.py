@@ -290,8 +290,9 @@ def select_part(spec: TaskSpec, name: str, leaf: Any, split: str) -> list[int]:
         if split == "test":
             return _point_at(spec, name, leaf, test_split)
         ids = _point_at(spec, name, leaf, search_split)
-    else:  # the evaluation docs (test, else validation), pointed at again: a select part may have moved them
-        ids = _point_at(spec, name, leaf, test_split) if test_split else list(range(len(leaf.eval_docs)))
+    else:  # the evaluation docs (test, else validation), pointed at again where a select_split may have moved them
+        moved = test_split and "select_split" in opts
+        ids = _point_at(spec, name, leaf, test_split) if moved else list(range(len(leaf.eval_docs)))
         random.Random(f"{opts.get('split_seed', 0)}/{name}").shuffle(ids)
         cut = round(opts.get("search_fraction", DEFAULT_FRACTION) * len(ids))
         if split == "test":
