@@ -179,7 +179,7 @@ class Recipe(BaseModel):
     def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
         data = dict(data)
         if "slices" in data:
-            data = _one_slice_as_models(data, where)
+            data = _slices_as_models(data, where)
         for m in data.get("models") or []:
             if (
                 isinstance(m, dict)
@@ -319,40 +319,118 @@ __all__ = [
 ]
 
 
-def _one_slice_as_models(data: dict[str, Any], where: str) -> dict[str, Any]:
-    """A mergekit config whose one slice takes every model's whole layer stack — the usual form of SLERP and
-    TIES configs — is the `models:` form: the same sources and parameters, gradients over the same layers (the
-    slice's parameters override the config's). Other slices (parts of the stack merged apart) are refused."""
+def _slices_as_models(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A mergekit config in the `slices:` form whose slices merge the same models over the same consecutive layer
+    ranges, covering the whole stack in order, is the `models:` form. One slice keeps its parameters as they are
+    (the slice's over the config's). Several slices — each its own gradients over its own layers — become
+    per-layer rules with the values mergekit reads: layer i of an n-layer slice at t = i/(n−1) (1 for a one-layer
+    slice), each parameter from the slice's source, else the slice, else the config; the embeddings take the first
+    slice's values at t = 0, the tensors after the last layer the last slice's. Slices that copy, stack or reorder
+    layers (frankenmerges) are `passthrough` layer paths; other shapes are refused in one line."""
     slices = data.pop("slices")
-    shape = "slices: a list with one slice of sources (model, layer_range, parameters)"
     if data.get("models"):
         raise RecipeError(f"{where}: give models or slices, not both")
-    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
-        raise RecipeError(
-            f"{where}: {shape}; a config that merges parts of the layer stack apart (several slices) cannot be "
-            "merged by evomerge yet: write one slice over all layers, with gradient values for the parts"
-        )
-    piece = slices[0]
-    sources = piece.get("sources")
-    if not isinstance(sources, list) or not sources or not all(isinstance(s, dict) and "model" in s for s in sources):
+    shape = "slices: a list of slices, each with sources (model, layer_range, parameters)"
+    if not isinstance(slices, list) or not slices or not all(isinstance(p, dict) for p in slices):
         raise RecipeError(f"{where}: {shape}")
-    for source in sources:
-        layers = _num_layers(source["model"])
-        if layers is None:
-            raise RecipeError(f"{where}: {source['model']}: no config.json with num_hidden_layers to check its range")
-        if list(source.get("layer_range") or []) != [0, layers]:
+    for piece in slices:
+        sources = piece.get("sources")
+        if (
+            not isinstance(sources, list)
+            or not sources
+            or not all(isinstance(x, dict) and "model" in x for x in sources)
+        ):
+            raise RecipeError(f"{where}: {shape}")
+        unknown = set(piece) - {"sources", "base_model", "parameters"}
+        if unknown:
+            raise RecipeError(f"{where}: slice key(s) {sorted(unknown)} are not supported")
+    models = [x["model"] for x in slices[0]["sources"]]
+    if any([x["model"] for x in piece["sources"]] != models for piece in slices):
+        raise RecipeError(f"{where}: every slice must merge the same models in the same order ({models})")
+    layers = _num_layers(models[0])
+    if layers is None:
+        raise RecipeError(f"{where}: {models[0]}: no config.json with num_hidden_layers to check the layer ranges")
+    ranges, start = [], 0
+    for piece in slices:
+        spans = {tuple(x.get("layer_range") or ()) for x in piece["sources"]}
+        span = next(iter(spans))
+        if len(spans) != 1 or len(span) != 2 or span[0] != start or not span[0] < span[1] <= layers:
             raise RecipeError(
-                f"{where}: {source['model']}: layer_range {source.get('layer_range')} is not the whole stack [0, "
-                f"{layers}]; only a slice over every layer has a models: form (layer paths: merge_method passthrough)"
+                f"{where}: slice layer ranges {sorted(spans)}: the slices must take the same consecutive layers of "
+                f"every model, from 0 to {layers} in order (frankenmerges are merge_method passthrough layer paths)"
             )
-    unknown = set(piece) - {"sources", "base_model", "parameters"}
-    if unknown:
-        raise RecipeError(f"{where}: slice key(s) {sorted(unknown)} are not supported")
-    data["models"] = [{"model": s["model"], "parameters": s.get("parameters") or {}} for s in sources]
-    data["parameters"] = {**(data.get("parameters") or {}), **(piece.get("parameters") or {})}
-    if piece.get("base_model"):
-        data["base_model"] = piece["base_model"]
+        ranges.append(span)
+        start = span[1]
+    if start != layers:
+        raise RecipeError(f"{where}: the slices end at layer {start}, not at the last layer ({layers})")
+    bases = {piece.get("base_model") for piece in slices} - {None}
+    if len(bases) > 1:
+        raise RecipeError(f"{where}: the slices name different base models {sorted(bases)}")
+    if bases:
+        data["base_model"] = bases.pop()
+    config = dict(data.get("parameters") or {})
+    if len(slices) == 1:
+        data["models"] = [{"model": x["model"], "parameters": x.get("parameters") or {}} for x in slices[0]["sources"]]
+        data["parameters"] = {**config, **(slices[0].get("parameters") or {})}
+        return data
+    spec = METHODS.get(data.get("merge_method"))
+    per_source = set(spec.source_params) if spec else set()
+
+    def setting(k: int | None, i: int, name: str) -> Any:
+        """What mergekit reads for `name` in slice i: the slice's source k, else the slice, else the config."""
+        for level in ([slices[i]["sources"][k].get("parameters") or {}] if k is not None else []) + [
+            slices[i].get("parameters") or {},
+            config,
+        ]:
+            if name in level:
+                return level[name]
+        return None
+
+    from .checkpoint import Checkpoint
+
+    outside = [n for n in Checkpoint.open(models[0]).tensor_names() if classify(n).layer is None]
+
+    def rules(k: int | None, name: str) -> list[dict[str, Any]]:
+        out = []
+        for i, (a, b) in enumerate(ranges):
+            value = setting(k, i, name)
+            for j in range(a, b):
+                t = (j - a) / (b - a - 1) if b - a > 1 else 1.0
+                out += [{**r, "layers": [j], "value": _at(r["value"], t)} for r in _conditional(value)]
+        for n in outside:  # mergekit: embeddings with the first slice's values, the rest with the last's; t = 0
+            value = setting(k, 0 if classify(n).group == "embed" else len(slices) - 1, name)
+            matching = (r for r in _conditional(value) if Rule(filter=r.get("filter"), value=0).matches(classify(n)))
+            found = next(matching, None)
+            if found is not None:
+                out.append({"filter": n, "value": _at(found["value"], 0.0)})
+        return out
+
+    given = {x for piece in slices for src in piece["sources"] for x in (src.get("parameters") or {})}
+    given |= {x for piece in slices for x in (piece.get("parameters") or {})} | set(config)
+    data["models"] = [
+        {"model": m, "parameters": {name: rules(k, name) for name in sorted(given & per_source)}}
+        for k, m in enumerate(models)
+    ]
+    data["parameters"] = {name: rules(None, name) for name in sorted(given - per_source)}
     return data
+
+
+def _conditional(value: Any) -> list[dict[str, Any]]:
+    """A mergekit setting as a list of {filter?, value} rules (a plain value: one rule without a filter)."""
+    if value is None:
+        return []
+    if isinstance(value, dict) and "value" in value:
+        return [value]
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return list(value)
+    return [{"value": value}]
+
+
+def _at(value: Any, t: float) -> Any:
+    """A gradient list read at t as mergekit reads it; any other value as it is."""
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        return evaluate([float(v) for v in value], None, t)  # type: ignore[arg-type]
+    return value
 
 
 def _num_layers(model: str) -> int | None:

@@ -117,7 +117,7 @@ def test_a_linear_merge_with_an_unlisted_base_model_is_refused_as_mergekit_refus
     assert [m.model for m in Recipe.from_dict(config).source_entries()] == ["/m/a", "/m/b"]
 
 
-def test_a_slice_over_part_of_the_stack_or_several_slices_are_refused_in_one_line(tmp_path):
+def test_slices_that_do_not_tile_the_stack_in_order_are_refused_in_one_line(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text('{"num_hidden_layers": 4}')
     m = str(tmp_path / "m")
@@ -127,8 +127,9 @@ def test_a_slice_over_part_of_the_stack_or_several_slices_are_refused_in_one_lin
         return {"merge_method": "ties", "base_model": m, "slices": pieces}
 
     for data, why in [
-        (config([0, 2]), r"layer_range \[0, 2\] is not the whole stack \[0, 4\]"),
-        (config([0, 2], [2, 4]), "several slices"),
+        (config([0, 2]), r"the slices end at layer 2, not at the last layer \(4\)"),
+        (config([0, 2], [3, 4]), "the same consecutive layers of every model"),
+        (config([2, 4], [0, 2]), "the same consecutive layers of every model"),
         ({**config([0, 4]), "models": [{"model": m}]}, "models or slices, not both"),
         (config([0, 4]) | {"slices": [{"sources": [{"model": "/nowhere", "layer_range": [0, 4]}]}]}, "no config.json"),
     ]:
