@@ -311,12 +311,13 @@ def write_model_dir(
     model_card: str | None = None,
     max_shard_bytes: int = 2 * 1024**3,
     overwrite: bool = False,
+    chat_template: str | None = None,
 ) -> Path:
     """Write an ordinary HF model directory atomically.
 
     `tensors` gives name -> (shape, dtype) so shards are planned before any tensor is computed; `produce`
     computes one tensor at a time, so peak memory stays at one shard. Tokenizer and generation files are
-    copied from `copy_from`."""
+    copied from `copy_from`; `chat_template` (Jinja text) replaces the copied tokenizer's."""
     out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -345,6 +346,8 @@ def write_model_dir(
             for name in TOKENIZER_FILES + COPIED_CONFIG_FILES:
                 if (copy_from / name).is_file():
                     shutil.copy2(copy_from / name, tmp / name)
+        if chat_template is not None:
+            set_chat_template(tmp, chat_template)
         if model_card is not None:
             (tmp / "README.md").write_text(model_card)
         apply_umask(tmp)
@@ -359,6 +362,32 @@ def write_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def chat_template_of(model: str | os.PathLike) -> str | None:
+    """A model directory's chat template: `chat_template.jinja`, else tokenizer_config's `chat_template` (its
+    "default" entry when it holds several)."""
+    folder = Path(model)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    try:
+        template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError):
+        return None
+    if isinstance(template, list):  # [{name, template}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def set_chat_template(folder: Path, template: str) -> None:
+    """The tokenizer in `folder` takes `template`: written as chat_template.jinja (what transformers saves), and
+    the tokenizer_config entry that would shadow it removed."""
+    (folder / "chat_template.jinja").write_text(template)
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        if data.pop("chat_template", None) is not None:
+            config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:

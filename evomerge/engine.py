@@ -8,12 +8,21 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, check_compatible, check_finite, check_output_dir, write_model_dir
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    chat_template_of,
+    check_compatible,
+    check_finite,
+    check_output_dir,
+    write_model_dir,
+)
 from .layers import infer_num_layers
 from .methods import get_method, kernels, merge_deltas, merge_tensors
 from .methods.fast import one_shot, return_freed_memory
@@ -302,6 +311,10 @@ def write_merged(
     tok_src = reference.path
     if recipe.tokenizer_source not in (None, "base"):
         tok_src = Path(recipe.tokenizer_source)
+    template = recipe.chat_template
+    if template == "auto":  # as mergekit: the template most of the models have (none: the tokenizer's own)
+        found = [t.strip() for t in map(chat_template_of, [c.path for c in (base, *sources) if c is not None]) if t]
+        template = Counter(found).most_common(1)[0][0] if found else None
     log.info("merging %d tensors (%s) into %s", len(names), recipe.merge_method, out_dir)
     with one_shot():  # each task vector is merged once: no statistics kept for later candidates
         return write_model_dir(
@@ -313,6 +326,7 @@ def write_merged(
             model_card=model_card(recipe, card_extra),
             max_shard_bytes=max_shard_bytes,
             overwrite=overwrite,
+            chat_template=template,
         )
 
 

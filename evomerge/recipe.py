@@ -82,6 +82,7 @@ class Recipe(BaseModel):
     dtype: str | None = None  # the arithmetic's dtype (None: float32); given alone, also the output's
     out_dtype: str | None = None  # None: `dtype` if given, else the sources' own dtype (as mergekit keeps it)
     tokenizer_source: str | None = None
+    chat_template: str | None = None  # Jinja text, or "auto": the template most of the models have (as mergekit)
     seed: int = 0
     name: str | None = None
 
@@ -120,6 +121,11 @@ class Recipe(BaseModel):
                 log.warning("%s: %s not used by %s; ignored", where, ", ".join(sorted(unused)), ", ".join(methods))
         if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in [m.model for m in self.models]:
             raise ValueError(f"tokenizer_source must be 'base' or one of the models, got {self.tokenizer_source!r}")
+        if self.chat_template not in (None, "auto") and "{" not in self.chat_template:
+            raise ValueError(
+                f"chat_template {self.chat_template!r}: give the template's Jinja text or 'auto' (the models' own); "
+                "mergekit's bundled templates by name are not shipped with evomerge"
+            )
         return self
 
     # ---- sources ------------------------------------------------------------------------------
@@ -199,8 +205,6 @@ class Recipe(BaseModel):
                 params, dict
             ):  # mergekit also takes one conditional alone: `weight: {filter: mlp, value: 0.5}`
                 params.update({k: [v] for k, v in params.items() if isinstance(v, dict) and "value" in v})
-        for key in ("chat_template",):
-            data.pop(key, None)
         try:
             return cls.model_validate(data)
         except ValidationError as e:
@@ -254,6 +258,8 @@ class Recipe(BaseModel):
             cfg["out_dtype"] = self.out_dtype
         if self.tokenizer_source:
             cfg["tokenizer_source"] = self.tokenizer_source
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
         return cfg
 
 

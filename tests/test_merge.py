@@ -255,3 +255,25 @@ def test_the_engine_merges_the_newer_mergekit_methods_as_merge_writes_them(tmp_p
         torch.testing.assert_close(tensor, written.get(name), rtol=0, atol=1e-6, msg=name)
         changed += not torch.equal(tensor, engine.base[name])
     assert changed > len(in_memory) // 2
+
+
+def test_a_chat_template_as_mergekit_sets_it_jinja_or_the_models_most_common(tmp_path, llama_family, capsys):
+    from transformers import AutoTokenizer
+
+    base, fts = llama_family
+    models = []
+    for i, template in enumerate(["{{ 'A' }}", "{{ 'B' }}", "{{ 'B' }}"]):  # base, then two fine-tunes
+        copy = tmp_path / f"m{i}"
+        shutil.copytree(base if i == 0 else fts[i - 1], copy)
+        (copy / "chat_template.jinja").write_text(template)
+        models.append(copy)
+    recipe = recipe_dict(models[0], models[1:], method="task_arithmetic")
+    for given, want in (("{% for m in messages %}{{ m['content'] }}{% endfor %}", None), ("auto", "{{ 'B' }}")):
+        out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        path = write_yaml(tmp_path / "r.yaml", {**recipe, "chat_template": given})
+        assert main(["merge", str(path), "--out", str(out)]) == 0
+        assert AutoTokenizer.from_pretrained(out).chat_template == (want or given)
+    path = write_yaml(tmp_path / "r.yaml", {**recipe, "chat_template": "chatml"})
+    assert main(["merge", str(path), "--out", str(tmp_path / "named")]) == 2
+    assert "give the template's Jinja text or 'auto'" in capsys.readouterr().err
+    assert not (tmp_path / "named").exists()
