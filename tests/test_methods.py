@@ -107,7 +107,7 @@ def test_breadcrumbs_drops_top_outliers_and_smallest():
 
 
 def test_breadcrumbs_with_no_outliers_to_drop_keeps_the_largest():
-    # gamma·n < 1: mergekit 0.1.5 slices indices[n_bot:-0] and zeroes everything; we keep the top entries
+    # gamma·n < 1: no outlier to drop; mergekit 0.1.5 keeps indices[n_bot : n_bot + k] of the ascending sort too
     kept = magnitude_outliers(torch.arange(1, 11, dtype=torch.float32), density=0.5, gamma=0.01)
     assert (kept != 0).nonzero().view(-1).tolist() == [5, 6, 7, 8, 9]
 
