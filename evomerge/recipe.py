@@ -186,6 +186,18 @@ class Recipe(BaseModel):
         data = dict(data)
         if "slices" in data:
             data = _slices_as_models(data, where)
+        if isinstance(data.get("tokenizer"), dict):  # mergekit's newer spelling of tokenizer_source
+            tokenizer = data.pop("tokenizer")
+            if set(tokenizer) - {"source"} or "tokenizer_source" in data:
+                raise RecipeError(
+                    f"{where}: tokenizer {tokenizer}: only `source` (base or one of the models) is supported, once"
+                )
+            data["tokenizer_source"] = tokenizer.get("source")
+        if data.get("tokenizer_source") == "union":
+            raise RecipeError(
+                f"{where}: tokenizer source 'union' (one vocabulary from several tokenizers, the embeddings of tokens "
+                "a model lacks filled in) is not supported yet; use base or one of the models"
+            )
         for m in data.get("models") or []:
             if (
                 isinstance(m, dict)

@@ -92,6 +92,9 @@ def test_layer_index_rules_cannot_be_exported_to_mergekit():
             r"densty",
         ),
         ({"merge_method": "ties", "base_model": "/b", "slices": []}, "slices"),
+        ({"merge_method": "ties", "base_model": "/b", "models": [], "tokenizer_source": "union"}, "'union'"),
+        ({"merge_method": "ties", "base_model": "/b", "models": [], "tokenizer": {"source": "union"}}, "'union'"),
+        ({"merge_method": "ties", "base_model": "/b", "models": [], "tokenizer": {"tokens": {}}}, "only `source`"),
     ],
 )
 def test_bad_recipes_are_explained(data, match):
@@ -137,3 +140,8 @@ def test_slices_that_do_not_tile_the_stack_in_order_are_refused_in_one_line(tmp_
             Recipe.from_dict(data)
     whole = Recipe.from_dict(config([0, 4]))
     assert [e.model for e in whole.models] == [m] and whole.base_model == m
+
+
+def test_mergekits_tokenizer_source_spelling_reads_as_tokenizer_source():
+    data = {"merge_method": "linear", "models": [{"model": "/a", "parameters": {"weight": 1}}]}
+    assert Recipe.from_dict({**data, "tokenizer": {"source": "base"}}).tokenizer_source == "base"
