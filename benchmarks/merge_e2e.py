@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -101,7 +102,7 @@ def largest_tensor_bytes(model: str) -> int:
         with safe_open(f, "pt") as fh:
             for name in fh.keys():
                 shape = fh.get_slice(name).get_shape()
-                largest = max(largest, 4 * int.__mul__(*shape) if len(shape) == 2 else 4 * shape[0])
+                largest = max(largest, 4 * math.prod(shape))  # fp32 bytes
     return largest
 
 

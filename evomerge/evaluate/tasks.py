@@ -25,29 +25,28 @@ _state = threading.local()
 
 
 @contextlib.contextmanager
-def searching() -> Iterator[None]:
-    """Mark the enclosed code as search-time: test splits cannot be loaded inside it."""
-    prev = getattr(_state, "searching", False)
-    _state.searching = True
+def _flag(name: str) -> Iterator[None]:
+    """Set a thread-local flag for the enclosed code (restored after, so uses can nest)."""
+    prev = getattr(_state, name, False)
+    setattr(_state, name, True)
     try:
         yield
     finally:
-        _state.searching = prev
+        setattr(_state, name, prev)
+
+
+def searching() -> contextlib.AbstractContextManager[None]:
+    """Mark the enclosed code as search-time: test splits cannot be loaded inside it."""
+    return _flag("searching")
 
 
 def in_search() -> bool:
     return getattr(_state, "searching", False)
 
 
-@contextlib.contextmanager
-def selecting() -> Iterator[None]:
+def selecting() -> contextlib.AbstractContextManager[None]:
     """Mark the enclosed code as the selection step of a search: select splits can be loaded inside it."""
-    prev = getattr(_state, "selecting", False)
-    _state.selecting = True
-    try:
-        yield
-    finally:
-        _state.selecting = prev
+    return _flag("selecting")
 
 
 @dataclass

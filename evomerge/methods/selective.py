@@ -14,15 +14,13 @@ from typing import Sequence
 
 import torch
 
-
-def _work(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+from . import fast
 
 
 def sce(deltas: Sequence[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
     """Keep the `select_topk` fraction of entries with the largest variance across task vectors, elect a sign
     per entry (of the sum), and average the agreeing task vectors weighted by their mean squares."""
-    tvs = torch.stack([_work(d) for d in deltas])
+    tvs = torch.stack([d.to(fast.work_dtype(d)) for d in deltas])
     if select_topk < 1:
         tvs = tvs * _variance_mask(tvs, select_topk).unsqueeze(0)
     elected = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
@@ -49,14 +47,14 @@ def _variance_mask(tvs: torch.Tensor, density: float) -> torch.Tensor:
 def nearswap(t: float, delta: torch.Tensor) -> torch.Tensor:
     """Move from the base to the fine-tune by min(1, t/|δ|) per entry: entries that differ by less than `t` are
     swapped in whole, larger differences only by `t`."""
-    d = _work(delta)
+    d = delta.to(fast.work_dtype(delta))
     return (t / d.abs().clamp(min=1e-6)).clamp(min=0, max=1) * d
 
 
 def arcee_fusion(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Keep δ where its importance |δ| · KL(softmax(θ) ‖ softmax(base)) (per row) reaches median + 1.5·IQR of
     all importances (quantiles from at most 10⁶ entries, sampled as mergekit samples them)."""
-    b, d = _work(base), _work(delta)
+    b, d = base.to(fast.work_dtype(base)), delta.to(fast.work_dtype(delta))
     params = b + d
     p = torch.softmax(params, dim=-1) + 1e-8
     q = torch.softmax(b, dim=-1) + 1e-8
@@ -75,7 +73,7 @@ def ram(
     """Reinforced Agent Merging: an entry that only one task vector changes (|δ| > epsilon) takes that change
     whole, one that several change takes their mean. With `r` (RAM+, tensor-local), each task vector's unique
     entries are scaled by 1 + r·min(alpha, shared/unique), its counts of shared and unique entries."""
-    tv = torch.stack([_work(d).reshape(-1) for d in deltas])
+    tv = torch.stack([d.to(fast.work_dtype(d)).reshape(-1) for d in deltas])
     changed = tv.abs() > epsilon
     counts = changed.sum(dim=0, keepdim=True)
     overlap, unique = counts > 1, counts == 1

@@ -12,11 +12,12 @@ from typing import Sequence
 
 import torch
 
+from . import fast
 from .registry import MethodError
 
 
 def _work(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [t.to(torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors]
+    return [t.to(fast.work_dtype(t)) for t in tensors]
 
 
 def nuslerp_t(weights: Sequence[float]) -> float:

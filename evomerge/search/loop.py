@@ -260,8 +260,7 @@ def conclude(
     write_best(cfg.run_dir(), recipe, session.mergekit_config)
     if not test_report:
         chosen = selection.chosen
-        select_fitness = select_scores(study).get(chosen.number, {}).get("fitness")
-        choice = {"best_search_fitness": chosen.user_attrs["fitness"], "select_fitness": select_fitness}
+        choice = {"best_search_fitness": chosen.user_attrs["fitness"], "select_fitness": selection.select_fitness}
         return recipe, {"selection": selection.summary(), **choice}
     return recipe, final_report(cfg, session, recipe, study, selection, say)
 
@@ -554,7 +553,7 @@ def final_report(
         "per_item": per_item,
         "best_trial": chosen.number,
         "best_search_fitness": chosen.user_attrs.get("fitness"),
-        "select_fitness": select_scores(study).get(chosen.number, {}).get("fitness"),
+        "select_fitness": selection.select_fitness,
         "selection": selection.summary(),
         "n_trials": len(trials),
         "failed_trials": [{"number": t.number, "reason": t.user_attrs.get("fail_reason", "unknown")} for t in failed],

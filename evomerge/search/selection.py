@@ -31,6 +31,11 @@ class Selection:
     best_on_search: optuna.trial.FrozenTrial
     candidates: list[dict[str, Any]] = field(default_factory=list)  # {trial, search, select}, best on search first
 
+    @property
+    def select_fitness(self) -> float | None:
+        """The chosen candidate's fitness on the select split (None without one)."""
+        return next((c["select"] for c in self.candidates if c["trial"] == self.chosen.number), None)
+
     def summary(self) -> dict[str, Any]:
         return {"chosen": self.chosen.number, "best_on_search": self.best_on_search.number, "top": self.candidates}
 
@@ -58,10 +63,10 @@ def select(
 ) -> Selection | None:
     """Score the top `cfg.select_top` candidates on select (those not scored before) and choose; None when no
     trial is complete. Without select tasks the best on search is chosen."""
-    top = ranked(study)[: max(1, cfg.select_top)]
+    top = ranked(study)[: cfg.select_top]  # validated ≥ 1
     if not top:
         return None
-    scorer = session.select_scorer()
+    scorer = session.select_scorer
     if scorer is None:
         return Selection(top[0], top[0])
     evaluator, weights = scorer

@@ -4,6 +4,7 @@ search-split evaluator bound to it. `Session` installs parameter-space recipes (
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -40,25 +41,21 @@ class _Scoring:
             racing=cfg.racing,
             seed=cfg.seed,
         )
-        self._select: tuple[Evaluator, dict[str, float]] | None | bool = False  # built on first use
 
+    @functools.cached_property
     def select_scorer(self) -> tuple[Evaluator, dict[str, float]] | None:
         """The evaluator over the tasks' select parts, with their weights (built on first use: most trials never
         need it); None when no task has a select part."""
-        if self._select is False:
-            specs = [s for s in self.specs if has_select(s)]
-            missing = [s.name for s in self.specs if not has_select(s)]
-            if specs and missing:
-                log.warning(
-                    "task(s) %s have no select split; the selection scores %s", missing, [s.name for s in specs]
-                )
-            self._select = None
-            if specs:
-                with selecting():
-                    tasks = [load_task(s, "select") for s in specs]
-                evaluator = Evaluator(self.model, self.tokenizer, tasks, self.cfg.batch_size, self.cfg.evaluator)
-                self._select = (evaluator, {s.name: s.weight for s in specs})
-        return self._select
+        specs = [s for s in self.specs if has_select(s)]
+        if not specs:
+            return None
+        missing = [s.name for s in self.specs if not has_select(s)]
+        if missing:
+            log.warning("task(s) %s have no select split; the selection scores %s", missing, [s.name for s in specs])
+        with selecting():
+            tasks = [load_task(s, "select") for s in specs]
+        evaluator = Evaluator(self.model, self.tokenizer, tasks, self.cfg.batch_size, self.cfg.evaluator)
+        return evaluator, {s.name: s.weight for s in specs}
 
     def score(self, recipe: Any, call: int):
         self.install(recipe)

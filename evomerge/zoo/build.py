@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..evaluate.tasks import TaskSpec, load_task, write_jsonl
+from ..evaluate.tasks import SPLITS, TaskSpec, load_task, write_jsonl
 from ..recipe import atomic_write_text
 from . import world as W
 from .tokenizer import build_char_tokenizer
@@ -269,7 +269,7 @@ def build_zoo(
         specs = write_tasks(work, world, final_root=out, ops=config.eval_ops_per_pair)
         held_out = {
             item["prompt"].split()[1]
-            for split in ("search", "select", "test")
+            for split in SPLITS
             for item in _read(work / "tasks" / "reverse_a" / f"{split}.jsonl")
         }
         streams = _streams(world, held_out)
@@ -401,7 +401,7 @@ def score_models(
 
     from ..evaluate.native import NativeEvaluator
 
-    tasks = {split: [load_task(s, split) for s in specs] for split in ("search", "select", "test")}
+    tasks = {split: [load_task(s, split) for s in specs] for split in SPLITS}
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for i, (name, path) in enumerate(models.items()):
         if say:
