@@ -23,9 +23,10 @@ from .checkpoint import (
     check_output_dir,
     write_model_dir,
 )
-from .layers import infer_num_layers
+from .layers import Layout
 from .methods import get_method, kernels, merge_deltas, merge_tensors
 from .methods.fast import one_shot, return_freed_memory
+from .names import checkpoint_views
 from .recipe import Recipe, RecipeError, TensorPlan
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ class Engine:
         self.base_path = str(base_path)
         self.source_paths = [str(p) for p in source_paths]
         self.names = self.base_ckpt.tensor_names()
-        self.num_layers = self.base_ckpt.num_layers or infer_num_layers(self.names)
+        self.layout = Layout.of(base_path, self.names)
+        self.num_layers = self.layout.num_layers
         self.base: dict[str, torch.Tensor] = {}
         self.deltas: dict[str, list[torch.Tensor]] = {}
         # one checkpoint at a time, closed when read: a memory-mapped file counts towards RSS while it is
@@ -131,9 +133,9 @@ class Engine:
         """Write the recipe's merge of every tensor into `target` (e.g. from `bind`) in place."""
         index = self.source_index(recipe)
         for name in self.names:
-            plan = recipe.plan(name, self.num_layers)
+            plan = recipe.plan(self.layout[name])
             deltas = [self.deltas[name][i] for i in index]
-            out = target[name]
+            out = target[name] if target[name].is_contiguous() else torch.empty_like(self.base[name])
             with torch.no_grad():
                 merge_deltas(
                     plan.method,
@@ -146,6 +148,8 @@ class Engine:
                     out=out,
                     base_weight=plan.base_weight,
                 )
+                if out is not target[name]:  # a transposed view of a converted parameter
+                    target[name].copy_(out)
 
     def merged(self, recipe: Recipe) -> dict[str, torch.Tensor]:
         """Fresh tensors for every name (tests and one-off use; the search uses `materialize`)."""
@@ -154,8 +158,9 @@ class Engine:
         return target
 
     def bind(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Map checkpoint tensor names to the model's parameter storage, for in-place writes."""
-        state = model.state_dict(keep_vars=True)
+        """Map checkpoint tensor names to the model's parameter storage, for in-place writes: each name to the
+        parameter, or the part of one, that transformers loads it into (`names.checkpoint_views`)."""
+        state = checkpoint_views(model)
         missing = [n for n in self.names if n not in state]
         if missing:
             raise CheckpointError(
@@ -163,7 +168,7 @@ class Engine:
             )
         target = {}
         for n in self.names:
-            t = state[n].data if isinstance(state[n], torch.nn.Parameter) else state[n]
+            t = state[n]
             if tuple(t.shape) != tuple(self.base[n].shape):
                 raise CheckpointError(
                     f"model parameter {n} has shape {list(t.shape)}, checkpoint {list(self.base[n].shape)}"
@@ -198,8 +203,10 @@ class Engine:
         with no_init_weights(), torch.device(self.device):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.base_path), dtype=dtype)
         target = self.bind(model)
-        filled = {t.data_ptr() for t in target.values()}
-        if not all(t.data_ptr() in filled or t.numel() == 0 for t in model.state_dict().values()):
+        filled = Counter()  # elements written per storage (a fused parameter takes several checkpoint tensors)
+        for t in target.values():
+            filled[t.untyped_storage().data_ptr()] += t.numel()
+        if not all(filled[t.untyped_storage().data_ptr()] >= t.numel() for t in model.state_dict().values()):
             log.info(
                 "%s has weights the checkpoint does not cover; loading it with from_pretrained", type(model).__name__
             )
@@ -261,10 +268,10 @@ def write_merged(
     reference = base or sources[0]
     check_compatible(reference, [s for s in sources if s is not reference])
     names = reference.tensor_names()
-    num_layers = reference.num_layers or infer_num_layers(names)
+    layout = Layout.of(reference.path, names)
 
     def produce(name: str) -> torch.Tensor:
-        plan = recipe.plan(name, num_layers)
+        plan = recipe.plan(layout[name])
         b = _load(base, name, dev, work) if base is not None else None
         tensors = [_load(s, name, dev, work) for s in sources]
         first = b if b is not None else tensors[0]

@@ -327,12 +327,13 @@ class LayerPaths:
     def _swap_head(self, model: torch.nn.Module) -> None:
         """The modules after the layers (final norm, head) from another participant: every module outside the
         layer list whose parameters are not embeddings."""
-        from .layers import classify
+        from .layers import tree_places
 
+        places = tree_places(self.host)
         owners = {
             name.rsplit(".", 1)[0]
             for name, _ in self.host.named_parameters()
-            if not name.startswith(self.list_name + ".") and classify(name).group != "embed"
+            if not name.startswith(self.list_name + ".") and places[name].group != "embed"
         }
         for owner in owners:
             parent, _, child = owner.rpartition(".")

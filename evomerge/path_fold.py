@@ -28,7 +28,7 @@ from .layer_path import (
     layer_list_name,
     load_participants,
 )
-from .layers import classify
+from .layers import Layout
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +156,13 @@ def write_path(
     e = int(recipe.embed_model)
     home = recipe.models[e].directory()
     names = Checkpoint.open(home).tensor_names()
+    layout = Layout.of(home, names)
     states = [m.state_dict() for m in models]
     prefix = paths.list_name + "."
     tensors: dict[str, tuple[int, torch.Tensor | None, float]] = {}
     for n in names:  # outside the layers: embeddings from embed_model, final norm and head from head_model
         if not n.startswith(prefix):
-            owner = e if classify(n).group == "embed" else recipe.head
+            owner = e if layout[n].group == "embed" else recipe.head
             tensors[n] = (owner, states[owner][n], 1.0)
     for k, (p, layer, _) in enumerate(steps):
         own = f"{prefix}{layer}."

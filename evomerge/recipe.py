@@ -3,11 +3,13 @@
 The schema is mergekit's (`merge_method`, `base_model`, `models[].parameters`, `parameters`, `dtype`,
 `tokenizer_source`) so a mergekit config loads as a recipe. A parameter value is
 - a scalar,
-- a gradient list, interpolated over depth as mergekit 0.1.5 does (layer i at t=i/(L−1); tensors outside the
-  layers — embeddings, final norm, head — at t=0; a list of length L gives each layer its own value exactly), or
-- a list of rules `{filter, layers, value}` tried in order; `filter` matches a layer group
-  (embed, attn, mlp, norm, head) or a substring of the tensor name, `layers` an explicit index list
-  (an evomerge extension mergekit cannot express).
+- a gradient list, interpolated over depth as mergekit 0.1.5 does (layer i at t=i/(L−1) of its own tower's L
+  layers; tensors outside the layers — embeddings, final norm, head — at t=0; a list of length L gives each layer
+  its own value exactly), or
+- a list of rules `{filter, tower, layers, value}` tried in order; `filter` matches a role exactly (embed, attn,
+  mlp, norm, head, other; experts and router inside an MoE mlp) or else a substring of the tensor name (mergekit's
+  filters; `name:TEXT` says so explicitly); `tower` and `layers` (an explicit index list) are evomerge
+  extensions mergekit cannot express.
 evomerge adds `method_rules` (a merge method per group) and `seed` (DARE/DELLA masks).
 """
 
@@ -25,22 +27,36 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError, validation_summary
-from .layers import GROUPS, TensorInfo, classify
+from .layers import GROUPS, PARTS, Layout, TensorInfo, classify
 from .methods import METHODS, get_method
 
 Scalar = Union[bool, int, float, str]
+ROLES = (*GROUPS, *PARTS)
 ANY_METHOD_PARAMS = {p for spec in METHODS.values() for p in (*spec.source_params, *spec.global_params)}
 log = logging.getLogger(__name__)
+
+
+def filter_matches(filter: str | None, info: TensorInfo) -> bool:
+    """A role (embed, attn, mlp, norm, head, other; experts, router inside an MoE mlp) matches that role exactly;
+    `name:TEXT` a substring of the tensor name; any other text a substring too (mergekit's filters), "*" all."""
+    if filter in (None, "*"):
+        return True
+    if filter in ROLES:
+        return filter in info.roles()
+    return filter.removeprefix("name:") in info.name
 
 
 class Rule(BaseModel):
     model_config = ConfigDict(extra="forbid")
     filter: str | None = None
+    tower: str | None = None  # encoder, decoder, vision, text, … (a model's towers; see layers.Layout)
     layers: list[int] | None = None
     value: Union[Scalar, list[float]]
 
     def matches(self, info: TensorInfo) -> bool:
-        if self.filter not in (None, "*") and not (self.filter == info.group or self.filter in info.name):
+        if not filter_matches(self.filter, info):
+            return False
+        if self.tower is not None and info.tower != self.tower:
             return False
         if self.layers is not None and info.layer not in self.layers:
             return False
@@ -53,11 +69,12 @@ ParamValue = Union[Scalar, list[Rule], list[float]]
 class MethodRule(BaseModel):
     model_config = ConfigDict(extra="forbid")
     filter: str | None = None
+    tower: str | None = None
     layers: list[int] | None = None
     method: str
 
     def matches(self, info: TensorInfo) -> bool:
-        return Rule(filter=self.filter, layers=self.layers, value=0).matches(info)
+        return Rule(filter=self.filter, tower=self.tower, layers=self.layers, value=0).matches(info)
 
     @field_validator("method")
     @classmethod
@@ -143,9 +160,11 @@ class Recipe(BaseModel):
                 return rule.method
         return self.merge_method
 
-    def plan(self, name: str, num_layers: int | None) -> "TensorPlan":
-        """Resolve method and parameters for one tensor."""
-        info = classify(name)
+    def plan(self, tensor: TensorInfo | str, num_layers: int | None = None) -> "TensorPlan":
+        """Resolve method and parameters for one tensor (its place in the model, or a name read by pattern in a
+        model of `num_layers` layers)."""
+        info = classify(tensor) if isinstance(tensor, str) else tensor
+        name = info.name
         method = self.method_for(info)
         spec = METHODS[method]
         t = info.t(num_layers)
@@ -243,12 +262,15 @@ class Recipe(BaseModel):
             if isinstance(v, list) and v and isinstance(v[0], Rule):
                 out = []
                 for r in v:
-                    if r.layers is not None:
+                    if r.layers is not None or r.tower is not None:
                         raise RecipeError(
-                            f"rule {r.model_dump(exclude_none=True)} selects layers by index; mergekit cannot; use a "
-                            "gradient list instead"
+                            f"rule {r.model_dump(exclude_none=True)} selects a tower or layers by index; mergekit "
+                            "cannot; use a gradient list instead"
                         )
-                    out.append({"filter": r.filter, "value": r.value} if r.filter is not None else {"value": r.value})
+                    # mergekit's filters are substrings of the names: roles read as such name the same tensors in
+                    # the Llama-style models mergekit's examples use
+                    f = r.filter.removeprefix("name:") if r.filter is not None else None
+                    out.append({"filter": f, "value": r.value} if f is not None else {"value": r.value})
                 return out
             return v
 
@@ -406,7 +428,9 @@ def _slices_as_models(data: dict[str, Any], where: str) -> dict[str, Any]:
 
     from .checkpoint import Checkpoint
 
-    outside = [n for n in Checkpoint.open(models[0]).tensor_names() if classify(n).layer is None]
+    names = Checkpoint.open(models[0]).tensor_names()
+    layout = Layout.of(models[0], names)
+    outside = [n for n in names if layout[n].layer is None]
 
     def rules(k: int | None, name: str) -> list[dict[str, Any]]:
         out = []
@@ -416,11 +440,11 @@ def _slices_as_models(data: dict[str, Any], where: str) -> dict[str, Any]:
                 t = (j - a) / (b - a - 1) if b - a > 1 else 1.0
                 out += [{**r, "layers": [j], "value": _at(r["value"], t)} for r in _conditional(value)]
         for n in outside:  # mergekit: embeddings with the first slice's values, the rest with the last's; t = 0
-            value = setting(k, 0 if classify(n).group == "embed" else len(slices) - 1, name)
-            matching = (r for r in _conditional(value) if Rule(filter=r.get("filter"), value=0).matches(classify(n)))
+            value = setting(k, 0 if layout[n].group == "embed" else len(slices) - 1, name)
+            matching = (r for r in _conditional(value) if filter_matches(r.get("filter"), layout[n]))
             found = next(matching, None)
             if found is not None:
-                out.append({"filter": n, "value": _at(found["value"], 0.0)})
+                out.append({"filter": f"name:{n}", "value": _at(found["value"], 0.0)})
         return out
 
     given = {x for piece in slices for src in piece["sources"] for x in (src.get("parameters") or {})}

@@ -9,7 +9,6 @@ import io
 from pathlib import Path
 from typing import Any
 
-from .layers import classify
 from .recipe import Recipe, atomic_write_text
 from .significance import short
 
@@ -24,30 +23,16 @@ def recipe_matrix(recipe: Recipe, space) -> tuple[list[str], list[str], list[lis
     """Rows (param[source]), columns (layer groups), values, read back through recipe.plan."""
     columns, names = [], []
     for g in space.groups:
-        if g.layers is None and g.tensors:
+        name = space.representative(g)
+        if name is not None:
             columns.append(g.name)
-            names.append(g.tensors[0])
-        elif g.layers is not None:
-            layer_names = [
-                n
-                for n in space.tensor_names
-                if classify(n).layer == g.layers[0]
-                and (g.part is None or (classify(n).group == "mlp") == (g.part == "mlp"))
-            ]
-            if layer_names:
-                columns.append(g.name)
-                names.append(layer_names[0])
-        else:
-            columns.append("all")
-            names.append(next(iter(space.tensor_names)))
+            names.append(name)
     rows, values = [], []
     params = [p for p in ("weight", "density", "gamma", "epsilon") if p in space.space.genes]
     for p in params:
         for si, sname in enumerate(space.source_names):
             rows.append(f"{p}[{sname}]")
-            values.append(
-                [float(recipe.plan(n, space.num_layers).source_params[si].get(p, float("nan"))) for n in names]
-            )
+            values.append([float(recipe.plan(space.layout[n]).source_params[si].get(p, float("nan"))) for n in names])
     return rows, columns, values
 
 

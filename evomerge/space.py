@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import validation_summary
-from .layers import classify
+from .layers import Layout
 from .methods import METHODS, get_method
 from .methods.registry import PARAM_RANGES, della_band_ok, in_range, range_text
 from .recipe import MethodRule, ModelEntry, Recipe, RecipeError, Rule
@@ -137,18 +137,14 @@ class SearchSpace(BaseModel):
         self,
         base: str,
         sources: list[str],
-        tensor_names: list[str],
-        num_layers: int,
+        layout: Layout | list[str],
+        num_layers: int | None = None,
         source_names: list[str] | None = None,
     ) -> "BoundSpace":
-        return BoundSpace(
-            self,
-            base,
-            list(sources),
-            list(source_names or [Path(s).name for s in sources]),
-            list(tensor_names),
-            num_layers,
-        )
+        """Bound to a model's layout (or tensor names read by pattern, in a model of `num_layers` layers)."""
+        if not isinstance(layout, Layout):
+            layout = Layout.by_name(layout, depth=num_layers)
+        return BoundSpace(self, base, list(sources), list(source_names or [Path(s).name for s in sources]), layout)
 
 
 @dataclass(frozen=True)
@@ -188,6 +184,7 @@ class _Group:
     tensors: tuple[str, ...] = ()  # non-layer tensors of this group
     part: str | None = None  # label of the tensors of the layers it covers ("attn"/"mlp" when split, a filter)
     knot: bool = False  # a control point over depth (granularity knots), not a set of layers of its own
+    tower: str | None = None  # the tower whose layers these are (None in a one-tower model)
 
 
 @dataclass(frozen=True)
@@ -234,20 +231,21 @@ class BoundSpace(GeneVector):
         base: str,
         sources: list[str],
         source_names: list[str],
-        tensor_names: list[str],
-        num_layers: int,
+        layout: Layout,
     ) -> None:
         self.space = space
         self.base = base
         self.sources = sources
         self.source_names = source_names
-        self.num_layers = num_layers
-        self.tensor_names = tensor_names
+        self.layout = layout
+        self.num_layers = layout.num_layers
+        self.tensor_names = list(layout.infos)
+        self.towers = layout.towers or {None: 0}  # each tower's depth: layer genes and gradients per tower
         if space.split_attn_mlp:
             self.parts = [_Part(None, "attn"), _Part("mlp", "mlp")]
         else:
             self.parts = [_Part(f, f) for f in space.filters] + [_Part(None, None)]
-        self.groups = self._groups(tensor_names, num_layers)
+        self.groups = self._groups()
         genes: list[Gene] = []
         for g in self.groups:
             if space.method_choice:
@@ -263,38 +261,57 @@ class BoundSpace(GeneVector):
         self.genes = genes
         self.by_name = {g.name: g for g in genes}
 
-    def _groups(self, names: list[str], num_layers: int) -> list[_Group]:
+    def _groups(self) -> list[_Group]:
         s = self.space
         if s.granularity == "global":
             return [_Group("all", None)]
         k = 1 if s.granularity == "layer" else s.block_size
         groups = []
         own = s.embed_head_genes
-        embed = tuple(n for n in names if own and classify(n).layer is None and classify(n).group == "embed")
-        head = tuple(n for n in names if own and _after_layers(n))
+        embed = tuple(n for n, i in self.layout.infos.items() if own and i.layer is None and i.group == "embed")
+        head = tuple(n for n in self.tensor_names if own and self._after_layers(n))
         if embed:
             groups.append(_Group("embed", None, embed))
-        if s.granularity == "knots":
-            if s.knots > num_layers:
-                raise RecipeError(
-                    f"space {s.name}: {s.knots} knots over {num_layers} layers; use at most one per layer"
-                )
-            # knot j sits at depth j/(K−1), where mergekit puts entry j of a K-entry gradient list; its layer group
-            # is the nearest layer (what the report's heatmap reads back)
-            for j in range(s.knots):
-                nearest = (round(j * (num_layers - 1) / (s.knots - 1)),)
+        for tower, depth in self.towers.items():
+            prefix = f"{tower}." if tower else ""
+            if s.granularity == "knots":
+                if s.knots > depth:
+                    raise RecipeError(
+                        f"space {s.name}: {s.knots} knots over {depth} layers{f' of the {tower}' if tower else ''}; "
+                        "use at most one per layer"
+                    )
+                # knot j sits at depth j/(K−1), where mergekit puts entry j of a K-entry gradient list; its layer
+                # group is the nearest layer (what the report's heatmap reads back)
+                for j in range(s.knots):
+                    nearest = (round(j * (depth - 1) / (s.knots - 1)),)
+                    for part in self.parts:
+                        label = f"{prefix}K{j}.{part.label}" if part.label else f"{prefix}K{j}"
+                        groups.append(_Group(label, nearest, part=part.label, knot=True, tower=tower))
+                continue
+            for start in range(0, depth, k):
+                layers = tuple(range(start, min(start + k, depth)))
+                label = prefix + (f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}")
                 for part in self.parts:
-                    label = f"K{j}.{part.label}" if part.label else f"K{j}"
-                    groups.append(_Group(label, nearest, part=part.label, knot=True))
-        else:
-            for start in range(0, num_layers, k):
-                layers = tuple(range(start, min(start + k, num_layers)))
-                label = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
-                for part in self.parts:
-                    groups.append(_Group(f"{label}.{part.label}" if part.label else label, layers, part=part.label))
+                    name = f"{label}.{part.label}" if part.label else label
+                    groups.append(_Group(name, layers, part=part.label, tower=tower))
         if head:
             groups.append(_Group("head", None, head))
         return groups
+
+    def representative(self, group: _Group) -> str | None:
+        """One tensor whose parameters are this group's genes (for reading a recipe back per group)."""
+        if group.layers is None:
+            return group.tensors[0] if group.tensors else next(iter(self.tensor_names), None)
+        filtered = [p.filter for p in self.parts if p.filter is not None]
+        for n, info in self.layout.infos.items():
+            if info.layer != group.layers[0] or info.tower != group.tower:
+                continue
+            f = self._filter_of(group.part)
+            if f is not None and Rule(filter=f, value=0).matches(info):
+                return n
+            if f is None and not any(Rule(filter=x, value=0).matches(info) for x in filtered):
+                return n
+        return None
 
     def decode(self, params: dict[str, float | str], name: str | None = None) -> Recipe:
         """Deterministic: the same params always give the same Recipe."""
@@ -337,29 +354,33 @@ class BoundSpace(GeneVector):
         )
 
     def _rules(self, params: dict, pname: str, sname: str) -> list[Rule]:
-        """Per-tensor rules for the embedding/head genes, then one rule per part: a value per layer, or with
-        `smooth` or knots the groups' values as a gradient list (interpolated over depth as mergekit does)."""
+        """Per-tensor rules for the embedding/head genes, then one rule per part (and tower): a value per layer, or
+        with `smooth` or knots the groups' values as a gradient list (interpolated over depth as mergekit does)."""
         rules = []
-        per_layer = {part.label: [0.0] * self.num_layers for part in self.parts}
-        anchors: dict[str | None, list[float]] = {part.label: [] for part in self.parts}
+        per_layer = {(t, part.label): [0.0] * depth for t, depth in self.towers.items() for part in self.parts}
+        anchors: dict[tuple, list[float]] = {key: [] for key in per_layer}
         for g in self.groups:
             value = float(params[f"{pname}[{sname}]@{g.name}"])
             if g.layers is None:
-                rules.extend(Rule(filter=t, value=value) for t in g.tensors)
+                rules.extend(Rule(filter=f"name:{t}", value=value) for t in g.tensors)
                 continue
-            anchors[g.part].append(value)
+            anchors[g.tower, g.part].append(value)
             for i in () if g.knot else g.layers:
-                per_layer[g.part][i] = value
+                per_layer[g.tower, g.part][i] = value
         interpolated = self.space.smooth or self.space.granularity == "knots"
         if not self.space.embed_head_genes and not interpolated:
             # mergekit slices: the tensors after the last layer take the last slice's values (a gradient list
             # would give them its first entry: mergekit reads it at t = 0 outside the layers)
-            last = per_layer[self.parts[-1].label][-1]
-            rules.extend(Rule(filter=n, value=last) for n in self.tensor_names if _after_layers(n))
+            last_tower = list(self.towers)[-1]
+            for n in self.tensor_names:
+                if self._after_layers(n):
+                    tower = self.layout[n].tower if self.layout[n].tower in self.towers else last_tower
+                    rules.append(Rule(filter=f"name:{n}", value=per_layer[tower, self.parts[-1].label][-1]))
         # filtered parts first: rules match first-wins
         for part in sorted(self.parts, key=lambda p: p.filter is None):
-            values = anchors[part.label] if interpolated else per_layer[part.label]
-            rules.append(Rule(filter=part.filter, value=values if len(values) > 1 else values[0]))
+            for tower in self.towers:
+                values = anchors[tower, part.label] if interpolated else per_layer[tower, part.label]
+                rules.append(Rule(filter=part.filter, tower=tower, value=values if len(values) > 1 else values[0]))
         return rules
 
     def _method_rules(self, params: dict) -> list[MethodRule]:
@@ -367,19 +388,16 @@ class BoundSpace(GeneVector):
         for g in self.groups:
             m = str(params[f"method@{g.name}"])
             if g.layers is None:
-                rules.extend(MethodRule(filter=t, method=m) for t in g.tensors)
-            elif self._filter_of(g.part) is not None:
-                rules.append(MethodRule(filter=self._filter_of(g.part), layers=list(g.layers), method=m))
+                rules.extend(MethodRule(filter=f"name:{t}", method=m) for t in g.tensors)
             else:
-                rules.append(MethodRule(layers=list(g.layers), method=m))
+                rules.append(MethodRule(filter=self._filter_of(g.part), tower=g.tower, layers=list(g.layers), method=m))
         # rules match first-wins: the narrower (filtered) ones must precede the layer-only ones
         return sorted(rules, key=lambda r: r.filter is None)
 
     def _filter_of(self, label: str | None) -> str | None:
         return next(p.filter for p in self.parts if p.label == label)
 
-
-def _after_layers(name: str) -> bool:
-    """A tensor after the last layer (final norm, head): outside the layers and not an embedding."""
-    info = classify(name)
-    return info.layer is None and info.group != "embed"
+    def _after_layers(self, name: str) -> bool:
+        """A tensor after the last layer (final norm, head): outside the layers and not an embedding."""
+        info = self.layout[name]
+        return info.layer is None and info.group != "embed"

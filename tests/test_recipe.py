@@ -78,7 +78,7 @@ def test_layer_index_rules_cannot_be_exported_to_mergekit():
             "models": [{"model": "/a", "parameters": {"weight": [{"layers": [0], "value": 1.0}, {"value": 0.5}]}}],
         }
     )
-    with pytest.raises(RecipeError, match="selects layers by index"):
+    with pytest.raises(RecipeError, match="layers by index"):
         r.to_mergekit()
 
 

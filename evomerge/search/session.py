@@ -75,9 +75,7 @@ class Session(_Scoring):
         self.model = self.engine.load_target_model()
         self.target = self.engine.bind(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.base)
-        self.space = cfg.search_space().bind(
-            cfg.base, cfg.sources, self.engine.names, self.engine.num_layers, cfg.source_names
-        )
+        self.space = cfg.search_space().bind(cfg.base, cfg.sources, self.engine.layout, source_names=cfg.source_names)
         self._prepare_scoring(cfg)
 
     def install(self, recipe: Recipe) -> None:

@@ -1,0 +1,211 @@
+"""Every architecture people merge: each tensor's place read from the model's own module tree, every method merges,
+role-filtered and layer-gradient recipes change exactly their tensors, the search binds and runs wherever an
+evaluator fits, and the rest is refused in one line."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tiny_archs import ARCHS, CAUSAL, LAYERS, TOWERS, expected, make_family
+
+from evomerge.checkpoint import Checkpoint
+from evomerge.cli import main
+from evomerge.engine import Engine, write_merged
+from evomerge.layers import Layout
+from evomerge.methods import METHODS
+from evomerge.recipe import Recipe
+
+from test_methods import example  # noqa: E402 — the per-method parameters that change the base
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+@pytest.fixture(scope="module")
+def zoo_tokenizer(small_zoo):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(json.loads((small_zoo / "manifest.json").read_text())["base"])
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def family(request, tmp_path_factory, zoo_tokenizer):
+    arch = request.param
+    base, sources = make_family(tmp_path_factory.mktemp(arch), arch, zoo_tokenizer)
+    return arch, base, sources
+
+
+def names_of(model_dir) -> list[str]:
+    return Checkpoint.open(model_dir).tensor_names()
+
+
+def test_every_tensor_is_placed_by_the_module_tree(family, caplog):
+    arch, base, _ = family
+    with caplog.at_level(logging.WARNING, logger="evomerge"):
+        layout = Layout.of(base, names_of(base))
+    assert not caplog.records, [r.getMessage() for r in caplog.records]  # nothing fell back to name patterns
+    wrong = {
+        n: ((i.tower, i.layer, i.group, i.part), expected(arch, n))
+        for n, i in layout.infos.items()
+        if (i.tower, i.layer, i.group, i.part) != expected(arch, n)
+    }
+    assert not wrong
+    assert layout.towers == TOWERS.get(arch, {None: LAYERS})
+    for info in layout.infos.values():
+        if info.layer is not None:
+            assert info.depth == layout.towers[info.tower]
+
+
+def test_every_method_merges(family):
+    arch, base, sources = family
+    engine = Engine(base, sources)
+    for method, spec in METHODS.items():
+        n, per_source, merge_wide = example(method)
+        recipe = Recipe.from_dict(
+            {
+                "merge_method": method,
+                "base_model": str(base),
+                "models": ([{"model": str(base), "parameters": {"weight": 0.0}}] if spec.family == "linear" else [])
+                + [{"model": str(s), "parameters": p} for s, p in zip(sources[:n], per_source)],
+                "parameters": merge_wide,
+            }
+        )
+        merged = engine.merged(recipe)
+        assert all(torch.isfinite(t).all() for t in merged.values() if t.is_floating_point()), method
+        assert any(not torch.equal(merged[k], engine.base[k]) for k in merged), f"{method} changed nothing"
+
+
+def test_a_role_filter_and_a_layer_gradient_change_exactly_their_tensors(family):
+    arch, base, sources = family
+    engine = Engine(base, sources[:1])
+    delta = {k: v[0] for k, v in engine.deltas.items()}
+
+    def merged(weight) -> dict[str, torch.Tensor]:
+        return engine.merged(
+            Recipe.from_dict(
+                {
+                    "merge_method": "task_arithmetic",
+                    "base_model": str(base),
+                    "models": [{"model": str(sources[0]), "parameters": {"weight": weight}}],
+                }
+            )
+        )
+
+    def changed(out) -> set[str]:
+        return {k for k in out if not torch.equal(out[k], engine.base[k])}
+
+    roles = {n: expected(arch, n) for n in engine.names}
+    assert changed(merged([{"filter": "mlp", "value": 1.0}, {"value": 0.0}])) == {
+        n for n, e in roles.items() if e[2] == "mlp"
+    }
+    assert changed(merged([{"filter": "attn", "value": 1.0}, {"value": 0.0}])) == {
+        n for n, e in roles.items() if e[2] == "attn"
+    }
+    if arch in ("mixtral", "qwen3_moe"):
+        for part in ("experts", "router"):
+            assert changed(merged([{"filter": part, "value": 1.0}, {"value": 0.0}])) == {
+                n for n, e in roles.items() if e[3] == part
+            }
+    towers = TOWERS.get(arch, {None: LAYERS})
+    for tower in towers if len(towers) > 1 else ():
+        assert changed(merged([{"tower": tower, "value": 1.0}, {"value": 0.0}])) == {
+            n for n, e in roles.items() if e[0] == tower
+        }
+    out = merged([0.0, 1.0])  # each tower's layer i at i/(L−1) of its own depth; outside the layers at 0
+    for n, (tower, layer, _, _) in roles.items():
+        t = layer / (towers[tower] - 1) if layer is not None else 0.0
+        assert torch.allclose(out[n], engine.base[n] + t * delta[n], atol=1e-6), n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_the_search_binds_and_runs_three_trials(arch, small_zoo, zoo_tokenizer, tmp_path):
+    """Renamed (Gemma-3, GPT-NeoX) and fused (MoE experts) parameters included: the candidate written into the
+    resident model gives the logits of the same recipe merged to disk and loaded by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.evaluate.tasks import load_specs
+    from evomerge.search import loop
+
+    base, sources = make_family(tmp_path / "models", arch, zoo_tokenizer)
+    space = yaml.safe_load((SPACES / "sakana_ps.yaml").read_text())
+    cfg = loop.SearchConfig(
+        name="arch",
+        space=space,
+        base=str(base),
+        sources=[str(s) for s in sources],
+        tasks=[s.to_dict() for s in load_specs(small_zoo, ["facts_a"])],
+        trials=3,
+        popsize=3,
+        runs_dir=str(tmp_path / "runs"),
+        baselines=False,
+    )
+    loop.run_search(cfg, test_report=False)
+    recipe = Recipe.load(tmp_path / "runs" / "arch" / "best_recipe.yaml")
+    engine = Engine(base, sources)
+    resident = engine.load_target_model()
+    engine.materialize(recipe, engine.bind(resident))
+    write_merged(recipe, tmp_path / "merged")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([zoo_tokenizer("12+3=").input_ids])
+    with torch.no_grad():
+        assert torch.allclose(resident(ids).logits, loaded(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in CAUSAL])
+def test_models_without_an_evaluator_are_refused_in_one_line(arch, small_zoo, zoo_tokenizer, tmp_path, capsys):
+    base, sources = make_family(tmp_path / "models", arch, zoo_tokenizer, n_sources=1)
+    runs = str(tmp_path / "runs")
+    for args in (
+        ["eval", str(base), "--tasks", str(small_zoo)],
+        ["search", "--base", str(base), "--sources", str(sources[0]), "--tasks", str(small_zoo), "--runs-dir", runs],
+    ):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert "not a causal language model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("arch", ["t5", "gemma3"])
+def test_layer_genes_and_knots_are_per_tower(arch, zoo_tokenizer, tmp_path):
+    from evomerge.space import SearchSpace
+
+    base, sources = make_family(tmp_path, arch, zoo_tokenizer, n_sources=1)
+    layout = Layout.of(base, names_of(base))
+    towers = TOWERS[arch]
+    per_layer = yaml.safe_load((SPACES / "sakana_ps.yaml").read_text())
+    space = SearchSpace.model_validate(per_layer).bind(str(base), [str(sources[0])], layout)
+    layer_groups = {g.name for g in space.groups if g.layers is not None}
+    assert layer_groups == {f"{t}.L{i}" for t, depth in towers.items() for i in range(depth)}
+    second = list(towers)[1]
+    params = {g.name: 0.2 for g in space.genes}
+    params[f"weight[{sources[0].name}]@{second}.L1"] = 0.9
+    recipe = space.decode(params)
+    for name, info in layout.infos.items():
+        weight = recipe.plan(info).source_params[0]["weight"]
+        assert weight == pytest.approx(0.9 if (info.tower, info.layer) == (second, 1) else 0.2), name
+
+    knots = dict(per_layer, granularity="knots", knots=2)
+    space = SearchSpace.model_validate(knots).bind(str(base), [str(sources[0])], layout)
+    params = {g.name: 0.0 for g in space.genes}
+    params[f"weight[{sources[0].name}]@{second}.K1"] = 1.0  # the second tower's last layer
+    recipe = space.decode(params)
+    for name, info in layout.infos.items():
+        t = info.layer / (towers[info.tower] - 1) if info.layer is not None and info.tower == second else 0.0
+        assert recipe.plan(info).source_params[0]["weight"] == pytest.approx(t), name
+
+
+def test_a_model_transformers_does_not_know_is_placed_by_name_with_a_warning(llama_family, tmp_path, caplog):
+    import shutil
+
+    base, _ = llama_family
+    odd = tmp_path / "odd"
+    shutil.copytree(base, odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModel"], "model_type": "nosuch"}))
+    with caplog.at_level(logging.WARNING, logger="evomerge"):
+        layout = Layout.of(odd, names_of(odd))
+    assert "module tree could not be built" in caplog.text
+    assert layout["model.layers.1.mlp.up_proj.weight"].layer == 1 and layout.num_layers == 2
