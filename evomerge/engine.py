@@ -269,6 +269,8 @@ def write_merged(
     check_compatible(reference, [s for s in sources if s is not reference])
     names = reference.tensor_names()
     layout = Layout.of(reference.path, names)
+    for note in recipe.mergekit_readings(layout):
+        log.warning("%s", note)
 
     def produce(name: str) -> torch.Tensor:
         plan = recipe.plan(layout[name])

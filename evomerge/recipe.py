@@ -191,6 +191,30 @@ class Recipe(BaseModel):
             base_weight = float(value if value is not None else 0.0)
         return TensorPlan(name, method, source_params, global_params, base_weight)
 
+    def role_filters(self) -> set[str]:
+        """The filters of this recipe's rules that name a role."""
+        rules = [r for v in self._values() if isinstance(v, list) for r in v if isinstance(r, Rule)]
+        return {r.filter for r in [*rules, *self.method_rules]} & set(ROLES)
+
+    def _values(self) -> list[ParamValue]:
+        return [*self.parameters.values(), *(v for m in self.models for v in m.parameters.values())]
+
+    def mergekit_readings(self, layout: Layout) -> list[str]:
+        """A note for each role filter that names other tensors of this model than mergekit's reading of the same
+        text (a substring of the name): the same on Llama-style models, not on MoE, Qwen3's q/k norms, encoders."""
+        notes = []
+        for f in sorted(self.role_filters()):
+            role = {n for n, info in layout.infos.items() if f in info.roles()}
+            text = {n for n in layout.infos if f in n}
+            if role != text:
+                differ = sorted(role ^ text)
+                notes.append(
+                    f"filter {f!r} names the role {f} ({len(role)} tensors); mergekit would read it as a substring of "
+                    f"the names ({len(text)} tensors; they differ on {differ[0]}{' …' if len(differ) > 1 else ''}); "
+                    f"write 'name:{f}' for mergekit's reading"
+                )
+        return notes
+
     # ---- files --------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipe":

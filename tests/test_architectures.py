@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_methods import example  # the per-method parameters that change the base
 from tiny_archs import ARCHS, CAUSAL, LAYERS, TOWERS, expected, make_family
 
 from evomerge.checkpoint import Checkpoint
@@ -17,8 +18,6 @@ from evomerge.engine import Engine, write_merged
 from evomerge.layers import Layout
 from evomerge.methods import METHODS
 from evomerge.recipe import Recipe
-
-from test_methods import example  # noqa: E402 — the per-method parameters that change the base
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
@@ -209,3 +208,25 @@ def test_a_model_transformers_does_not_know_is_placed_by_name_with_a_warning(lla
         layout = Layout.of(odd, names_of(odd))
     assert "module tree could not be built" in caplog.text
     assert layout["model.layers.1.mlp.up_proj.weight"].layer == 1 and layout.num_layers == 2
+
+
+def test_a_role_filter_that_mergekit_would_read_otherwise_is_named(zoo_tokenizer, tmp_path, caplog):
+    """Qwen3's q/k norms sit in `self_attn`: mergekit's substring `attn` takes them, the role attn does not."""
+    for arch, differs in (("llama", False), ("qwen3", True)):
+        base, sources = make_family(tmp_path / arch, arch, zoo_tokenizer, n_sources=1)
+        recipe = Recipe.from_dict(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": str(base),
+                "models": [
+                    {
+                        "model": str(sources[0]),
+                        "parameters": {"weight": [{"filter": "attn", "value": 1.0}, {"value": 0.5}]},
+                    }
+                ],
+            }
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="evomerge"):
+            write_merged(recipe, tmp_path / f"{arch}-merged")
+        assert ("write 'name:attn' for mergekit's reading" in caplog.text) == differs, caplog.text
