@@ -227,27 +227,6 @@ ARCH_KEYS = (
 )
 
 
-def check_causal_lm(path: str | os.PathLike) -> None:
-    """evomerge scores causal language models (greedy generation, log-likelihood): refuse, in one line, a model
-    saved as anything else — an encoder (BERT, RoBERTa), seq2seq (T5, BART), a classifier or a vision model —
-    rather than load it under a causal-LM head it was not trained with. Read from the checkpoint's own
-    `architectures` (else its `model_type`) against transformers' causal-LM classes."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
-
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return  # Checkpoint.open reports a missing or unreadable config
-    classes = {c for v in causal.values() for c in ((v,) if isinstance(v, str) else v)}
-    saved = config.get("architectures") or []
-    if saved and not set(saved) & classes or not saved and config.get("model_type") not in causal:
-        kind = ", ".join(saved) or f"model_type {config.get('model_type')!r}"
-        raise CheckpointError(
-            f"{path}: a {kind}, not a causal language model; evomerge's evaluators score causal LMs (generation and "
-            "log-likelihood), so it cannot be evaluated or searched (it can still be merged with `evomerge merge`)"
-        )
-
-
 def check_compatible(base: Checkpoint, others: Iterable[Checkpoint], check_tokenizer: bool = True) -> None:
     """Raise CheckpointError naming the first file/tensor that stops these checkpoints from merging."""
     base_names = set(base.tensor_names())

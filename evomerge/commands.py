@@ -131,6 +131,35 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo_vision(args: argparse.Namespace) -> int:
+    import hashlib
+    import os
+    from dataclasses import asdict
+
+    from .zoo.vision import SMALL, VisionZooConfig, build_vision_zoo
+
+    config = SMALL if args.small else VisionZooConfig()
+    config = VisionZooConfig(**{**asdict(config), "seed": args.seed, "finetunes": config.finetunes})
+    out = args.out
+    if out is None:
+        key = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:12]
+        out = Path(os.environ.get("EVOMERGE_CACHE", Path.home() / ".cache" / "evomerge")) / f"vision-zoo-{key}"
+    training = StepProgress("loss {}")
+    try:
+        on_step = lambda name, step, total, loss: training(name, step, total, f"{loss:.3f}")  # noqa: E731
+        out = build_vision_zoo(out, config, progress=say, overwrite=args.overwrite, on_step=on_step)
+    finally:
+        training.close()
+    manifest = json.loads((out / "manifest.json").read_text())
+    tasks = [t["name"] for t in manifest["tasks"]]
+    console.print(
+        score_table(f"vision zoo {out} (test split)", {k: v["test"] for k, v in manifest["scores"].items()}, tasks)
+    )
+    ingredients = " ".join(manifest["ingredients"].values())
+    console.print(f"next: evomerge soup {ingredients} --tasks {out} --out soup/")
+    return 0
+
+
 # ---- eval --------------------------------------------------------------------------------------
 def local_model_dir(path: str, hub: bool = False) -> str:
     """A model argument is a local directory: a path that does not exist is an error, never a hub repo id
@@ -144,20 +173,18 @@ def local_model_dir(path: str, hub: bool = False) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .checkpoint import check_causal_lm
     from .engine import resolve_device
     from .evaluate.evaluator import Evaluator, with_twins
+    from .evaluate.heads import check_evaluable, load_model, load_processor
     from .evaluate.tasks import load_specs, load_task
 
     path = local_model_dir(args.model, args.hub)
-    check_causal_lm(path)
     specs = with_twins(load_specs(args.tasks, args.task_names, args.include_path), args.evaluator)
+    head = check_evaluable(path, [(s.name, s.kind) for s in specs])
     tasks = [load_task(s, args.split) for s in specs]  # parsed before the model loads
     local = not args.hub
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local).to(resolve_device(args.device)).eval()
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    model = load_model(path, head, local_files_only=local).to(resolve_device(args.device)).eval()
+    tok = load_processor(path, head, local_files_only=local)
     scores = Evaluator(model, tok, tasks, args.batch_size, args.evaluator).evaluate().scores
     title = f"{args.model} ({args.split} split, {args.evaluator})"
     console.print(score_table(title, {Path(args.model).name: scores}, [s.name for s in specs]))
@@ -446,12 +473,11 @@ def _refresh_report(args: argparse.Namespace, run_dir: Path) -> None:
 
 # ---- soup --------------------------------------------------------------------------------------
 def cmd_soup(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from .checkpoint import check_causal_lm, check_output_dir
+    from .checkpoint import check_output_dir
     from .engine import Engine, write_merged
     from .evaluate.evaluator import Evaluator, with_twins
     from .evaluate.fitness import Fitness, weighted_mean
+    from .evaluate.heads import check_evaluable, load_processor
     from .evaluate.tasks import check_task_files, load_specs, load_task, searching
     from .search.soup import greedy_soup, soup_recipe
 
@@ -461,11 +487,11 @@ def cmd_soup(args: argparse.Namespace) -> int:
     check_output_dir(args.out, args.overwrite)
     models = [local_model_dir(m) for m in args.models]
     for m in models:
-        check_causal_lm(m)
+        check_evaluable(m, [(s.name, s.kind) for s in specs])
     engine = Engine(models[0], models[1:], device=args.device, dtype=args.dtype)
     model = engine.load_target_model()
     target = engine.bind(model)
-    tok = AutoTokenizer.from_pretrained(models[0])
+    tok = load_processor(models[0], engine.head)
     with searching():
         fitness = Fitness(
             Evaluator(model, tok, [load_task(s, "search") for s in specs], args.batch_size, args.evaluator),
@@ -494,6 +520,10 @@ def cmd_soup(args: argparse.Namespace) -> int:
                 else (greedy.score if label == "greedy soup" else float("nan"))
             )
         rows[label] = row
+    if greedy:  # the paper's "best individual model": the ingredient best on the held-out (search) split
+        best = Path(max(models, key=lambda m: greedy.ingredient_scores[m])).name
+        ordered = list(rows.items())
+        rows = dict(ordered[: len(models)] + [("best ingredient", rows[best])] + ordered[len(models) :])
     columns = [s.name for s in specs] + ["fitness"] + (["search"] if greedy else [])
     card = (
         "## Soup\n\n"
@@ -707,6 +737,17 @@ def register(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     b.add_argument("--small", action="store_true", help="the smoke zoo: small models, built in about a minute")
     b.add_argument("--overwrite", action="store_true", help="rebuild even if a zoo exists at --out")
     b.set_defaults(func=cmd_zoo_build)
+    v = zsub.add_parser(
+        "vision",
+        help="build (or reuse) the vision zoo: a small ViT, its fine-tunes (soup ingredients), shape tasks with a "
+        "shifted test split",
+        formatter_class=formatter,
+    )
+    v.add_argument("--out", default=None, help="directory; default: ~/.cache/evomerge/vision-zoo-<config hash>")
+    v.add_argument("--seed", type=int, default=0, help="seed of the generated images and of training")
+    v.add_argument("--small", action="store_true", help="a fraction of the training: built in well under a minute")
+    v.add_argument("--overwrite", action="store_true", help="rebuild even if a zoo exists at --out")
+    v.set_defaults(func=cmd_zoo_vision)
 
     p = add("eval", "score a model directory on tasks and print a table")
     p.add_argument("model", help="model directory (a hub id only with --hub)")

@@ -23,6 +23,7 @@ from .checkpoint import (
     check_output_dir,
     write_model_dir,
 )
+from .evaluate.heads import auto_class, load_model, model_head
 from .layers import Layout
 from .methods import get_method, kernels, merge_deltas, merge_tensors
 from .methods.fast import one_shot, return_freed_memory
@@ -91,6 +92,7 @@ class Engine:
         self.source_paths = [str(p) for p in source_paths]
         self.names = self.base_ckpt.tensor_names()
         self.layout = Layout.of(base_path, self.names)
+        self.head = model_head(base_path) or "causal_lm"  # the class the target model is built as
         self.num_layers = self.layout.num_layers
         self.base: dict[str, torch.Tensor] = {}
         self.deltas: dict[str, list[torch.Tensor]] = {}
@@ -183,25 +185,23 @@ class Engine:
         read from the base's files again: `from_pretrained` maps the safetensors file and touches it, so
         the search's peak memory would be the engine plus 1.2 models before the first candidate. Falls
         back to `from_pretrained` when the model has weights the checkpoint does not cover."""
-        from transformers import AutoModelForCausalLM
-
         dtype = parse_dtype(dtype or self.dtype)
         model = self._model_from_resident_base(dtype)
         if model is None:
-            model = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=dtype).to(self.device)
+            model = load_model(self.base_path, self.head, dtype=dtype).to(self.device)
         return model.eval()
 
     def _model_from_resident_base(self, dtype: torch.dtype) -> torch.nn.Module | None:
         """The base model built from its config and `self.base`, or None where that cannot be done (an older
         transformers without `no_init_weights`, or weights the checkpoint does not cover)."""
-        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+        from transformers import AutoConfig, GenerationConfig
 
         try:
             from transformers.initialization import no_init_weights
         except ImportError:
             return None
         with no_init_weights(), torch.device(self.device):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.base_path), dtype=dtype)
+            model = auto_class(self.head).from_config(AutoConfig.from_pretrained(self.base_path), dtype=dtype)
         target = self.bind(model)
         filled = Counter()  # elements written per storage (a fused parameter takes several checkpoint tensors)
         for t in target.values():

@@ -151,7 +151,10 @@ def skeleton(model_dir: str) -> torch.nn.Module | None:
         with torch.device("meta"):
             if model_class is not None:
                 return model_class._from_config(config)
-            return transformers.AutoModel.from_config(config)
+            from .evaluate.heads import auto_class, model_head
+
+            head = model_head(model_dir)  # no class named: the head its model type has, else the bare model
+            return (auto_class(head) if head else transformers.AutoModel).from_config(config)
     except Exception as e:  # noqa: BLE001 — any failure means: fall back to names, and say so
         log.warning(
             "%s: the module tree could not be built (%s: %s); layers and roles are read from tensor names",

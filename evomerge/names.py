@@ -58,7 +58,10 @@ def checkpoint_views(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _revert(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from transformers.core_model_loading import revert_weight_conversion
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 loads checkpoint names as they are
+        return dict(state)
 
     return revert_weight_conversion(model, dict(state))
 

@@ -118,53 +118,99 @@ def test_a_role_filter_and_a_layer_gradient_change_exactly_their_tensors(family)
         assert torch.allclose(out[n], engine.base[n] + t * delta[n], atol=1e-6), n
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", CAUSAL)
-def test_the_search_binds_and_runs_three_trials(arch, small_zoo, zoo_tokenizer, tmp_path):
-    """Renamed (Gemma-3, GPT-NeoX) and fused (MoE experts) parameters included: the candidate written into the
-    resident model gives the logits of the same recipe merged to disk and loaded by transformers."""
-    from transformers import AutoModelForCausalLM
+def classify_task(root, arch, tokenizer) -> dict:
+    """A small classification task for a classifier family: texts (RoBERTa) or 16×16 images (ViT), 3 classes."""
+    import numpy as np
 
+    rng = np.random.default_rng(0)
+    files = {}
+    for split, n in (("search", 24), ("select", 12), ("test", 12)):
+        labels = rng.integers(0, 3, n)
+        if arch == "vit":
+            files[split] = str(root / f"{split}.npz")
+            np.savez(files[split], images=rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8), labels=labels)
+        else:
+            files[split] = str(root / f"{split}.jsonl")
+            lines = [
+                json.dumps({"text": f"{rng.integers(0, 99)}+{rng.integers(0, 9)}=", "label": int(y)}) for y in labels
+            ]
+            (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return {"name": "cls", "kind": "classify", "files": files}
+
+
+def forward_inputs(arch, tokenizer) -> dict:
+    ids = torch.tensor([tokenizer("12+3=").input_ids])
+    if arch == "vit":
+        return {"pixel_values": torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
+    if arch in ("t5", "bart"):
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :3]}
+    return {"input_ids": ids}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [*CAUSAL, "t5", "bart", "roberta", "vit"])
+def test_the_search_binds_and_runs_three_trials(arch, small_zoo, zoo_tokenizer, tmp_path):
+    """Renamed (Gemma-3, GPT-NeoX, ViT) and fused (MoE experts) parameters included, under each evaluator (causal LM,
+    seq2seq generation, text and image classification): the candidate written into the resident model gives the
+    outputs of the same recipe merged to disk and loaded by transformers."""
+    from evomerge.evaluate.heads import load_model, model_head
     from evomerge.evaluate.tasks import load_specs
     from evomerge.search import loop
 
     base, sources = make_family(tmp_path / "models", arch, zoo_tokenizer)
-    space = yaml.safe_load((SPACES / "sakana_ps.yaml").read_text())
+    if arch in ("roberta", "vit"):
+        (tmp_path / "task").mkdir()
+        tasks = [classify_task(tmp_path / "task", arch, zoo_tokenizer)]
+    else:
+        tasks = [s.to_dict() for s in load_specs(small_zoo, ["math_a" if arch in ("t5", "bart") else "facts_a"])]
     cfg = loop.SearchConfig(
         name="arch",
-        space=space,
+        space=yaml.safe_load((SPACES / "sakana_ps.yaml").read_text()),
         base=str(base),
         sources=[str(s) for s in sources],
-        tasks=[s.to_dict() for s in load_specs(small_zoo, ["facts_a"])],
+        tasks=tasks,
         trials=3,
         popsize=3,
         runs_dir=str(tmp_path / "runs"),
         baselines=False,
     )
     loop.run_search(cfg, test_report=False)
+    assert len(list((tmp_path / "runs" / "arch").glob("trials.csv"))) == 1
     recipe = Recipe.load(tmp_path / "runs" / "arch" / "best_recipe.yaml")
     engine = Engine(base, sources)
     resident = engine.load_target_model()
     engine.materialize(recipe, engine.bind(resident))
     write_merged(recipe, tmp_path / "merged")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    ids = torch.tensor([zoo_tokenizer("12+3=").input_ids])
+    loaded = load_model(tmp_path / "merged", model_head(base)).eval()
+    inputs = forward_inputs(arch, zoo_tokenizer)
     with torch.no_grad():
-        assert torch.allclose(resident(ids).logits, loaded(ids).logits, atol=1e-5)
+        assert torch.allclose(resident(**inputs).logits, loaded(**inputs).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in CAUSAL])
-def test_models_without_an_evaluator_are_refused_in_one_line(arch, small_zoo, zoo_tokenizer, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "arch, why",
+    [
+        ("bert", "not a causal language model, seq2seq model or classifier"),
+        ("clip_vision", "not a causal language model, seq2seq model or classifier"),
+        ("t5", "cannot score task(s) facts_a (multiple_choice)"),
+        ("roberta", "cannot score task(s) math_a (generate)"),
+        ("vit", "cannot score task(s) math_a (generate)"),
+    ],
+)
+def test_models_without_an_evaluator_for_the_tasks_are_refused_in_one_line(
+    arch, why, small_zoo, zoo_tokenizer, tmp_path, capsys
+):
     base, sources = make_family(tmp_path / "models", arch, zoo_tokenizer, n_sources=1)
     runs = str(tmp_path / "runs")
     for args in (
         ["eval", str(base), "--tasks", str(small_zoo)],
         ["search", "--base", str(base), "--sources", str(sources[0]), "--tasks", str(small_zoo), "--runs-dir", runs],
+        ["soup", str(base), str(sources[0]), "--tasks", str(small_zoo), "--out", str(tmp_path / "soup")],
     ):
         assert main(args) == 2, args
         err = capsys.readouterr().err
-        assert "not a causal language model" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "runs").exists()
+        assert why in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "soup").exists()
 
 
 @pytest.mark.parametrize("arch", ["t5", "gemma3"])

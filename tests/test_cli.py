@@ -283,8 +283,9 @@ def test_demo_smoke_run_does_not_take_the_full_demos_run_names(small_zoo, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == names
 
 
-def test_models_that_are_not_causal_lms_are_refused_in_one_line_by_eval_search_and_soup(small_zoo, tmp_path, capsys):
-    """A BERT checkpoint would load under BertLMHeadModel and be scored as a left-to-right LM; T5 would crash."""
+def test_models_without_an_evaluator_for_the_tasks_are_refused_in_one_line(small_zoo, tmp_path, capsys):
+    """A BERT checkpoint would load under BertLMHeadModel and be scored as a left-to-right LM; T5 generates (a
+    seq2seq LM) but cannot score multiple choice."""
     from transformers import BertConfig, BertForMaskedLM, T5Config, T5ForConditionalGeneration
 
     tiny = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
@@ -301,5 +302,6 @@ def test_models_that_are_not_causal_lms_are_refused_in_one_line_by_eval_search_a
         ):
             assert main(args) == 2, args
             err = capsys.readouterr().err
-            assert f"a {kind}, not a causal language model" in err and len(err.strip().splitlines()) == 1
+            why = "not a causal language model" if name == "bert" else "cannot score task(s) facts_a (multiple_choice)"
+            assert f"a {kind}" in err and why in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "runs").exists() and not (tmp_path / "soup").exists()

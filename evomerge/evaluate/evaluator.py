@@ -4,6 +4,8 @@
   (`lm_eval_adapter.compile_native`), else scored through lm-eval with a one-line notice;
 - `native`: like auto, but an lm-eval task that cannot be compiled is an error;
 - `lm-eval`: every task through lm-eval, native jsonl tasks through their generated lm-eval twin (`with_twins`).
+Classification tasks, and generation on an encoder-decoder, are scored through the model's own head whatever the
+mode (`classify.py`, `seq2seq.py`).
 
 Whatever the mix, one call scores the tasks (or the item subsets) asked for and returns per-item scores, so
 fitness, subsampling and racing treat every kind alike.
@@ -32,13 +34,13 @@ EVALUATORS = ("auto", "native", "lm-eval")
 def with_twins(specs: Sequence[TaskSpec], evaluator: str) -> list[TaskSpec]:
     """For `--evaluator lm-eval`, native jsonl tasks become lm-eval tasks generated from them (YAML in a folder
     of this process, removed at exit); otherwise the specs as given."""
-    if evaluator != "lm-eval" or all(s.kind == "lm_eval" for s in specs):
+    if evaluator != "lm-eval" or all(s.kind in ("lm_eval", "classify") for s in specs):
         return list(specs)
     from .lm_eval_adapter import from_native
 
     folder = Path(tempfile.mkdtemp(prefix="evomerge-lm-eval-"))
     atexit.register(shutil.rmtree, folder, True)
-    return [s if s.kind == "lm_eval" else from_native(s, folder) for s in specs]
+    return [s if s.kind in ("lm_eval", "classify") else from_native(s, folder) for s in specs]
 
 
 class Evaluator:
@@ -54,8 +56,17 @@ class Evaluator:
             check_chat_template([task.spec for task in self.tasks], tokenizer)
         native: list[Task] = []
         through_lm_eval: list[Task] = []
+        classify: list[Task] = []  # a classifier's accuracy
+        seq2seq: list[Task] = []  # generation through an encoder-decoder's own generate
+        encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         lm = None
         for task in self.tasks:
+            if task.spec.kind == "classify":
+                classify.append(task)
+                continue
+            if encoder_decoder and task.spec.kind == "generate":
+                seq2seq.append(task)
+                continue
             if task.spec.kind != "lm_eval":
                 native.append(task)
                 continue
@@ -76,6 +87,15 @@ class Evaluator:
                 log.warning("lm-eval task %s is scored through lm-eval: %s", task.name, compiled)
                 through_lm_eval.append(task)
         self.native = NativeEvaluator(model, tokenizer, native, batch_size=batch_size) if native else None
+        self.heads = []
+        if classify:
+            from .classify import ClassifierEvaluator
+
+            self.heads.append(ClassifierEvaluator(model, tokenizer, classify, batch_size=batch_size))
+        if seq2seq:
+            from .seq2seq import Seq2SeqEvaluator
+
+            self.heads.append(Seq2SeqEvaluator(model, tokenizer, seq2seq, batch_size=batch_size))
         self.lm_eval = None
         if through_lm_eval:
             from .lm_eval_adapter import LMEvalEvaluator
@@ -85,7 +105,7 @@ class Evaluator:
     def evaluate(self, subset: dict[str, Sequence[int]] | None = None) -> EvalResult:
         """Score every task, or only the tasks and item indices in `subset`, with the model's current weights."""
         result = EvalResult(scores={})
-        for part in (self.native, self.lm_eval):
+        for part in (self.native, *self.heads, self.lm_eval):
             if part is None:
                 continue
             r = part.evaluate(subset)

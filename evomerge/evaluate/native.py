@@ -22,7 +22,7 @@ class NonFiniteLogits(RuntimeError):
     """The model under evaluation produced NaN or infinite logits: its score would be meaningless."""
 
 
-def _check_finite(logits: torch.Tensor) -> None:
+def check_finite(logits: torch.Tensor) -> None:
     if not bool(torch.isfinite(logits).all()):
         raise NonFiniteLogits("the merged model produces non-finite (NaN/inf) logits")
 
@@ -60,7 +60,39 @@ def default_workers(model: torch.nn.Module, device: torch.device) -> int:
     return torch.get_num_threads()
 
 
-class NativeEvaluator:
+class ItemEvaluator:
+    """What every evaluator of one resident model shares: score the tasks (or the items of them in a subset) with
+    the model's current weights, in eval mode without autograd; a subclass says how one task's items score."""
+
+    model: torch.nn.Module
+    tasks: list[Task]
+
+    def score(self, task: Task, which: list[int]) -> dict[int, float]:
+        raise NotImplementedError
+
+    def evaluate(self, subset: dict[str, Sequence[int]] | None = None) -> EvalResult:
+        """Score every task, or only the tasks and item indices given in `subset`, with the current weights."""
+        result = EvalResult(scores={})
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for task in self.tasks:
+                    if subset is not None and task.name not in subset:
+                        continue
+                    which = list(subset[task.name]) if subset is not None else list(range(len(task.items)))
+                    if not which:
+                        continue
+                    per_item = self.score(task, which)
+                    result.per_item[task.name] = per_item
+                    result.scores[task.name] = sum(per_item.values()) / len(per_item)
+                    result.n_examples += len(per_item)
+        finally:
+            self.model.train(was_training)
+        return result
+
+
+class NativeEvaluator(ItemEvaluator):
     def __init__(
         self,
         model: torch.nn.Module,
@@ -144,30 +176,8 @@ class NativeEvaluator:
         return batches
 
     # ---- scoring (every call) -----------------------------------------------------------------
-    def evaluate(self, subset: dict[str, Sequence[int]] | None = None) -> EvalResult:
-        """Score every task, or only the tasks and item indices given in `subset`, with the current weights."""
-        result = EvalResult(scores={})
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                for task in self.tasks:
-                    if subset is not None and task.name not in subset:
-                        continue
-                    which = list(subset[task.name]) if subset is not None else list(range(len(task.items)))
-                    if not which:
-                        continue
-                    per_item = (
-                        self._generate(task, which)
-                        if task.spec.kind == "generate"
-                        else self._multiple_choice(task, which)
-                    )
-                    result.per_item[task.name] = per_item
-                    result.scores[task.name] = sum(per_item.values()) / len(per_item)
-                    result.n_examples += len(per_item)
-        finally:
-            self.model.train(was_training)
-        return result
+    def score(self, task: Task, which: list[int]) -> dict[int, float]:
+        return self._generate(task, which) if task.spec.kind == "generate" else self._multiple_choice(task, which)
 
     def generate(self, task: Task, which: Sequence[int] | None = None) -> dict[int, str]:
         """Greedy continuations (text) for a generation task's items."""
@@ -201,7 +211,7 @@ class NativeEvaluator:
             **self._last_logits,
         )
         past = getattr(out, self._cache)
-        _check_finite(out.logits[:, -1])  # NaN weights show at the first step; argmax of NaN is garbage
+        check_finite(out.logits[:, -1])  # NaN weights show at the first step; argmax of NaN is garbage
         nxt = out.logits[:, -1].argmax(-1)
         generated = [nxt]
         done = torch.isin(nxt, stop)
@@ -268,7 +278,7 @@ class NativeEvaluator:
 
     def _loglik(self, batch: _MCBatch) -> dict[tuple[int, int], float]:
         logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-        _check_finite(logits)
+        check_finite(logits)
         logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
         return dict(zip(batch.rows, (logp * batch.cont_mask).sum(-1).tolist()))
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 from ..errors import HeldOutError, TaskError
 
 SPLITS = ("search", "select", "test")
+KINDS = ("generate", "multiple_choice", "classify")  # native kinds; classify: a classifier's accuracy (classify.py)
 REQUIRED = ("search", "test")  # a select split is optional: without one the run's recipe is the best on search
 _state = threading.local()
 
@@ -54,7 +55,7 @@ class TaskSpec:
     """Where a task's data lives and how it is scored."""
 
     name: str
-    kind: str  # "generate" (greedy decode, exact match), "multiple_choice" (log-likelihood) or "lm_eval"
+    kind: str  # "generate" (greedy decode, exact match), "multiple_choice" (log-likelihood), "classify" or "lm_eval"
     files: dict[str, str]  # split -> jsonl path (native kinds)
     metric: str = "exact_match"  # exact_match | numeric | acc; for lm-eval "<metric>,<filter>" as lm-eval reports
     max_new_tokens: int = 8
@@ -73,8 +74,8 @@ class TaskSpec:
             kind = d["kind"]
         except KeyError as e:
             raise TaskError(f"task spec {d.get('name', '?')}: missing key {e}") from None
-        if kind not in ("generate", "multiple_choice"):
-            raise TaskError(f"task {d['name']}: kind must be generate or multiple_choice, got {kind!r}")
+        if kind not in KINDS:
+            raise TaskError(f"task {d['name']}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
         metric = d.get("metric", "exact_match" if kind == "generate" else "acc")
         return cls(
             name=d["name"],
@@ -162,6 +163,15 @@ def _read_items(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
     path = spec.files.get(split)
     if path is None:
         raise TaskError(f"task {spec.name}: no {split} split (files: {sorted(spec.files)})")
+    if spec.kind == "classify":
+        from .classify import read_items
+
+        if not Path(path).exists():
+            raise TaskError(f"task {spec.name}: {split} file {path} not found")
+        items = read_items(Path(path))
+        if not items:
+            raise TaskError(f"{path}: no examples")
+        return items
     items = []
     try:
         with open(path) as fh:

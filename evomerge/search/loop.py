@@ -25,10 +25,10 @@ from typing import Any, Callable
 import optuna
 from pydantic import ValidationError
 
-from ..checkpoint import check_causal_lm
 from ..errors import HeldOutError, one_line, validation_summary
 from ..evaluate.evaluator import EVALUATORS, Evaluator, with_twins
 from ..evaluate.fitness import weighted_mean
+from ..evaluate.heads import check_evaluable
 from ..evaluate.tasks import TaskError, TaskSpec, check_task_files, load_task, searching
 from ..path_space import PathSpace, space_from_dict
 from ..recipe import Recipe, RecipeError, atomic_write_text
@@ -137,10 +137,14 @@ def validate(cfg: SearchConfig) -> None:
     anything is written under runs/NAME, so a run that cannot start leaves nothing behind."""
     if cfg.optimizer not in OPTIMIZERS:
         raise RecipeError(f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-    for model in dict.fromkeys([cfg.base, *cfg.sources]):
-        check_causal_lm(model)
     if cfg.evaluator not in EVALUATORS:
         raise RecipeError(f"unknown evaluator {cfg.evaluator!r}; choose from {', '.join(EVALUATORS)}")
+    kinds = [(s.name, s.kind) for s in cfg.task_specs()]
+    heads = {check_evaluable(model, kinds) for model in dict.fromkeys([cfg.base, *cfg.sources])}
+    if isinstance(cfg.search_space(), PathSpace) and heads != {"causal_lm"}:
+        raise RecipeError(
+            "a layer-path (dfs:) space routes the layers of causal LMs; these models are not all causal LMs"
+        )
     if isinstance(cfg.search_space(), PathSpace) and cfg.optimizer == "greedy-soup":
         raise RecipeError("greedy-soup chooses soup ingredients; a layer-path (dfs:) space needs another optimizer")
     if cfg.subsample is not None and cfg.subsample < 1:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..engine import Engine
 from ..evaluate.evaluator import Evaluator
 from ..evaluate.fitness import Fitness
+from ..evaluate.heads import load_processor
 from ..evaluate.tasks import has_select, load_task, searching, selecting
 from ..layer_path import LayerPaths, PathRecipe, load_participants
 from ..path_fold import path_to_mergekit
@@ -69,12 +70,10 @@ class Session(_Scoring):
     """Resident engine + target model + search-split evaluator for one parameter-space run."""
 
     def __init__(self, cfg: "SearchConfig") -> None:
-        from transformers import AutoTokenizer
-
         self.engine = Engine(cfg.base, cfg.sources, device=cfg.device, dtype=cfg.dtype, delta_dtype=cfg.delta_dtype)
         self.model = self.engine.load_target_model()
         self.target = self.engine.bind(self.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.base)
+        self.tokenizer = load_processor(cfg.base, self.engine.head)
         self.space = cfg.search_space().bind(cfg.base, cfg.sources, self.engine.layout, source_names=cfg.source_names)
         self._prepare_scoring(cfg)
 
