@@ -135,3 +135,44 @@ def test_eval_cli_prints_a_table(small_zoo, evaluator, capsys):
     out = capsys.readouterr().out
     expected = m["scores"]["expert_math"]["search"]["facts_a"]
     assert "facts_a" in out and "math_a" in out and f"{expected:.3f}" in out
+
+
+def test_a_multi_token_stop_string_cuts_the_answer_and_ends_generation_early(llama_family, tmp_path):
+    """What the model generates is cut at the first stop string (lm-eval's `until`), and a batch whose rows all
+    have one stops decoding there instead of at the token limit; the answers are those of decoding to the limit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluate.tasks import TaskSpec
+
+    base, _ = llama_family
+    model, tok = AutoModelForCausalLM.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
+    prompts = ["abc", "hello", "12 + 3 ="]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in prompts))
+
+    def outputs(stop: list[str], which: list[int]) -> tuple[dict[int, str], int]:
+        spec = TaskSpec.from_dict(
+            {
+                "name": "g",
+                "kind": "generate",
+                "files": {"search": str(tmp_path / "s.jsonl"), "test": "x"},
+                "stop": stop,
+                "max_new_tokens": 24,
+            }
+        )
+        ev = NativeEvaluator(model, tok, [load_task(spec, "search")], workers=1)
+        calls = []
+        forward = model.forward
+        model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+        try:
+            return ev.generate(ev.tasks[0], which), len(calls)
+        finally:
+            model.forward = forward
+
+    full, _ = outputs([], [0, 1, 2])
+    stop = full[0][4:6]  # two characters the model does write: two tokens of this character tokenizer
+    assert len(tok(stop, add_special_tokens=False)["input_ids"]) == 2
+    cut, _ = outputs([stop], [0, 1, 2])
+    assert cut == {i: text.split(stop, 1)[0] for i, text in full.items()}
+    _, calls_to_limit = outputs([], [0])
+    _, calls_to_stop = outputs([stop], [0])
+    assert calls_to_stop < calls_to_limit == 24

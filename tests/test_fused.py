@@ -483,3 +483,35 @@ def test_cuda_merge_matches_cpu(method, dtype, monkeypatch):
         diff = (gpu.cpu().float() - cpu.float()).abs()
         assert float((diff > cpu.float().abs() * 2**-7 + 1e-9).float().mean()) == 0.0
         assert float((diff > 0).float().mean()) < 0.01
+
+
+def test_dare_codes_give_the_masks_of_hashing_positions(monkeypatch):
+    """A search's DARE keeps each small task vector's codes (its random bits on the density grid) instead of
+    hashing every position per candidate: the same merge, to the bit, as a one-off merge that hashes."""
+    used = []
+    real = fused.dare_inputs
+    monkeypatch.setattr(fused, "dare_inputs", lambda d, ip: used.append(real(d, ip)[0]) or real(d, ip))
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3000, generator=g)
+    deltas = [torch.randn(3000, generator=g) * 0.1 for _ in range(3)]
+    params = [{"weight": 0.7, "density": d} for d in (0.3, 0.55, 0.9)]
+    for method in ("dare_ties", "dare_linear"):
+        coded = merge_deltas(method, base, deltas, params, {}, seed=5, key="t")
+        again = merge_deltas(method, base, deltas, params, {}, seed=5, key="t")  # the codes from the cache
+        with fast.one_shot():
+            hashed = merge_deltas(method, base, deltas, params, {}, seed=5, key="t")
+        assert torch.equal(coded, hashed) and torch.equal(again, hashed)
+        other_seed = merge_deltas(method, base, deltas, params, {}, seed=6, key="t")
+        assert not torch.equal(other_seed, hashed)
+    assert used.count(("dare_coded",) * 3) == 6 and used.count(("random",) * 3) == 2
+
+
+def test_a_long_search_compiles_small_tensors_on_the_cpu(monkeypatch):
+    monkeypatch.setenv("EVOMERGE_COMPILE", "auto")
+    monkeypatch.setattr(fused, "_expected_candidates", 1)
+    small = torch.zeros(1000)
+    assert not fused._use_compiled(small)
+    fused.expect_candidates(fused.MANY_CANDIDATES)
+    assert fused._use_compiled(small) and not fused._use_compiled(torch.zeros(1))
+    with fast.one_shot():
+        assert not fused._use_compiled(small)

@@ -10,7 +10,6 @@ preprocessed once; a call is forward passes and an argmax.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,7 +18,7 @@ import torch
 
 from ..errors import TaskError
 from .native import ItemEvaluator, check_finite
-from .tasks import Task
+from .tasks import Task, jsonl_records
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -43,15 +42,9 @@ def read_items(path: Path) -> list[dict[str, Any]]:
             raise TaskError(f"{path}: {len(images)} images but {len(labels)} labels")
         return [{"pixels": images[i], "label": labels[i].item()} for i in range(len(labels))]
     items = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{lineno}: not valid JSON ({e})") from None
+    for where, item in jsonl_records(path):
         if not isinstance(item, dict) or "label" not in item or not ({"text", "image"} & set(item)):
-            raise TaskError(f"{path}:{lineno}: a classification example needs a label and a text or an image")
+            raise TaskError(f"{where}: a classification example needs a label and a text or an image")
         if "image" in item:
             item = {**item, "image": str(path.parent / item["image"])}
         items.append(item)
@@ -60,11 +53,8 @@ def read_items(path: Path) -> list[dict[str, Any]]:
 
 class ClassifierEvaluator(ItemEvaluator):
     def __init__(self, model: torch.nn.Module, processor, tasks: Sequence[Task], batch_size: int = 64) -> None:
-        self.model = model
+        super().__init__(model, tasks, batch_size)
         self.processor = processor
-        self.tasks = list(tasks)
-        self.batch_size = batch_size
-        self.device = next(model.parameters()).device
         self._prepared = {t.name: self._prepare(t) for t in self.tasks}
 
     # ---- preparation (once) -------------------------------------------------------------------

@@ -49,6 +49,7 @@ class _MCBatch:
     cont_mask: torch.Tensor  # positions (in targets) belonging to the continuation
 
 
+STOP_CHECK_EVERY = 4  # decode steps between looks for multi-token stop strings in the generated text
 SMALL_MODEL = 50e6  # parameters: below this, whole batches side by side beat torch's intra-op threads on a CPU
 
 
@@ -64,8 +65,11 @@ class ItemEvaluator:
     """What every evaluator of one resident model shares: score the tasks (or the items of them in a subset) with
     the model's current weights, in eval mode without autograd; a subclass says how one task's items score."""
 
-    model: torch.nn.Module
-    tasks: list[Task]
+    def __init__(self, model: torch.nn.Module, tasks: Sequence[Task], batch_size: int, device=None) -> None:
+        self.model = model
+        self.tasks = list(tasks)
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device else next(model.parameters()).device
 
     def score(self, task: Task, which: list[int]) -> dict[int, float]:
         raise NotImplementedError
@@ -102,11 +106,8 @@ class NativeEvaluator(ItemEvaluator):
         device: str | torch.device | None = None,
         workers: int | None = None,
     ) -> None:
-        self.model = model
+        super().__init__(model, tasks, batch_size, device)
         self.tokenizer = tokenizer
-        self.tasks = list(tasks)
-        self.batch_size = batch_size
-        self.device = torch.device(device) if device else next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
         # transformers 5 renamed the KV cache argument and output `past_key_values` -> `cache`
@@ -127,12 +128,14 @@ class NativeEvaluator(ItemEvaluator):
         sequence and its context length), as lm-eval tasks compiled to native items do."""
         if task.spec.kind == "generate":
             encoded = {i: item.get("prompt_ids") or self._encode(item["prompt"]) for i, item in enumerate(task.items)}
-            stop_ids = set()
+            stop_ids, stop_strings = set(), []
             for s in task.spec.stop:
                 ids = self.tokenizer(s, add_special_tokens=False)["input_ids"]
                 if len(ids) == 1:
                     stop_ids.add(ids[0])
-            return {"encoded": encoded, "stop_ids": stop_ids}
+                elif s:
+                    stop_strings.append(s)
+            return {"encoded": encoded, "stop_ids": stop_ids, "stop_strings": stop_strings}
         rows = {}
         for i, item in enumerate(task.items):
             if "pairs_ids" in item:
@@ -189,15 +192,21 @@ class NativeEvaluator(ItemEvaluator):
         stop_ids = prep["stop_ids"] | ({self.eos_id} if self.eos_id is not None else set())
         outputs: dict[int, str] = {}
         for texts in self._map(
-            lambda b: self._decode(b, stop_ids, task.spec.max_new_tokens),
+            lambda b: self._decode(b, stop_ids, task.spec.max_new_tokens, prep["stop_strings"]),
             self._batches_for(task, prep["encoded"], which),
         ):
             outputs.update(texts)
         return outputs
 
-    def _decode(self, batch: _GenBatch, stop_ids: set[int], steps: int) -> dict[int, str]:
+    def _decode(
+        self, batch: _GenBatch, stop_ids: set[int], steps: int, stop_strings: Sequence[str] = ()
+    ) -> dict[int, str]:
         """Greedy decoding of one batch: logits of the last position only, the attention mask preallocated for
-        the whole generation (a growing view per step), stop tokens checked on the device."""
+        the whole generation (a growing view per step), stop tokens checked on the device. A stop string of
+        several tokens ("Question:") is looked for in the decoded text every few steps: a row that has one is
+        done (its answer ends there), so the batch stops as soon as every row has its answer, not at the
+        token limit. Answers are cut at the first stop string, as lm-eval's `until` cuts them; a row's tokens
+        do not depend on when the others stop, so the answers are those of generating to the limit."""
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
         n, width = batch.input_ids.shape
         mask = batch.attention_mask.new_ones((n, width + steps))
@@ -231,6 +240,8 @@ class NativeEvaluator(ItemEvaluator):
             nxt = out.logits[:, -1].argmax(-1)
             generated.append(nxt)
             done |= torch.isin(nxt, stop)
+            if stop_strings and k % STOP_CHECK_EVERY == 0:
+                done |= self._has_stop_string(generated, stop_ids, stop_strings, done)
         gen = torch.stack(generated, dim=1).tolist()
         texts = {}
         for r, i in enumerate(batch.index):
@@ -239,8 +250,20 @@ class NativeEvaluator(ItemEvaluator):
                 if t in stop_ids:
                     break
                 toks.append(t)
-            texts[i] = self.tokenizer.decode(toks, skip_special_tokens=True)
+            texts[i] = _cut(self.tokenizer.decode(toks, skip_special_tokens=True), stop_strings)
         return texts
+
+    def _has_stop_string(
+        self, generated: list[torch.Tensor], stop_ids: set[int], stop_strings: Sequence[str], done: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows (not done yet) whose text so far holds a stop string."""
+        rows, finished = torch.stack(generated, dim=1).tolist(), done.tolist()
+        found = []
+        for toks, was in zip(rows, finished):
+            cut = next((j for j, t in enumerate(toks) if t in stop_ids), len(toks))
+            text = "" if was else self.tokenizer.decode(toks[:cut], skip_special_tokens=True)
+            found.append(was or any(s in text for s in stop_strings))
+        return torch.tensor(found, device=done.device)
 
     def _map(self, fn, batches: list) -> list:
         """`fn` over the batches, in order. On the CPU with `workers` > 1 the batches are shared out among that
@@ -295,3 +318,10 @@ class NativeEvaluator(ItemEvaluator):
             best = max(range(n_choices[i]), key=lambda j: loglik[(i, j)])
             scores[i] = float(best == int(task.items[i]["label"]))
         return scores
+
+
+def _cut(text: str, stop_strings: Sequence[str]) -> str:
+    """The text before the first stop string."""
+    for s in stop_strings:
+        text = text.split(s, 1)[0]
+    return text

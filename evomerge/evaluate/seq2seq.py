@@ -14,11 +14,8 @@ from .tasks import Task, score_generation
 
 class Seq2SeqEvaluator(ItemEvaluator):
     def __init__(self, model: torch.nn.Module, tokenizer, tasks: Sequence[Task], batch_size: int = 64) -> None:
-        self.model = model
+        super().__init__(model, tasks, batch_size)
         self.tokenizer = tokenizer
-        self.tasks = list(tasks)
-        self.batch_size = batch_size
-        self.device = next(model.parameters()).device
         self._encoded = {t.name: [tokenizer(item["prompt"])["input_ids"] for item in t.items] for t in self.tasks}
 
     def generate(self, task: Task, which: list[int]) -> dict[int, str]:

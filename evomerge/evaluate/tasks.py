@@ -174,24 +174,29 @@ def _read_items(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
         return items
     items = []
     try:
-        with open(path) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskError(f"{path}:{lineno}: not valid JSON ({e})") from None
-                need = ("prompt", "answer") if spec.kind == "generate" else ("prompt", "choices", "label")
-                missing = [k for k in need if not isinstance(item, dict) or k not in item]
-                if missing:
-                    raise TaskError(f"{path}:{lineno}: missing field(s) {missing} for a {spec.kind} task")
-                items.append(item)
+        for where, item in jsonl_records(Path(path)):
+            need = ("prompt", "answer") if spec.kind == "generate" else ("prompt", "choices", "label")
+            missing = [k for k in need if not isinstance(item, dict) or k not in item]
+            if missing:
+                raise TaskError(f"{where}: missing field(s) {missing} for a {spec.kind} task")
+            items.append(item)
     except (FileNotFoundError, IsADirectoryError):
         raise TaskError(f"task {spec.name}: {split} file {path} not found") from None
     if not items:
         raise TaskError(f"{path}: no examples")
     return items
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """("file:line", record) for each non-empty line of a jsonl file; a line that is not JSON is an error."""
+    with open(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path}:{lineno}: not valid JSON ({e})") from None
 
 
 def load_specs(source: str | Path, names: list[str] | None = None, include_path: str | None = None) -> list[TaskSpec]:

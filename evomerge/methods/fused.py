@@ -39,6 +39,7 @@ M32 = 0xFFFFFFFF
 RANDOM_BITS = 24  # random bits per position (DELLA's keep probabilities resolve to 2⁻²⁴)
 DENSITY_BITS = 14  # DARE densities are applied on a grid of 2⁻¹⁴ (see density_threshold)
 COMPILE_MIN_NUMEL = 1 << 20  # on the CPU, below this compiled code gains little and chunked eager is used
+CODED = ("coded", "dare_coded")  # keep kinds that read a stored code per entry instead of hashing positions
 HOST_NUMPY = True  # on the CPU, small index work runs in numpy (tests switch it off to run the GPU's torch code)
 
 
@@ -80,6 +81,35 @@ def density_threshold(density: float) -> int:
 @fast.cached_while_unmodified
 def _kept_l1_tables(delta: torch.Tensor) -> dict:
     return {}
+
+
+@fast.cached_while_unmodified
+def _dare_codes(delta: torch.Tensor) -> dict:
+    return {}
+
+
+def dare_inputs(deltas: Sequence[torch.Tensor], ip: torch.Tensor) -> tuple[tuple[str, ...], list[torch.Tensor]]:
+    """Each source's DARE keep kind and resident input: "dare_coded" with the density-grid code of every
+    position's random bits (bits >> 10, int16), for task vectors merged eagerly on the CPU (under 1M entries;
+    above, compiled code hashes inside its one pass); else "random". A search keeps one seed, so the codes are
+    computed once per task vector and seed, and a candidate compares one int16 per entry instead of hashing
+    it: the same masks (bits < steps·2¹⁰ exactly when bits >> 10 < steps), at 2 bytes per entry of the
+    small tensors. A one-off merge hashes as before."""
+    n = len(deltas)
+    if fast.in_one_shot() or any(d.device.type != "cpu" or _use_compiled(d.reshape(-1)) for d in deltas):
+        return ("random",) * n, []
+    if any(d.numel() >= COMPILE_MIN_NUMEL for d in deltas):  # compilation off: large tensors hash as they go
+        return ("random",) * n, []
+    codes = []
+    for i, delta in enumerate(deltas):
+        cache, word = _dare_codes(delta), int(ip[i, 2])
+        if word not in cache:
+            if len(cache) > 2:  # one seed per search; this only bounds other uses
+                cache.clear()
+            bits = random_bits(_positions(delta.numel(), 0, delta.device), word)
+            cache[word] = (bits >> (RANDOM_BITS - DENSITY_BITS)).to(torch.int16)
+        codes.append(cache[word])
+    return ("dare_coded",) * n, codes
 
 
 def tabled_kept_l1(
@@ -555,6 +585,8 @@ def _keep(
     probability p₀ + slope·(rank fraction); ip[i] = (cut_keep, cut_drop, seed word, random threshold)."""
     if kind == "random":
         return random_bits(idx, ip[i, 2]) < ip[i, 3]
+    if kind == "dare_coded":  # DARE with its codes (`dare_inputs`): the threshold on the same grid
+        return rank < (ip[i, 3] >> (RANDOM_BITS - DENSITY_BITS))
     if kind == "rank":
         return _della_margin(random_bits(idx, ip[i, 2]), rank, fp, i) < fp[i, 0]
     if kind == "coded":  # DELLA with margin codes (`della_inputs`): fp[i, 0] is the code threshold
@@ -586,7 +618,7 @@ def _merge_body(
 ) -> None:
     """out = base + merged change, elementwise over flat (chunks of) tensors starting at `offset`, source i
     kept by rule kinds[i]; arithmetic in `work` (fp32, or fp64 for fp64 models)."""
-    idx = _positions(base.numel(), offset, base.device) if set(kinds) != {"coded"} else None
+    idx = _positions(base.numel(), offset, base.device) if set(kinds) - set(CODED) else None
     kept = []
     for i, d in enumerate(deltas):
         x = d.to(work)
@@ -611,7 +643,7 @@ def _merge_body(
 
 
 def _kept_l1_body(deltas, fp, ip, ranks, offset: int, kinds: tuple[str, ...]) -> torch.Tensor:
-    idx = _positions(deltas[0].numel(), offset, deltas[0].device) if set(kinds) != {"coded"} else None
+    idx = _positions(deltas[0].numel(), offset, deltas[0].device) if set(kinds) - set(CODED) else None
     sums = []
     for i, d in enumerate(deltas):
         a = d.to(fast.work_dtype(d)).abs()
@@ -639,10 +671,23 @@ def _compiling_allowed() -> bool:
     return not _compile_failed and compile_mode() != "off"
 
 
+MANY_CANDIDATES = 100  # a search this long compiles small tensors' kernels too (see expect_candidates)
+_expected_candidates = 1
+
+
+def expect_candidates(n: int) -> None:
+    """Say how many candidates this process will merge. A long search on the CPU then compiles the kernels of
+    tensors under 1M entries too: compiling costs ~20 s once (~5 s from inductor's disk cache), eager kernels
+    ~0.25 s more per candidate on the demo model (1.8M parameters, 3 sources), so it pays from ~100 candidates."""
+    global _expected_candidates
+    _expected_candidates = max(1, int(n))
+
+
 def _use_compiled(t: torch.Tensor) -> bool:
     if not _compiling_allowed():
         return False
-    return compile_mode() == "on" or t.numel() >= COMPILE_MIN_NUMEL or t.device.type != "cpu"
+    many = _expected_candidates >= MANY_CANDIDATES and not fast.in_one_shot() and t.numel() > 1
+    return compile_mode() == "on" or t.numel() >= COMPILE_MIN_NUMEL or t.device.type != "cpu" or many
 
 
 def _compile(fn):

@@ -49,7 +49,12 @@ def task_arithmetic(
     gammas = [float(p.get("gamma", 0.0)) for p in source_params]
     epsilons = [float(p.get("epsilon", 0.0)) for p in source_params]
     fp, ip = fused.source_params(kind, deltas, densities, gammas, seeds or [0] * len(deltas), work, epsilons)
-    kinds, ranks = fused.della_inputs(deltas, fp, ip) if kind == "rank" else ((kind,) * len(deltas), [])
+    if kind == "rank":
+        kinds, ranks = fused.della_inputs(deltas, fp, ip)
+    elif kind == "random":
+        kinds, ranks = fused.dare_inputs(deltas, ip)
+    else:
+        kinds, ranks = (kind,) * len(deltas), []
     rescaled = [i for i, d in enumerate(densities) if mode is not None and d < 1.0]
     after: dict[int, float] = {}  # ‖δ ⊙ keep‖₁, with ‖δ‖₁ the l1 rescale's only inputs
     if mode == "l1" and rescaled:

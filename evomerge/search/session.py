@@ -14,6 +14,7 @@ from ..evaluate.fitness import Fitness
 from ..evaluate.heads import load_processor
 from ..evaluate.tasks import has_select, load_task, searching, selecting
 from ..layer_path import LayerPaths, PathRecipe, load_participants
+from ..methods.fused import expect_candidates
 from ..path_fold import path_to_mergekit
 from ..recipe import Recipe
 
@@ -71,6 +72,7 @@ class Session(_Scoring):
 
     def __init__(self, cfg: "SearchConfig") -> None:
         self.engine = Engine(cfg.base, cfg.sources, device=cfg.device, dtype=cfg.dtype, delta_dtype=cfg.delta_dtype)
+        expect_candidates(cfg.trials)
         self.model = self.engine.load_target_model()
         self.target = self.engine.bind(self.model)
         self.tokenizer = load_processor(cfg.base, self.engine.head)
