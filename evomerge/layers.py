@@ -132,8 +132,17 @@ def _structure(model_dir: str, config_mtime: int) -> dict[str, TensorInfo] | Non
         return None
     from .names import checkpoint_pieces
 
-    places = tree_places(model)
-    return {disk: _renamed(places[piece.param], disk) for disk, piece in checkpoint_pieces(model).items()}
+    try:
+        places = tree_places(model)
+        return {disk: _renamed(places[piece.param], disk) for disk, piece in checkpoint_pieces(model).items()}
+    except Exception as e:  # noqa: BLE001 — as when the tree cannot be built: fall back to names, and say so
+        log.warning(
+            "%s: the module tree could not be read (%s: %s); layers and roles are read from tensor names",
+            model_dir,
+            type(e).__name__,
+            str(e).splitlines()[0] if str(e) else "",
+        )
+        return None
 
 
 def _renamed(info: TensorInfo, name: str) -> TensorInfo:

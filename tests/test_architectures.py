@@ -276,3 +276,19 @@ def test_a_role_filter_that_mergekit_would_read_otherwise_is_named(zoo_tokenizer
         with caplog.at_level(logging.WARNING, logger="evomerge"):
             write_merged(recipe, tmp_path / f"{arch}-merged")
         assert ("write 'name:attn' for mergekit's reading" in caplog.text) == differs, caplog.text
+
+
+def test_a_tree_that_cannot_be_read_falls_back_to_names_with_a_warning(llama_family, monkeypatch, caplog):
+    from evomerge import layers, names
+
+    def broken(model):
+        raise names.CheckpointError("no strided view")
+
+    base, _ = llama_family
+    layers._structure.cache_clear()
+    monkeypatch.setattr(names, "checkpoint_pieces", broken)
+    with caplog.at_level(logging.WARNING, logger="evomerge"):
+        layout = Layout.of(base, names_of(base))
+    layers._structure.cache_clear()
+    assert "the module tree could not be read (CheckpointError: no strided view)" in caplog.text
+    assert layout["model.layers.1.self_attn.q_proj.weight"].group == "attn" and layout.num_layers == 2
