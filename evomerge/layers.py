@@ -134,7 +134,8 @@ def _structure(model_dir: str, config_mtime: int) -> dict[str, TensorInfo] | Non
 
     try:
         places = tree_places(model)
-        return {disk: _renamed(places[piece.param], disk) for disk, piece in checkpoint_pieces(model).items()}
+        pieces = checkpoint_pieces(model, views=False)
+        return {disk: _renamed(places[piece.param], disk) for disk, piece in pieces.items()}
     except Exception as e:  # noqa: BLE001 — as when the tree cannot be built: fall back to names, and say so
         log.warning(
             "%s: the module tree could not be read (%s: %s); layers and roles are read from tensor names",

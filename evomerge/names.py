@@ -26,21 +26,24 @@ class Piece:
     view: tuple[tuple[int, ...], tuple[int, ...], int] | None = None  # (shape, strides, offset); None: the whole
 
 
-def checkpoint_pieces(model: torch.nn.Module) -> dict[str, Piece]:
-    """Every tensor name a checkpoint of `model` holds → its piece of the model (the model may be on meta)."""
+def checkpoint_pieces(model: torch.nn.Module, views: bool = True) -> dict[str, Piece]:
+    """Every tensor name a checkpoint of `model` holds → its piece of the model (the model may be on meta).
+    `views=False`: which parameter only, without following the elements through the conversion (a fused MoE
+    parameter's probe holds one int32 per element for a moment: gigabytes for a large MoE)."""
     shells = {n: torch.empty_like(t, device="meta") for n, t in model.state_dict().items()}
     renamed = _revert(model, shells)
     by_shell = {id(t): n for n, t in shells.items()}
     pieces = {disk: Piece(by_shell[id(t)]) for disk, t in renamed.items() if id(t) in by_shell}
     kept = {id(t) for t in renamed.values()}
-    views: dict[tuple, list[tuple]] = {}  # the same converter on the same shape cuts the same views
+    cut: dict[tuple, list[tuple]] = {}  # the same converter on the same shape cuts the same views
     for name, shell in shells.items():
         if id(shell) in kept:
             continue
         key = (re.sub(r"\d+", "#", name), tuple(shell.shape))
-        if key not in views:
-            views[key] = [_strides(t) for t in _revert(model, {name: _index(shell)}).values()]
-        for disk, view in zip(_revert(model, {name: shell}), views[key], strict=True):
+        if views and key not in cut:
+            cut[key] = [_strides(t) for t in _revert(model, {name: _index(shell)}).values()]
+        outputs = list(_revert(model, {name: shell}))
+        for disk, view in zip(outputs, cut[key] if views else [None] * len(outputs), strict=True):
             pieces[disk] = Piece(name, view)
     return pieces
 

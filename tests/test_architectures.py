@@ -281,7 +281,7 @@ def test_a_role_filter_that_mergekit_would_read_otherwise_is_named(zoo_tokenizer
 def test_a_tree_that_cannot_be_read_falls_back_to_names_with_a_warning(llama_family, monkeypatch, caplog):
     from evomerge import layers, names
 
-    def broken(model):
+    def broken(model, views=True):
         raise names.CheckpointError("no strided view")
 
     base, _ = llama_family
