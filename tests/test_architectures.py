@@ -292,3 +292,20 @@ def test_a_tree_that_cannot_be_read_falls_back_to_names_with_a_warning(llama_fam
     layers._structure.cache_clear()
     assert "the module tree could not be read (CheckpointError: no strided view)" in caplog.text
     assert layout["model.layers.1.self_attn.q_proj.weight"].group == "attn" and layout.num_layers == 2
+
+
+def test_moe_experts_and_router_get_genes_of_their_own(zoo_tokenizer, tmp_path):
+    from evomerge.space import SearchSpace
+
+    base, sources = make_family(tmp_path, "mixtral", zoo_tokenizer, n_sources=1)
+    layout = Layout.of(base, names_of(base))
+    space = yaml.safe_load((SPACES / "sakana_ps.yaml").read_text())
+    space = SearchSpace.model_validate({**space, "filters": ["experts", "router"]})
+    bound = space.bind(str(base), [str(sources[0])], layout)
+    src = sources[0].name
+    params = {g.name: 0.5 for g in bound.genes}
+    params |= {f"weight[{src}]@L1.experts": 0.9, f"weight[{src}]@L1.router": 0.1}
+    recipe = bound.decode(params)
+    for name, info in layout.infos.items():
+        want = {"experts": 0.9, "router": 0.1}.get(info.part, 0.5) if info.layer == 1 else 0.5
+        assert recipe.plan(info).source_params[0]["weight"] == pytest.approx(want), name
