@@ -7,7 +7,9 @@ directories into a temporary folder and made resident in the engine, as a search
 - generation: `--docs` prompts of `--prompt-len` random tokens decoded greedily for exactly `--new-tokens`
   tokens (no stop token), by the native evaluator and by HF `generate` on the same batches; the generated
   token ids must be equal;
-- multiple choice: the same prompts with 4 continuations of 4 tokens each, native log-likelihood scoring;
+- multiple choice: the same prompts with 4 continuations of 4 tokens each, native log-likelihood scoring of
+  whole sequences, and with `shared_prefix` (each prompt run once, its cache copied to its 4 continuations;
+  the largest difference of a log-likelihood sum between the two is printed);
 - trials/hour = 3600 / (merge + native generation + native multiple choice).
 The native evaluator shares batches among CPU threads for small models (`workers`, see evaluate/native.py).
 
@@ -18,6 +20,7 @@ The native evaluator shares batches among CPU threads for small models (`workers
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -128,6 +131,8 @@ def run_shape(shape: str, args) -> dict:
         [{"pairs_ids": [(p + c, len(p)) for c in cs], "label": 0} for p, cs in zip(prompts, choices)],
     )
     native = NativeEvaluator(model, IdTokenizer(), [gen, mc], batch_size=args.batch_size)
+    mc_once = Task(dataclasses.replace(mc.spec, name="mc_once", shared_prefix=True), "search", mc.items)
+    once = NativeEvaluator(model, IdTokenizer(), [mc_once], batch_size=args.batch_size)
     rng = torch.Generator().manual_seed(1)
 
     def merge():
@@ -160,6 +165,11 @@ def run_shape(shape: str, args) -> dict:
     t_gen, native_text = timed(lambda: native.generate(gen), device, args.repeats)
     t_hf, hf_text = timed(hf_generate, device, args.repeats)
     t_mc, _ = timed(lambda: native.evaluate({"mc": list(range(len(prompts)))}), device, args.repeats)
+    t_once, _ = timed(lambda: once.evaluate(), device, args.repeats)
+    which, rows = list(range(len(prompts))), native._prepared["mc"]["rows"]
+    with torch.inference_mode():
+        whole = {k: v for b in native._mc_batches(rows, which) for k, v in native._loglik(b).items()}
+        shared = {k: v for b in once._shared_batches(rows, which) for k, v in once._loglik_shared(b).items()}
     tokens = args.docs * args.new_tokens
     return {
         "shape": shape,
@@ -168,6 +178,8 @@ def run_shape(shape: str, args) -> dict:
         "native_gen": t_gen,
         "hf_gen": t_hf,
         "mc": t_mc,
+        "mc_once": t_once,
+        "mc_diff": max(abs(whole[k] - shared[k]) for k in whole),
         "native_tps": tokens / t_gen,
         "hf_tps": tokens / t_hf,
         "equal": native_text == hf_text,
@@ -199,7 +211,8 @@ def main() -> None:
     )
     print(
         f"{'shape':6s} {'params':>8s} {'merge':>9s} {'native gen':>11s} {'HF generate':>12s} {'tok/s native':>13s} "
-        f"{'tok/s HF':>9s} {'native/HF':>10s} {'equal':>6s} {'MC':>9s} {'trials/h':>9s} {'workers':>8s}"
+        f"{'tok/s HF':>9s} {'native/HF':>10s} {'equal':>6s} {'MC':>9s} {'MC shared':>10s} {'max |Δ|':>8s} "
+        f"{'trials/h':>9s} {'workers':>8s}"
     )
     for shape in args.shapes:
         r = run_shape(shape, args)
@@ -207,7 +220,7 @@ def main() -> None:
             f"{r['shape']:6s} {r['params'] / 1e6:7.1f}M {r['merge'] * 1e3:7.0f}ms {r['native_gen'] * 1e3:9.0f}ms "
             f"{r['hf_gen'] * 1e3:10.0f}ms {r['native_tps']:13.0f} {r['hf_tps']:9.0f} "
             f"{r['hf_gen'] / r['native_gen']:9.2f}× {str(r['equal']):>6s} {r['mc'] * 1e3:7.0f}ms "
-            f"{r['trials_per_hour']:9.0f} {r['workers']:8d}",
+            f"{r['mc_once'] * 1e3:8.0f}ms {r['mc_diff']:8.1e} {r['trials_per_hour']:9.0f} {r['workers']:8d}",
             flush=True,
         )
 

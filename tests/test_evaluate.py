@@ -176,3 +176,23 @@ def test_a_multi_token_stop_string_cuts_the_answer_and_ends_generation_early(lla
     _, calls_to_limit = outputs([], [0])
     _, calls_to_stop = outputs([stop], [0])
     assert calls_to_stop < calls_to_limit == 24
+
+
+def test_shared_prefix_multiple_choice_gives_the_whole_sequences_log_likelihoods(zoo_model):
+    """With `shared_prefix`, an item's common context runs once and each choice only its own tokens: the same
+    log-likelihood sums up to float rounding, and the same choices."""
+    import dataclasses
+
+    model, tok, zoo = zoo_model
+    spec = load_specs(zoo, ["facts_a"])[0]
+    task = load_task(spec, "search")
+    shared = dataclasses.replace(task, spec=dataclasses.replace(spec, shared_prefix=True))
+    plain_ev, shared_ev = NativeEvaluator(model, tok, [task]), NativeEvaluator(model, tok, [shared], batch_size=7)
+    rows = plain_ev._prepared[task.name]["rows"]
+    which = list(range(len(task.items)))
+    with torch.inference_mode():
+        whole = {k: v for b in plain_ev._mc_batches(rows, which) for k, v in plain_ev._loglik(b).items()}
+        once = {k: v for b in shared_ev._shared_batches(rows, which) for k, v in shared_ev._loglik_shared(b).items()}
+    assert whole.keys() == once.keys()
+    assert max(abs(whole[k] - once[k]) for k in whole) < 1e-4
+    assert shared_ev.evaluate().per_item == plain_ev.evaluate().per_item

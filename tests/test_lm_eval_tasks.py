@@ -412,3 +412,12 @@ def test_a_worker_joins_a_search_on_lm_eval_tasks(small_zoo, tmp_path):
     done = [t for t in optuna.load_study(study_name="w", storage=url).trials if t.state.name == "COMPLETE"]
     assert len(done) == 4 and all("zoo_facts_b" in t.user_attrs["scores"] for t in done)
     assert json.loads((tmp_path / "w" / "report.json").read_text())["n_trials"] == 4
+
+
+def test_shared_prefix_on_a_compiled_multiple_choice_task_scores_as_lm_eval(random_model, local_tasks):
+    model, tok = random_model
+    once = load_task(spec("facts_local", local_tasks, metric="acc_norm,none", shared_prefix=True), "search")
+    compiled = Evaluator(model, tok, [once], batch_size=4, mode="native")
+    assert compiled.native.tasks[0].spec.shared_prefix
+    through = Evaluator(model, tok, [once], batch_size=4, mode="lm-eval")
+    assert compiled.evaluate().per_item == through.evaluate().per_item

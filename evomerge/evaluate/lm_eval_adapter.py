@@ -58,6 +58,7 @@ SPEC_KEYS = {
     "apply_chat_template",
     "fewshot_as_multiturn",
     "system_instruction",
+    "shared_prefix",
 }
 PROMPT_KEYS = ("apply_chat_template", "fewshot_as_multiturn", "system_instruction")  # lm-eval's prompt options
 
@@ -93,7 +94,7 @@ def spec_from_dict(d: dict[str, Any], root: Path | None = None) -> TaskSpec:
             if not isinstance(d[key], int) or d[key] < 0:
                 raise TaskError(f"{where}: {key} must be an integer ≥ 0, got {d[key]!r}")
             opts[key] = d[key]
-    for key in ("apply_chat_template", "fewshot_as_multiturn"):
+    for key in ("apply_chat_template", "fewshot_as_multiturn", "shared_prefix"):
         if key in d:
             if not isinstance(d[key], bool):
                 raise TaskError(f"{where}: {key} must be true or false, got {d[key]!r}")
@@ -529,7 +530,14 @@ def compile_native(task: Task, lm) -> Task | str:
                 whole = (ctx + cont)[-(lm.max_length + 1) :]
                 pairs.append((whole, len(whole) - len(cont)))
             items.append({"pairs_ids": pairs})
-        native = TaskSpec(task.spec.name, "multiple_choice", {}, metric=metric, weight=task.spec.weight)
+        native = TaskSpec(
+            task.spec.name,
+            "multiple_choice",
+            {},
+            metric=metric,
+            weight=task.spec.weight,
+            shared_prefix=bool(task.spec.lm_eval.get("shared_prefix")),
+        )
     else:
         kwargs = [inst.arguments[1] for insts in requests.values() for inst in insts]
         if any(k != kwargs[0] for k in kwargs):

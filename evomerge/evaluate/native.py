@@ -50,6 +50,20 @@ class _MCBatch:
 
 
 STOP_CHECK_EVERY = 4  # decode steps between looks for multi-token stop strings in the generated text
+
+
+@dataclass
+class _SharedBatch:
+    keys: list[tuple[int, int]]  # (item index, choice index) per row of `rest`
+    prefix: torch.Tensor  # one row per item: its common prefix, left-padded
+    prefix_mask: torch.Tensor
+    owner: torch.Tensor  # the prefix row of each choice row
+    rest: torch.Tensor  # each choice's tokens after the prefix but its last, right-padded
+    rest_mask: torch.Tensor
+    targets: torch.Tensor  # each choice's tokens after the prefix (column j predicted by position j − 1)
+    scored: torch.Tensor  # targets in the continuation (log-likelihood summed over these)
+
+
 SMALL_MODEL = 50e6  # parameters: below this, whole batches side by side beat torch's intra-op threads on a CPU
 
 
@@ -176,6 +190,46 @@ class NativeEvaluator(ItemEvaluator):
                 mask[r, : len(whole)] = 1
                 cont[r, n_ctx - 1 : len(whole) - 1] = True  # target t+1 predicted at position t
             batches.append(_MCBatch(chunk, inp.to(self.device), mask.to(self.device), cont.to(self.device)))
+        return batches
+
+    def _shared_batches(self, rows: dict, which: Sequence[int]) -> list[_SharedBatch]:
+        """Batches of items for `shared_prefix` scoring: each item's common prefix left-padded (run once), and
+        each choice's rest right-padded (run on the prefix's cache)."""
+        by_item: dict[int, list[tuple[int, int]]] = {}
+        for key in sorted(rows):
+            if key[0] in set(which):
+                by_item.setdefault(key[0], []).append(key)
+        items = sorted(by_item, key=lambda i: len(rows[by_item[i][0]][0]))
+        batches = []
+        for s in range(0, len(items), self.batch_size):
+            chunk = items[s : s + self.batch_size]
+            q = {i: _common_prefix(rows, i) for i in chunk}
+            keys = [k for i in chunk for k in by_item[i]]
+            width = max(q.values())
+            prefix = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            prefix_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, i in enumerate(chunk):
+                prefix[r, width - q[i] :] = torch.tensor(rows[by_item[i][0]][0][: q[i]])
+                prefix_mask[r, width - q[i] :] = 1
+            rest_width = max(len(rows[k][0]) - 1 - q[k[0]] for k in keys)
+            rest = torch.full((len(keys), max(rest_width, 0)), self.pad_id, dtype=torch.long)
+            rest_mask = torch.zeros_like(rest)
+            targets = torch.zeros((len(keys), rest_width + 1), dtype=torch.long)
+            scored = torch.zeros((len(keys), rest_width + 1), dtype=torch.bool)
+            for r, k in enumerate(keys):
+                whole, n_ctx = rows[k]
+                tail = whole[q[k[0]] :]  # target j is tail[j], predicted by the prefix (j = 0) or rest position j − 1
+                rest[r, : len(tail) - 1] = torch.tensor(tail[:-1], dtype=torch.long)
+                rest_mask[r, : len(tail) - 1] = 1
+                targets[r, : len(tail)] = torch.tensor(tail)
+                scored[r, max(0, n_ctx - q[k[0]]) : len(tail)] = True
+            owner = torch.tensor([chunk.index(k[0]) for k in keys])
+            batches.append(
+                _SharedBatch(
+                    keys,
+                    *(t.to(self.device) for t in (prefix, prefix_mask, owner, rest, rest_mask, targets, scored)),
+                )
+            )
         return batches
 
     # ---- scoring (every call) -----------------------------------------------------------------
@@ -305,10 +359,41 @@ class NativeEvaluator(ItemEvaluator):
         logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
         return dict(zip(batch.rows, (logp * batch.cont_mask).sum(-1).tolist()))
 
+    def _loglik_shared(self, batch: _SharedBatch) -> dict[tuple[int, int], float]:
+        """Log-likelihoods with each item's prefix run once: its cache is copied to its choices' rows, which run
+        only their own tokens. The same sums as whole sequences up to float rounding (a task option: lm-eval
+        computes whole sequences)."""
+        pos = (batch.prefix_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=batch.prefix,
+            attention_mask=batch.prefix_mask,
+            position_ids=pos,
+            use_cache=True,
+            **self._last_logits,
+        )
+        first = out.logits[:, -1].float()
+        check_finite(first)
+        logp = [torch.log_softmax(first, dim=-1)[batch.owner]]  # predictions of each row's first target
+        if batch.rest.shape[1]:
+            cache = getattr(out, self._cache)
+            cache.reorder_cache(batch.owner)
+            start = batch.prefix_mask.sum(-1)[batch.owner]
+            rest_pos = start[:, None] + torch.arange(batch.rest.shape[1], device=self.device)
+            mask = torch.cat([batch.prefix_mask[batch.owner], batch.rest_mask], dim=1)
+            step = {"input_ids": batch.rest, "attention_mask": mask, "position_ids": rest_pos, self._cache: cache}
+            logits = self.model(**step, use_cache=True).logits.float()
+            check_finite(logits)
+            logp.append(torch.log_softmax(logits, dim=-1))
+        logp = torch.cat([logp[0][:, None], *logp[1:]], dim=1) if len(logp) > 1 else logp[0][:, None]
+        picked = logp.gather(-1, batch.targets[:, : logp.shape[1], None]).squeeze(-1)
+        return dict(zip(batch.keys, (picked * batch.scored[:, : logp.shape[1]]).sum(-1).tolist()))
+
     def _multiple_choice(self, task: Task, which: list[int]) -> dict[int, float]:
         rows = self._prepared[task.name]["rows"]
         loglik: dict[tuple[int, int], float] = {}
-        for sums in self._map(self._loglik, self._mc_batches(rows, which)):
+        shared = task.spec.shared_prefix and all(_common_prefix(rows, i) >= 1 for i in which)
+        batches = self._shared_batches(rows, which) if shared else self._mc_batches(rows, which)
+        for sums in self._map(self._loglik_shared if shared else self._loglik, batches):
             loglik.update(sums)
         n_choices = self._prepared[task.name]["n_choices"]
         if task.scorer is not None:
@@ -318,6 +403,16 @@ class NativeEvaluator(ItemEvaluator):
             best = max(range(n_choices[i]), key=lambda j: loglik[(i, j)])
             scores[i] = float(best == int(task.items[i]["label"]))
         return scores
+
+
+def _common_prefix(rows: dict, i: int) -> int:
+    """How many leading tokens every choice of item i shares, at most its context (they are run once)."""
+    seqs = [whole for (item, _), (whole, _) in rows.items() if item == i]
+    n_ctx = min(n for (item, _), (_, n) in rows.items() if item == i)
+    q = 0
+    while q < n_ctx and all(len(s) > q and s[q] == seqs[0][q] for s in seqs):
+        q += 1
+    return q
 
 
 def _cut(text: str, stop_strings: Sequence[str]) -> str:

@@ -62,6 +62,7 @@ class TaskSpec:
     weight: float = 1.0
     stop: list[str] = field(default_factory=lambda: ["\n"])
     lm_eval: dict[str, Any] | None = None  # lm-eval task options: task, include_path, search_split, ...
+    shared_prefix: bool = False  # multiple choice: the choices' common context run once (native.py)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], root: Path | None = None) -> "TaskSpec":
@@ -85,6 +86,7 @@ class TaskSpec:
             max_new_tokens=int(d.get("max_new_tokens", 8)),
             weight=float(d.get("weight", 1.0)),
             stop=list(d.get("stop", ["\n"])),
+            shared_prefix=_flag_option(d, "shared_prefix"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,7 +106,15 @@ class TaskSpec:
             "max_new_tokens": self.max_new_tokens,
             "weight": self.weight,
             "stop": self.stop,
+            **({"shared_prefix": True} if self.shared_prefix else {}),
         }
+
+
+def _flag_option(d: dict[str, Any], key: str) -> bool:
+    value = d.get(key, False)
+    if not isinstance(value, bool):
+        raise TaskError(f"task {d.get('name', '?')}: {key} must be true or false, got {value!r}")
+    return value
 
 
 @dataclass
