@@ -196,3 +196,23 @@ def test_shared_prefix_multiple_choice_gives_the_whole_sequences_log_likelihoods
     assert whole.keys() == once.keys()
     assert max(abs(whole[k] - once[k]) for k in whole) < 1e-4
     assert shared_ev.evaluate().per_item == plain_ev.evaluate().per_item
+
+
+def test_bound_racing_stops_between_rounds_of_batches():
+    """With an evaluator that scores `granularity` items per round, bound racing stops a candidate at the round
+    where it falls behind, not at the next rung; a candidate that can still win is never stopped."""
+    ev = FakeEvaluator([1] * 80 + [0] * 20)
+    fit = Fitness(ev, racing="bound", rungs=(1.0,))
+    fit()
+    ev.correct = [0] * 100
+    assert not fit().pruned  # one rung: nothing to stop between
+    ev.granularity = 10
+    fit = Fitness(ev, racing="bound", rungs=(1.0,))
+    ev.correct = [1] * 80 + [0] * 20
+    assert fit().value == pytest.approx(0.8) and all(len(c) <= 10 for c in ev.calls[-10:])
+    ev.correct = [0] * 100
+    res = fit()
+    assert res.pruned and res.n_examples == 30  # 21 wrong make 0.8 unreachable: the round ending at 30
+    ev.correct = [0] * 20 + [1] * 80  # 0.8 exactly at the end: never below the bound before
+    res = fit()
+    assert not res.pruned and res.value == pytest.approx(0.8)

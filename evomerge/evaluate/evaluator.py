@@ -102,6 +102,15 @@ class Evaluator:
 
             self.lm_eval = LMEvalEvaluator(model, tokenizer, through_lm_eval, batch_size=batch_size, lm=lm)
 
+    @property
+    def granularity(self) -> int | None:
+        """Items of a task one round of batches scores (what racing can stop between); None when lm-eval scores
+        a task (its requests run as one call)."""
+        if self.lm_eval is not None:
+            return None
+        parts = [p for p in (self.native, *self.heads) if p is not None]
+        return min(p.batch_size * getattr(p, "workers", 1) for p in parts) if parts else None
+
     def evaluate(self, subset: dict[str, Sequence[int]] | None = None) -> EvalResult:
         """Score every task, or only the tasks and item indices in `subset`, with the model's current weights."""
         result = EvalResult(scores={})

@@ -3,7 +3,9 @@ racing (score a candidate on a small subset first; stop when it can no longer be
 
 Racing modes:
 - "bound": exact. After scoring part of each task, the best the candidate could still reach (every
-  unscored example correct) is computed; if that is below the best fitness, it stops. Never wrong.
+  unscored example correct) is computed; if that is below the best fitness, it stops. Never wrong. It is
+  checked after every round of batches the evaluator runs at once (`granularity` items of each task), not
+  only at the rungs, so a candidate stops at the batch where it falls behind.
 - "halving": successive halving. At each rung the candidate must score at least the best candidate's
   score on the same examples (minus `tolerance`) to go on. Faster, can drop a late bloomer.
 """
@@ -68,6 +70,7 @@ class Fitness:
             self.order[name] = idx
         self.best: float = float("-inf")
         self.best_rungs: list[float] = []
+        self.granularity = getattr(evaluator, "granularity", None)  # items a round of batches scores
 
     def combine(self, scores: dict[str, float]) -> float:
         return weighted_mean(scores, self.weights)
@@ -89,32 +92,46 @@ class Fitness:
             for name, idx in pool.items():
                 upto = max(1, round(frac * len(idx))) if frac < 1.0 else len(idx)
                 subset[name] = idx[len(correct[name]) : upto]
-            res = self.evaluator.evaluate({k: v for k, v in subset.items() if v})
-            for name, items in res.per_item.items():
-                correct[name].update(items)
+            for part in self._rounds(subset):
+                res = self.evaluator.evaluate(part)
+                for name, items in res.per_item.items():
+                    correct[name].update(items)
+                if self.racing == "bound" and self.best > float("-inf"):
+                    bound = self.combine(
+                        {
+                            name: (sum(c.values()) + len(pool[name]) - len(c)) / len(pool[name])
+                            for name, c in correct.items()
+                        }
+                    )
+                    if bound < self.best and sum(map(len, correct.values())) < sum(map(len, pool.values())):
+                        scores = {name: sum(c.values()) / len(c) for name, c in correct.items() if c}
+                        return self._finish(
+                            FitnessResult(bound, scores, sum(map(len, correct.values())), True, r, per_rung)
+                        )
             scores = {name: sum(c.values()) / len(c) for name, c in correct.items() if c}
             value = self.combine(scores)
             per_rung.append(value)
             last = r
             if frac >= 1.0 or self.best == float("-inf"):
                 continue
-            if self.racing == "bound":
-                bound = self.combine(
-                    {
-                        name: (sum(c.values()) + len(pool[name]) - len(c)) / len(pool[name])
-                        for name, c in correct.items()
-                    }
-                )
-                if bound < self.best:
-                    return self._finish(
-                        FitnessResult(bound, scores, sum(map(len, correct.values())), True, r, per_rung)
-                    )
-            elif self.racing == "halving" and r < len(self.best_rungs) and value < self.best_rungs[r] - self.tolerance:
+            if self.racing == "halving" and r < len(self.best_rungs) and value < self.best_rungs[r] - self.tolerance:
                 return self._finish(FitnessResult(value, scores, sum(map(len, correct.values())), True, r, per_rung))
         scores = {name: sum(c.values()) / len(c) for name, c in correct.items() if c}
         return self._finish(
             FitnessResult(self.combine(scores), scores, sum(map(len, correct.values())), False, last, per_rung)
         )
+
+    def _rounds(self, subset: dict[str, list[int]]):
+        """The subset in the evaluator's rounds of batches (bound racing checks between them), else whole."""
+        subset = {k: v for k, v in subset.items() if v}
+        step = self.granularity if self.racing == "bound" and self.granularity else None
+        if not step or not subset:
+            yield subset
+            return
+        for s in range(0, max(map(len, subset.values())), step):
+            part = {k: v[s : s + step] for k, v in subset.items() if v[s : s + step]}
+            if part:
+                yield part
 
     def _finish(self, result: FitnessResult) -> FitnessResult:
         if not result.pruned and result.value > self.best:
