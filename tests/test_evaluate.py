@@ -216,3 +216,50 @@ def test_bound_racing_stops_between_rounds_of_batches():
     ev.correct = [0] * 20 + [1] * 80  # 0.8 exactly at the end: never below the bound before
     res = fit()
     assert not res.pruned and res.value == pytest.approx(0.8)
+
+
+def test_a_numeric_answer_ends_generation_once_its_number_is_complete(llama_family, tmp_path):
+    """The numeric metric reads the first number: once more text cannot change it, the row has its answer.
+    Scores equal those of decoding to the limit; a batch of such rows stops early."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluate.tasks import TaskSpec, number_final, score_generation
+
+    assert [number_final(t) for t in ("12", "12 ", "12.", "12.5x", "12.x", "-", "a-3,")] == [
+        False,
+        True,
+        False,
+        True,
+        True,
+        False,
+        True,
+    ]
+    base, _ = llama_family
+    model, tok = AutoModelForCausalLM.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
+    prompts = ["abc", "hello", "12 + 3 =", "7 7 7", "x=1+", "99-", "a1b2", "zz 4"]
+    answers = ["7", "1", "0", "7", "97", "3", "7", "7"]
+    (tmp_path / "s.jsonl").write_text(
+        "".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(prompts, answers))
+    )
+
+    def run(metric: str, which: list[int]):
+        files = {"search": str(tmp_path / "s.jsonl"), "test": "x"}
+        spec = TaskSpec.from_dict(
+            {"name": "g", "kind": "generate", "files": files, "stop": [], "max_new_tokens": 24, "metric": metric}
+        )
+        ev = NativeEvaluator(model, tok, [load_task(spec, "search")], workers=1)
+        calls, forward = [], model.forward
+        model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+        try:
+            return ev.evaluate({"g": which}).per_item["g"], ev.generate(ev.tasks[0], which), len(calls)
+        finally:
+            model.forward = forward
+
+    every = list(range(len(prompts)))
+    _, full, _ = run("exact_match", every)
+    scores, _, _ = run("numeric", every)
+    assert scores == {i: score_generation("numeric", full[i], answers[i]) for i in every}
+    assert 0 < sum(scores.values()) < len(every)
+    _, _, to_limit = run("exact_match", [0])
+    _, _, answered = run("numeric", [0])  # "h7c…": its number is complete after 3 characters
+    assert answered < to_limit / 2

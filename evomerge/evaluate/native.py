@@ -11,11 +11,11 @@ import inspect
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from .tasks import Task, score_generation
+from .tasks import Task, number_final, score_generation
 
 
 class NonFiniteLogits(RuntimeError):
@@ -244,23 +244,31 @@ class NativeEvaluator(ItemEvaluator):
     def _decode_all(self, task: Task, which: list[int]) -> dict[int, str]:
         prep = self._prepared[task.name]
         stop_ids = prep["stop_ids"] | ({self.eos_id} if self.eos_id is not None else set())
+        # a numeric answer is scored by its first number alone: a row whose number is complete has its answer
+        answered = number_final if task.spec.metric == "numeric" and task.scorer is None else None
         outputs: dict[int, str] = {}
         for texts in self._map(
-            lambda b: self._decode(b, stop_ids, task.spec.max_new_tokens, prep["stop_strings"]),
+            lambda b: self._decode(b, stop_ids, task.spec.max_new_tokens, prep["stop_strings"], answered),
             self._batches_for(task, prep["encoded"], which),
         ):
             outputs.update(texts)
         return outputs
 
     def _decode(
-        self, batch: _GenBatch, stop_ids: set[int], steps: int, stop_strings: Sequence[str] = ()
+        self,
+        batch: _GenBatch,
+        stop_ids: set[int],
+        steps: int,
+        stop_strings: Sequence[str] = (),
+        answered: Callable[[str], bool] | None = None,
     ) -> dict[int, str]:
         """Greedy decoding of one batch: logits of the last position only, the attention mask preallocated for
         the whole generation (a growing view per step), stop tokens checked on the device. A stop string of
         several tokens ("Question:") is looked for in the decoded text every few steps: a row that has one is
         done (its answer ends there), so the batch stops as soon as every row has its answer, not at the
         token limit. Answers are cut at the first stop string, as lm-eval's `until` cuts them; a row's tokens
-        do not depend on when the others stop, so the answers are those of generating to the limit."""
+        do not depend on when the others stop, so the answers are those of generating to the limit. `answered`
+        (text → whether its answer is final: a numeric task's complete first number) ends rows the same way."""
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
         n, width = batch.input_ids.shape
         mask = batch.attention_mask.new_ones((n, width + steps))
@@ -294,8 +302,8 @@ class NativeEvaluator(ItemEvaluator):
             nxt = out.logits[:, -1].argmax(-1)
             generated.append(nxt)
             done |= torch.isin(nxt, stop)
-            if stop_strings and k % STOP_CHECK_EVERY == 0:
-                done |= self._has_stop_string(generated, stop_ids, stop_strings, done)
+            if (stop_strings or answered) and k % STOP_CHECK_EVERY == 0:
+                done |= self._answered_rows(generated, stop_ids, stop_strings, answered, done)
         gen = torch.stack(generated, dim=1).tolist()
         texts = {}
         for r, i in enumerate(batch.index):
@@ -307,16 +315,21 @@ class NativeEvaluator(ItemEvaluator):
             texts[i] = _cut(self.tokenizer.decode(toks, skip_special_tokens=True), stop_strings)
         return texts
 
-    def _has_stop_string(
-        self, generated: list[torch.Tensor], stop_ids: set[int], stop_strings: Sequence[str], done: torch.Tensor
+    def _answered_rows(
+        self,
+        generated: list[torch.Tensor],
+        stop_ids: set[int],
+        stop_strings: Sequence[str],
+        answered: Callable[[str], bool] | None,
+        done: torch.Tensor,
     ) -> torch.Tensor:
-        """Rows (not done yet) whose text so far holds a stop string."""
+        """Rows (not done yet) whose text so far holds a stop string, or an answer `answered` calls final."""
         rows, finished = torch.stack(generated, dim=1).tolist(), done.tolist()
         found = []
         for toks, was in zip(rows, finished):
             cut = next((j for j, t in enumerate(toks) if t in stop_ids), len(toks))
             text = "" if was else self.tokenizer.decode(toks[:cut], skip_special_tokens=True)
-            found.append(was or any(s in text for s in stop_strings))
+            found.append(was or any(s in text for s in stop_strings) or bool(answered and answered(text)))
         return torch.tensor(found, device=done.device)
 
     def _map(self, fn, batches: list) -> list:

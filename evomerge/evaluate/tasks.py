@@ -247,6 +247,16 @@ def specs_from_dicts(raw: list[dict[str, Any]], root: Path | None, include_path:
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
+def number_final(text: str) -> bool:
+    """Whether the first number of `text` (what the `numeric` metric reads) is complete: more text cannot change it
+    (it is followed by a character that does not continue it: not a digit, nor a point before a digit)."""
+    m = _NUMBER.search(text)
+    if m is None or m.end() == len(text):
+        return False
+    rest = text[m.end() :]
+    return rest[0] != "." or (len(rest) > 1 and not rest[1].isdigit())
+
+
 def score_generation(metric: str, output: str, answer: str) -> float:
     """exact_match compares stripped strings; numeric compares the first number in the output."""
     if metric == "numeric":
