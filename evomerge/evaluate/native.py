@@ -11,7 +11,7 @@ import inspect
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -273,14 +273,7 @@ class NativeEvaluator(ItemEvaluator):
         n, width = batch.input_ids.shape
         mask = batch.attention_mask.new_ones((n, width + steps))
         mask[:, :width] = batch.attention_mask
-        pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=pos,
-            use_cache=True,
-            **self._last_logits,
-        )
+        out, pos = self._prefill(batch.input_ids, batch.attention_mask)
         past = getattr(out, self._cache)
         check_finite(out.logits[:, -1])  # NaN weights show at the first step; argmax of NaN is garbage
         nxt = out.logits[:, -1].argmax(-1)
@@ -372,18 +365,20 @@ class NativeEvaluator(ItemEvaluator):
         logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
         return dict(zip(batch.rows, (logp * batch.cont_mask).sum(-1).tolist()))
 
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """One forward over left-padded prompts (positions counted from each row's first token), keeping the KV
+        cache and running the head for the last position only; with the positions."""
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, **self._last_logits
+        )
+        return out, pos
+
     def _loglik_shared(self, batch: _SharedBatch) -> dict[tuple[int, int], float]:
         """Log-likelihoods with each item's prefix run once: its cache is copied to its choices' rows, which run
         only their own tokens. The same sums as whole sequences up to float rounding (a task option: lm-eval
         computes whole sequences)."""
-        pos = (batch.prefix_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=batch.prefix,
-            attention_mask=batch.prefix_mask,
-            position_ids=pos,
-            use_cache=True,
-            **self._last_logits,
-        )
+        out, _ = self._prefill(batch.prefix, batch.prefix_mask)
         first = out.logits[:, -1].float()
         check_finite(first)
         logp = [torch.log_softmax(first, dim=-1)[batch.owner]]  # predictions of each row's first target
