@@ -137,13 +137,18 @@ def _structure(model_dir: str, config_mtime: int) -> dict[str, TensorInfo] | Non
         pieces = checkpoint_pieces(model, views=False)
         return {disk: _renamed(places[piece.param], disk) for disk, piece in pieces.items()}
     except Exception as e:  # noqa: BLE001 — as when the tree cannot be built: fall back to names, and say so
-        log.warning(
-            "%s: the module tree could not be read (%s: %s); layers and roles are read from tensor names",
-            model_dir,
-            type(e).__name__,
-            str(e).splitlines()[0] if str(e) else "",
-        )
-        return None
+        return _fall_back(model_dir, "read", e)
+
+
+def _fall_back(model_dir: str, what: str, e: Exception) -> None:
+    first = str(e).splitlines()[0] if str(e) else ""
+    log.warning(
+        "%s: the module tree could not be %s (%s: %s); layers and roles are read from tensor names",
+        model_dir,
+        what,
+        type(e).__name__,
+        first,
+    )
 
 
 def _renamed(info: TensorInfo, name: str) -> TensorInfo:
@@ -166,13 +171,7 @@ def skeleton(model_dir: str) -> torch.nn.Module | None:
             head = model_head(model_dir)  # no class named: the head its model type has, else the bare model
             return (auto_class(head) if head else transformers.AutoModel).from_config(config)
     except Exception as e:  # noqa: BLE001 — any failure means: fall back to names, and say so
-        log.warning(
-            "%s: the module tree could not be built (%s: %s); layers and roles are read from tensor names",
-            model_dir,
-            type(e).__name__,
-            str(e).splitlines()[0] if str(e) else "",
-        )
-        return None
+        return _fall_back(model_dir, "built", e)
 
 
 def tree_places(model: torch.nn.Module) -> dict[str, TensorInfo]:
