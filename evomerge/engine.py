@@ -134,6 +134,7 @@ class Engine:
     def materialize(self, recipe: Recipe, target: Mapping[str, torch.Tensor]) -> None:
         """Write the recipe's merge of every tensor into `target` (e.g. from `bind`) in place."""
         index = self.source_index(recipe)
+        recipe.check_towers(self.layout)
         for name in self.names:
             plan = recipe.plan(self.layout[name])
             deltas = [self.deltas[name][i] for i in index]
@@ -269,6 +270,7 @@ def write_merged(
     check_compatible(reference, [s for s in sources if s is not reference])
     names = reference.tensor_names()
     layout = Layout.of(reference.path, names)
+    recipe.check_towers(layout)
     for note in recipe.mergekit_readings(layout):
         log.warning("%s", note)
 

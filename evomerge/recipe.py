@@ -191,6 +191,17 @@ class Recipe(BaseModel):
             base_weight = float(value if value is not None else 0.0)
         return TensorPlan(name, method, source_params, global_params, base_weight)
 
+    def check_towers(self, layout: Layout) -> None:
+        """A rule's `tower` must be one of the model's towers: a misspelt one would silently match nothing."""
+        rules = [r for v in self._values() if isinstance(v, list) for r in v if isinstance(r, Rule)]
+        named = {r.tower for r in [*rules, *self.method_rules]} - {None}
+        known = set(layout.towers) - {None}
+        if named - known:
+            raise RecipeError(
+                f"tower(s) {sorted(named - known)} not in this model; its towers: "
+                + (", ".join(sorted(known)) if known else "none (one stack of layers: drop `tower`)")
+            )
+
     def role_filters(self) -> set[str]:
         """The filters of this recipe's rules that name a role."""
         rules = [r for v in self._values() if isinstance(v, list) for r in v if isinstance(r, Rule)]

@@ -309,3 +309,19 @@ def test_moe_experts_and_router_get_genes_of_their_own(zoo_tokenizer, tmp_path):
     for name, info in layout.infos.items():
         want = {"experts": 0.9, "router": 0.1}.get(info.part, 0.5) if info.layer == 1 else 0.5
         assert recipe.plan(info).source_params[0]["weight"] == pytest.approx(want), name
+
+
+def test_a_tower_the_model_does_not_have_is_refused_in_one_line(zoo_tokenizer, tmp_path, capsys):
+    base, sources = make_family(tmp_path / "t5", "t5", zoo_tokenizer, n_sources=1)
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [
+            {"model": str(sources[0]), "parameters": {"weight": [{"tower": "decoer", "value": 1.0}, {"value": 0}]}}
+        ],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "tower(s) ['decoer'] not in this model; its towers: decoder, encoder" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
