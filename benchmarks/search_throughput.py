@@ -169,7 +169,7 @@ def run_shape(shape: str, args) -> dict:
     which, rows = list(range(len(prompts))), native._prepared["mc"]["rows"]
     with torch.inference_mode():
         whole = {k: v for b in native._mc_batches(rows, which) for k, v in native._loglik(b).items()}
-        shared = {k: v for b in once._shared_batches(rows, which) for k, v in once._loglik_shared(b).items()}
+        shared = {k: v for b in once._shared_batches(mc_once, which) for k, v in once._loglik_shared(b).items()}
     tokens = args.docs * args.new_tokens
     return {
         "shape": shape,

@@ -192,7 +192,7 @@ def test_shared_prefix_multiple_choice_gives_the_whole_sequences_log_likelihoods
     which = list(range(len(task.items)))
     with torch.inference_mode():
         whole = {k: v for b in plain_ev._mc_batches(rows, which) for k, v in plain_ev._loglik(b).items()}
-        once = {k: v for b in shared_ev._shared_batches(rows, which) for k, v in shared_ev._loglik_shared(b).items()}
+        once = {k: v for b in shared_ev._shared_batches(shared, which) for k, v in shared_ev._loglik_shared(b).items()}
     assert whole.keys() == once.keys()
     assert max(abs(whole[k] - once[k]) for k in whole) < 1e-4
     assert shared_ev.evaluate().per_item == plain_ev.evaluate().per_item

@@ -159,7 +159,8 @@ class NativeEvaluator(ItemEvaluator):
             for j, choice in enumerate(item["choices"]):
                 whole = self._encode(item["prompt"] + choice)  # as lm-eval: continuation = whole[len(ctx):]
                 rows[(i, j)] = (whole, len(ctx))
-        return {"rows": rows, "n_choices": Counter(i for i, _ in rows)}
+        prefix = _common_prefixes(rows) if task.spec.shared_prefix else {}
+        return {"rows": rows, "n_choices": Counter(i for i, _ in rows), "prefix": prefix}
 
     def _gen_batches(self, ids: dict[int, list[int]], which: Sequence[int]) -> list[_GenBatch]:
         order = sorted(which, key=lambda i: len(ids[i]))
@@ -176,7 +177,8 @@ class NativeEvaluator(ItemEvaluator):
         return batches
 
     def _mc_batches(self, rows: dict, which: Sequence[int]) -> list[_MCBatch]:
-        keys = sorted((k for k in rows if k[0] in set(which)), key=lambda k: len(rows[k][0]))
+        wanted = set(which)
+        keys = sorted((k for k in rows if k[0] in wanted), key=lambda k: len(rows[k][0]))
         batches = []
         for s in range(0, len(keys), self.batch_size):
             chunk = keys[s : s + self.batch_size]
@@ -192,20 +194,21 @@ class NativeEvaluator(ItemEvaluator):
             batches.append(_MCBatch(chunk, inp.to(self.device), mask.to(self.device), cont.to(self.device)))
         return batches
 
-    def _shared_batches(self, rows: dict, which: Sequence[int]) -> list[_SharedBatch]:
+    def _shared_batches(self, task: Task, which: Sequence[int]) -> list[_SharedBatch]:
         """Batches of items for `shared_prefix` scoring: each item's common prefix left-padded (run once), and
         each choice's rest right-padded (run on the prefix's cache)."""
+        rows, q = self._prepared[task.name]["rows"], self._prepared[task.name]["prefix"]
+        wanted = set(which)
         by_item: dict[int, list[tuple[int, int]]] = {}
         for key in sorted(rows):
-            if key[0] in set(which):
+            if key[0] in wanted:
                 by_item.setdefault(key[0], []).append(key)
         items = sorted(by_item, key=lambda i: len(rows[by_item[i][0]][0]))
         batches = []
         for s in range(0, len(items), self.batch_size):
             chunk = items[s : s + self.batch_size]
-            q = {i: _common_prefix(rows, i) for i in chunk}
             keys = [k for i in chunk for k in by_item[i]]
-            width = max(q.values())
+            width = max(q[i] for i in chunk)
             prefix = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             prefix_mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for r, i in enumerate(chunk):
@@ -223,7 +226,8 @@ class NativeEvaluator(ItemEvaluator):
                 rest_mask[r, : len(tail) - 1] = 1
                 targets[r, : len(tail)] = torch.tensor(tail)
                 scored[r, max(0, n_ctx - q[k[0]]) : len(tail)] = True
-            owner = torch.tensor([chunk.index(k[0]) for k in keys])
+            row_of = {i: r for r, i in enumerate(chunk)}
+            owner = torch.tensor([row_of[k[0]] for k in keys])
             batches.append(
                 _SharedBatch(
                     keys,
@@ -397,10 +401,10 @@ class NativeEvaluator(ItemEvaluator):
         return dict(zip(batch.keys, (picked * batch.scored[:, : logp.shape[1]]).sum(-1).tolist()))
 
     def _multiple_choice(self, task: Task, which: list[int]) -> dict[int, float]:
-        rows = self._prepared[task.name]["rows"]
+        rows, prefix = self._prepared[task.name]["rows"], self._prepared[task.name]["prefix"]
         loglik: dict[tuple[int, int], float] = {}
-        shared = task.spec.shared_prefix and all(_common_prefix(rows, i) >= 1 for i in which)
-        batches = self._shared_batches(rows, which) if shared else self._mc_batches(rows, which)
+        shared = task.spec.shared_prefix and all(prefix[i] >= 1 for i in which)
+        batches = self._shared_batches(task, which) if shared else self._mc_batches(rows, which)
         for sums in self._map(self._loglik_shared if shared else self._loglik, batches):
             loglik.update(sums)
         n_choices = self._prepared[task.name]["n_choices"]
@@ -413,14 +417,19 @@ class NativeEvaluator(ItemEvaluator):
         return scores
 
 
-def _common_prefix(rows: dict, i: int) -> int:
-    """How many leading tokens every choice of item i shares, at most its context (they are run once)."""
-    seqs = [whole for (item, _), (whole, _) in rows.items() if item == i]
-    n_ctx = min(n for (item, _), (_, n) in rows.items() if item == i)
-    q = 0
-    while q < n_ctx and all(len(s) > q and s[q] == seqs[0][q] for s in seqs):
-        q += 1
-    return q
+def _common_prefixes(rows: dict) -> dict[int, int]:
+    """For each item, how many leading tokens all its choices share, at most its context (run once)."""
+    choices: dict[int, list[tuple[list[int], int]]] = {}
+    for (item, _), pair in rows.items():
+        choices.setdefault(item, []).append(pair)
+    prefixes = {}
+    for item, pairs in choices.items():
+        seqs, n_ctx = [whole for whole, _ in pairs], min(n for _, n in pairs)
+        q = 0
+        while q < n_ctx and all(len(s) > q and s[q] == seqs[0][q] for s in seqs):
+            q += 1
+        prefixes[item] = q
+    return prefixes
 
 
 def _cut(text: str, stop_strings: Sequence[str]) -> str:
