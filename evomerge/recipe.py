@@ -193,8 +193,7 @@ class Recipe(BaseModel):
 
     def check_towers(self, layout: Layout) -> None:
         """A rule's `tower` must be one of the model's towers: a misspelt one would silently match nothing."""
-        rules = [r for v in self._values() if isinstance(v, list) for r in v if isinstance(r, Rule)]
-        named = {r.tower for r in [*rules, *self.method_rules]} - {None}
+        named = {r.tower for r in self._all_rules()} - {None}
         known = set(layout.towers) - {None}
         if named - known:
             raise RecipeError(
@@ -204,11 +203,12 @@ class Recipe(BaseModel):
 
     def role_filters(self) -> set[str]:
         """The filters of this recipe's rules that name a role."""
-        rules = [r for v in self._values() if isinstance(v, list) for r in v if isinstance(r, Rule)]
-        return {r.filter for r in [*rules, *self.method_rules]} & set(ROLES)
+        return {r.filter for r in self._all_rules()} & set(ROLES)
 
-    def _values(self) -> list[ParamValue]:
-        return [*self.parameters.values(), *(v for m in self.models for v in m.parameters.values())]
+    def _all_rules(self) -> list[Rule | MethodRule]:
+        """Every rule of the recipe: the parameters' (merge-wide and per model) and the method rules."""
+        values = [*self.parameters.values(), *(v for m in self.models for v in m.parameters.values())]
+        return [r for v in values if isinstance(v, list) for r in v if isinstance(r, Rule)] + list(self.method_rules)
 
     def mergekit_readings(self, layout: Layout) -> list[str]:
         """A note for each role filter that names other tensors of this model than mergekit's reading of the same

@@ -22,7 +22,7 @@ from .errors import validation_summary
 from .layers import Layout
 from .methods import METHODS, get_method
 from .methods.registry import PARAM_RANGES, della_band_ok, in_range, range_text
-from .recipe import MethodRule, ModelEntry, Recipe, RecipeError, Rule
+from .recipe import MethodRule, ModelEntry, Recipe, RecipeError, Rule, filter_matches
 
 SOURCE_GENES = ("weight", "density", "gamma", "epsilon")
 GLOBAL_GENES = ("t", "lambda")
@@ -307,9 +307,9 @@ class BoundSpace(GeneVector):
             if info.layer != group.layers[0] or info.tower != group.tower:
                 continue
             f = self._filter_of(group.part)
-            if f is not None and Rule(filter=f, value=0).matches(info):
+            if f is not None and filter_matches(f, info):
                 return n
-            if f is None and not any(Rule(filter=x, value=0).matches(info) for x in filtered):
+            if f is None and not any(filter_matches(x, info) for x in filtered):
                 return n
         return None
 
