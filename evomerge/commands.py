@@ -132,18 +132,13 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_vision(args: argparse.Namespace) -> int:
-    import hashlib
-    import os
-    from dataclasses import asdict
+    import dataclasses
 
+    from .zoo.build import cached_dir
     from .zoo.vision import SMALL, VisionZooConfig, build_vision_zoo
 
-    config = SMALL if args.small else VisionZooConfig()
-    config = VisionZooConfig(**{**asdict(config), "seed": args.seed, "finetunes": config.finetunes})
-    out = args.out
-    if out is None:
-        key = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:12]
-        out = Path(os.environ.get("EVOMERGE_CACHE", Path.home() / ".cache" / "evomerge")) / f"vision-zoo-{key}"
+    config = dataclasses.replace(SMALL if args.small else VisionZooConfig(), seed=args.seed)
+    out = args.out or cached_dir("vision-zoo", config)
     training = StepProgress("loss {}")
     try:
         on_step = lambda name, step, total, loss: training(name, step, total, f"{loss:.3f}")  # noqa: E731

@@ -25,7 +25,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -55,7 +55,7 @@ class ZooConfig:
     eval_ops_per_pair: int = 4  # math eval items per held-out operand pair (1 → 250 items a split, 4 → 1000)
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return config_key(self)
 
 
 FULL = ZooConfig()
@@ -91,9 +91,19 @@ SMOKE = ZooConfig(
 )
 
 
-def default_zoo_dir(config: ZooConfig) -> Path:
+def config_key(config: Any) -> str:
+    """A short hash of a dataclass configuration: builds of different configurations never share a directory."""
+    return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cached_dir(kind: str, config: Any) -> Path:
+    """$EVOMERGE_CACHE (default ~/.cache/evomerge)/<kind>-<config hash>."""
     root = Path(os.environ.get("EVOMERGE_CACHE", Path.home() / ".cache" / "evomerge"))
-    return root / f"zoo-{config.key()}"
+    return root / f"{kind}-{config_key(config)}"
+
+
+def default_zoo_dir(config: ZooConfig) -> Path:
+    return cached_dir("zoo", config)
 
 
 # ---- text mixtures ---------------------------------------------------------------------------
