@@ -315,8 +315,17 @@ def _build(work: Path, out: Path, config: VisionZooConfig, say: Callable[[str], 
         params=base.classifier.parameters(),
         on_step=stepper("probe", config.probe_steps),
     )
-    models = {"base": work / "models" / "base"}
-    base.save_pretrained(models["base"])
+    scores = {}
+
+    def keep(name: str, model: torch.nn.Module) -> None:
+        """Save a finished model and record its accuracy on every split and task."""
+        model.save_pretrained(work / "models" / name)
+        scores[name] = {
+            split: {task: _accuracy(model, *parts[split]) for task, parts in splits.items()}
+            for split in ("search", "test")
+        }
+
+    keep("base", base)
     for ft in config.finetunes:
         say(
             f"fine-tuning {ft.name}: lr {ft.lr}, {ft.steps} steps, weight decay {ft.weight_decay}, augment {ft.augment}"
@@ -334,17 +343,7 @@ def _build(work: Path, out: Path, config: VisionZooConfig, say: Callable[[str], 
             ft.augment,
             on_step=stepper(ft.name, ft.steps),
         )
-        models[ft.name] = work / "models" / ft.name
-        model.save_pretrained(models[ft.name])
-    scores = {}
-    for name, path in models.items():
-        from transformers import ViTForImageClassification
-
-        model = ViTForImageClassification.from_pretrained(path).eval()
-        scores[name] = {
-            split: {task: _accuracy(model, *parts[split]) for task, parts in splits.items()}
-            for split in ("search", "test")
-        }
+        keep(ft.name, model)
     manifest = {
         "kind": "vision",
         "config": json.loads(json.dumps(asdict(config))),
