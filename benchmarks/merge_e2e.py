@@ -1,11 +1,12 @@
 """`evomerge merge` file to file, against `mergekit-yaml` and against reading and writing the same bytes.
 
-Writes a generated Llama-shaped fp32 base and N sources (base + noise; `search_memory.make_models`), then for
+Writes a generated Llama-shaped base and N sources (base + noise; `search_memory.make_models`; fp32, or
+bf16 with `--dtype bfloat16`: then the configs give no dtype and both tools compute as mergekit does), then for
 each method merges them with both command-line tools, each run in a fresh child process (wall time, peak RSS),
 interleaved over the repeats (the page cache holds the inputs for both alike). The floor is the time to read every
 input file once from the page cache and write one model's bytes: what any streaming merge must move.
 
-    python benchmarks/merge_e2e.py [--params 100e6] [--sources 3] [--repeats 3] [--methods ties slerp]
+    python benchmarks/merge_e2e.py [--params 100e6] [--sources 3] [--repeats 3] [--methods ties slerp] [--dtype D]
     PYTHONPATH=/path/to/mergekit-0.1.5 python benchmarks/merge_e2e.py   # mergekit side (else evomerge only)
 """
 
@@ -31,6 +32,7 @@ METHODS = {
     "linear": ({"weight": 1.0}, {}),
     "task_arithmetic": ({"weight": 0.5}, {}),
     "ties": ({"weight": 0.5, "density": 0.5}, {}),
+    "breadcrumbs_ties": ({"weight": 0.5, "density": 0.5, "gamma": 0.01}, {}),
     "dare_ties": ({"weight": 0.5, "density": 0.5}, {}),
     "slerp": ({}, {"t": 0.4}),
     "model_stock": ({}, {}),
@@ -53,16 +55,17 @@ print(json.dumps({"seconds": time.perf_counter() - started, "rss_kib": peak, "co
 """
 
 
-def config(method: str, base: str, sources: list[str]) -> dict:
+def config(method: str, base: str, sources: list[str], dtype: str) -> dict:
     per_source, merge_wide = METHODS[method]
     models = sources[:1] if method == "slerp" else sources
     entries = [{"model": m, "parameters": dict(per_source)} for m in models]
+    arithmetic = {"dtype": "float32"} if dtype == "float32" else {}  # 16-bit models: as stored, as users merge them
     if method == "linear":  # mergekit averages the base too when it is the base_model: leave base_model out
-        return {"merge_method": method, "models": entries, "dtype": "float32"}
+        return {"merge_method": method, "models": entries, **arithmetic}
     if method in ("slerp", "model_stock"):
         entries = [{"model": base}] + [{"model": m} for m in models]
     merge = {"merge_method": method, "base_model": base, "models": entries, "parameters": merge_wide}
-    return {**merge, "dtype": "float32"}
+    return {**merge, **arithmetic}
 
 
 def run(tool: str, config_path: Path, out: Path) -> dict:
@@ -94,7 +97,7 @@ def floor_seconds(inputs: list[str], out_bytes: int, scratch: Path) -> float:
     return elapsed
 
 
-def largest_tensor_bytes(model: str) -> int:
+def largest_tensor_bytes(model: str, itemsize: int) -> int:
     from safetensors import safe_open
 
     largest = 0
@@ -102,7 +105,7 @@ def largest_tensor_bytes(model: str) -> int:
         with safe_open(f, "pt") as fh:
             for name in fh.keys():
                 shape = fh.get_slice(name).get_shape()
-                largest = max(largest, 4 * math.prod(shape))  # fp32 bytes
+                largest = max(largest, itemsize * math.prod(shape))
     return largest
 
 
@@ -113,7 +116,12 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=100e6)
     ap.add_argument("--sources", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    default = [m for m in METHODS if m != "breadcrumbs_ties"]
+    ap.add_argument("--methods", nargs="+", default=default, choices=list(METHODS))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--tie-order", action="store_true", help="also time evomerge with tie_order: position (TIES, breadcrumbs)"
+    )
     args = ap.parse_args()
     try:
         import mergekit  # noqa: F401
@@ -123,10 +131,10 @@ def main() -> None:
         tools = ["evomerge"]
         print("mergekit is not importable: evomerge only (PYTHONPATH=... to a mergekit 0.1.5 install adds it)")
     root = Path(tempfile.mkdtemp(prefix="merge-e2e-"))
-    base, sources, size = make_models(root / "models", args.params, args.sources)
-    largest = largest_tensor_bytes(base)
+    base, sources, size = make_models(root / "models", args.params, args.sources, args.dtype)
+    largest = largest_tensor_bytes(base, 4 if args.dtype == "float32" else 2)
     bound = 2 * size + largest * args.sources
-    print(f"{size / 1e6:.0f} MB per model (fp32), base + {args.sources} sources, {os.cpu_count()} cores")
+    print(f"{size / 1e6:.0f} MB per model ({args.dtype}), base + {args.sources} sources, {os.cpu_count()} cores")
     print(f"peak RSS target: 2 × model + largest tensor × sources = {bound / 2**20:.0f} MiB")
     times: dict[tuple[str, str], list[float]] = {}
     rss: dict[tuple[str, str], list[float]] = {}
@@ -134,18 +142,22 @@ def main() -> None:
     for rep in range(args.repeats):
         for method in args.methods:
             path = root / f"{method}.yml"
-            path.write_text(yaml.safe_dump(config(method, base, sources)))
+            path.write_text(yaml.safe_dump(config(method, base, sources, args.dtype)))
             used = [base, *sources[: 1 if method == "slerp" else None]]
             floors.append((method, floor_seconds(used, size, root / "scratch.bin")))
-            for tool in tools if rep % 2 == 0 else reversed(tools):
+            by_position = root / f"{method}-position.yml"
+            by_position.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "tie_order": "position"}))
+            ties = args.tie_order and method in ("ties", "breadcrumbs_ties")
+            order = tools + (["position"] if ties else [])
+            for tool in order if rep % 2 == 0 else reversed(order):
                 out = root / f"out-{tool}-{method}"
-                r = run(tool, path, out)
+                r = run("evomerge", by_position, out) if tool == "position" else run(tool, path, out)
                 subprocess.run(["rm", "-rf", str(out)], check=True)
                 times.setdefault((method, tool), []).append(r["seconds"])
                 rss.setdefault((method, tool), []).append(r["rss_kib"] / 1024)
             print(f"  repeat {rep + 1}/{args.repeats}: {method} done", flush=True)
     floor = {m: statistics.median(s for k, s in floors if k == m) for m in args.methods}
-    head = "| method | evomerge s | × floor | peak RSS MB |"
+    head = "| method | evomerge s | × floor | peak RSS MB |" + (" tie_order: position s |" if args.tie_order else "")
     if "mergekit" in tools:
         head += " mergekit s | peak RSS MB | mergekit / evomerge |"
     print(f"\nmedian of {args.repeats}; floor = read the inputs + write one model from the page cache\n")
@@ -155,6 +167,8 @@ def main() -> None:
         e = statistics.median(times[(m, "evomerge")])
         peak = statistics.median(rss[(m, "evomerge")])
         row = f"| {m} | {e:.2f} | {e / floor[m]:.1f}× ({floor[m]:.2f} s) | {peak:.0f} |"
+        if args.tie_order:
+            row += f" {statistics.median(times[(m, 'position')]):.2f} |" if (m, "position") in times else " – |"
         if "mergekit" in tools:
             k = statistics.median(times[(m, "mergekit")])
             row += f" {k:.2f} | {statistics.median(rss[(m, 'mergekit')]):.0f} | {k / e:.2f}× |"

@@ -35,7 +35,8 @@ def rss_mb() -> float:
     return 0.0
 
 
-def make_models(root: Path, params: float, sources: int) -> tuple[str, list[str], int]:
+def make_models(root: Path, params: float, sources: int, dtype: str = "float32") -> tuple[str, list[str], int]:
+    """A generated Llama base and sources (base + noise of 10⁻³), saved in `dtype`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,9 +60,9 @@ def make_models(root: Path, params: float, sources: int) -> tuple[str, list[str]
                 for p in model.parameters():
                     p.add_(torch.randn_like(p) * 1e-3)
         path = root / f"m{i}"
-        model.save_pretrained(path)
+        model.save_pretrained(path, state_dict={k: v.to(getattr(torch, dtype)) for k, v in model.state_dict().items()})
         paths.append(str(path))
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    size = sum(p.numel() for p in model.parameters()) * getattr(torch, dtype).itemsize
     return paths[0], paths[1:], size
 
 

@@ -227,12 +227,23 @@ ARCH_KEYS = (
 )
 
 
-def check_compatible(base: Checkpoint, others: Iterable[Checkpoint], check_tokenizer: bool = True) -> None:
-    """Raise CheckpointError naming the first file/tensor that stops these checkpoints from merging."""
+def check_compatible(
+    base: Checkpoint,
+    others: Iterable[Checkpoint],
+    check_tokenizer: bool = True,
+    vocabulary_tables: dict[str, int] | None = None,
+) -> None:
+    """Raise CheckpointError naming the first file/tensor that stops these checkpoints from merging.
+    `vocabulary_tables` (name → vocabulary axis): the models' vocabularies are mapped onto one (`vocabulary`), so
+    their tokenizers, vocab sizes and those tables' lengths along that axis may differ."""
     base_names = set(base.tensor_names())
+    tables = vocabulary_tables or {}
+    check_tokenizer = check_tokenizer and vocabulary_tables is None
     base_tok = base.tokenizer_fingerprint() if check_tokenizer else None
     for other in others:
         for key in ARCH_KEYS:
+            if key == "vocab_size" and vocabulary_tables is not None:
+                continue
             a, b = base.config.get(key), other.config.get(key)
             if a != b and not (a is None or b is None):
                 what = "vocab size" if key == "vocab_size" else key
@@ -247,7 +258,10 @@ def check_compatible(base: Checkpoint, others: Iterable[Checkpoint], check_token
                 parts.append(f"has {len(extra)} extra tensor(s), e.g. {extra[:3]}")
             raise CheckpointError(f"{other.path}: " + "; ".join(parts))
         for name in sorted(base_names):
-            if base.shape(name) != other.shape(name):
+            a, b = list(base.shape(name)), list(other.shape(name))
+            if name in tables and len(a) == len(b):
+                a[tables[name]] = b[tables[name]] = 0  # rows per token: the vocabularies are mapped onto one
+            if a != b:
                 raise CheckpointError(
                     f"{other.weight_map[name]}: tensor {name!r} has shape {list(other.shape(name))}, "
                     f"base {base.weight_map[name]} has {list(base.shape(name))}"
@@ -257,7 +271,8 @@ def check_compatible(base: Checkpoint, others: Iterable[Checkpoint], check_token
             if base_tok is not None and tok is not None and tok != base_tok:
                 raise CheckpointError(
                     f"{other.path}: tokenizer differs from the base's ({base.path}); merged weights would index "
-                    "different tokens"
+                    "different tokens (evomerge merge maps them onto one vocabulary with tokenizer_source: union, "
+                    "base or a model, as mergekit does)"
                 )
 
 
@@ -291,12 +306,13 @@ def write_model_dir(
     max_shard_bytes: int = 2 * 1024**3,
     overwrite: bool = False,
     chat_template: str | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write an ordinary HF model directory atomically.
 
     `tensors` gives name -> (shape, dtype) so shards are planned before any tensor is computed; `produce`
     computes one tensor at a time, so peak memory stays at one shard. Tokenizer and generation files are
-    copied from `copy_from`; `chat_template` (Jinja text) replaces the copied tokenizer's."""
+    copied from `copy_from`, or the `tokenizer` given is saved; `chat_template` (Jinja text) replaces its own."""
     out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -321,8 +337,10 @@ def write_model_dir(
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         if copy_from is not None:
-            for name in TOKENIZER_FILES + COPIED_CONFIG_FILES:
+            for name in (() if tokenizer is not None else TOKENIZER_FILES) + COPIED_CONFIG_FILES:
                 if (copy_from / name).is_file():
                     shutil.copy2(copy_from / name, tmp / name)
         if chat_template is not None:

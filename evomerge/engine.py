@@ -29,6 +29,7 @@ from .methods import get_method, kernels, merge_deltas, merge_tensors
 from .methods.fast import one_shot, return_freed_memory
 from .names import checkpoint_views
 from .recipe import Recipe, RecipeError, TensorPlan
+from .vocabulary import Vocabulary, build_vocabulary, set_vocab_size, vocabulary_tables
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ class Engine:
                     key=name,
                     out=out,
                     base_weight=plan.base_weight,
+                    tie_order=recipe.tie_order,
                 )
                 if out is not target[name]:  # a transposed view of a converted parameter
                     target[name].copy_(out)
@@ -267,8 +269,15 @@ def write_merged(
     sources = [Checkpoint.open(m.model, allow_pickle=allow_pickle) for m in recipe.source_entries()]
     base = Checkpoint.open(recipe.base_model, allow_pickle=allow_pickle) if recipe.base_model else None
     reference = base or sources[0]
-    check_compatible(reference, [s for s in sources if s is not reference])
+    vocabulary, tables = _vocabulary(recipe, reference)
+    check_compatible(reference, [s for s in sources if s is not reference], vocabulary_tables=tables)
     names = reference.tensor_names()
+    models = [c for c in (base, *sources) if c is not None]
+    remapped = {  # tables whose rows move to the output vocabulary's ids (not when every model's already match)
+        n: axis
+        for n, axis in (tables or {}).items()
+        if not vocabulary.is_identity({str(c.path): c.shape(n)[axis] for c in models})
+    }
     layout = Layout.of(reference.path, names)
     recipe.check_towers(layout)
     for note in recipe.mergekit_readings(layout):
@@ -278,6 +287,11 @@ def write_merged(
         plan = recipe.plan(layout[name])
         b = _load(base, name, dev, work) if base is not None else None
         tensors = [_load(s, name, dev, work) for s in sources]
+        if name in remapped:
+            paths = ([recipe.base_model] if base is not None else []) + [m.model for m in recipe.source_entries()]
+            tables = vocabulary.remap(dict(zip(paths, [t for t in (b, *tensors) if t is not None])), remapped[name])
+            b = tables[recipe.base_model] if base is not None else None
+            tensors = [tables[m.model] for m in recipe.source_entries()]
         first = b if b is not None else tensors[0]
         if not first.is_floating_point():
             return first
@@ -302,6 +316,7 @@ def write_merged(
                 seed=recipe.seed,
                 key=name,
                 base_weight=plan.base_weight,
+                tie_order=recipe.tie_order,
             )
 
     floats = {n: reference.get(n).is_floating_point() for n in names}
@@ -319,9 +334,10 @@ def write_merged(
         card_extra = f"{card_extra}{note}.\n\n"
     shapes = {n: (reference.shape(n), final if floats[n] else reference.get(n).dtype) for n in names}
     config = set_config_dtype(dict(reference.config), final)
-    tok_src = reference.path
-    if recipe.tokenizer_source not in (None, "base"):
-        tok_src = Path(recipe.tokenizer_source)
+    if vocabulary is not None:  # as mergekit: the tables have one row per output token (padded), whatever they had
+        for n, axis in tables.items():
+            shapes[n] = (tuple(vocabulary.size if i == axis else d for i, d in enumerate(shapes[n][0])), shapes[n][1])
+        set_vocab_size(config, vocabulary.size)
     template = recipe.chat_template
     if template == "auto":  # as mergekit: the template most of the models have (none: the tokenizer's own)
         found = [t.strip() for t in map(chat_template_of, [c.path for c in (base, *sources) if c is not None]) if t]
@@ -333,12 +349,30 @@ def write_merged(
             shapes,
             produce,
             config,
-            copy_from=tok_src,
+            copy_from=reference.path,
             model_card=model_card(recipe, card_extra),
             max_shard_bytes=max_shard_bytes,
             overwrite=overwrite,
             chat_template=template,
+            tokenizer=vocabulary.tokenizer if vocabulary is not None else None,
         )
+
+
+def _vocabulary(recipe: Recipe, reference: Checkpoint) -> tuple[Vocabulary | None, dict[str, int] | None]:
+    """The output vocabulary a tokenizer source asks for (mergekit builds one whenever it is given), and the
+    reference's token-indexed tables (name → vocabulary axis)."""
+    if recipe.tokenizer_source is None:
+        return None, None
+    tables = vocabulary_tables(reference.path, reference.tensor_names())
+    if tables is None:
+        raise RecipeError(
+            f"{reference.path}: its architecture could not be built, so its embedding tables are unknown; a "
+            "tokenizer_source maps them onto one vocabulary (leave it out to keep the base's tokenizer)"
+        )
+    models = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.source_entries()]
+    source = recipe.tokenizer_source
+    vocabulary = build_vocabulary(recipe.base_model, models, source, recipe.tokens, recipe.pad_to_multiple_of)
+    return vocabulary, tables
 
 
 def stored_dtype(checkpoints: list[Checkpoint]) -> tuple[torch.dtype, str]:

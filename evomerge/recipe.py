@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -89,6 +89,36 @@ class ModelEntry(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
 
+class ZeroEmbedding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(BaseModel):
+    """Another token's row of one model, by id or by token (one of the two)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "ModelTokenEmbedding":
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("model_token: give token_id or token, one of them")
+        return self
+
+
+class TokenEmbedding(BaseModel):
+    """mergekit's `tokenizer.tokens` entry: where a token's embedding comes from (a model path: its own row there);
+    `force` gives every model that row, not only those lacking the token."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Union[Annotated[Union[ZeroEmbedding, ModelTokenEmbedding], Field(discriminator="kind")], str]
+    force: bool = False
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     merge_method: str
@@ -98,9 +128,14 @@ class Recipe(BaseModel):
     method_rules: list[MethodRule] = Field(default_factory=list)
     dtype: str | None = None  # the arithmetic's dtype (None: float32); given alone, also the output's
     out_dtype: str | None = None  # None: `dtype` if given, else the sources' own dtype (as mergekit keeps it)
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # "base", "union" or a model: one vocabulary for models whose tokenizers differ
+    tokens: dict[str, TokenEmbedding] | None = None  # mergekit's tokenizer.tokens: embeddings of chosen tokens
+    pad_to_multiple_of: int | None = None  # mergekit's tokenizer.pad_to_multiple_of: table rows rounded up
     chat_template: str | None = None  # Jinja text, or "auto": the template most of the models have (as mergekit)
     seed: int = 0
+    # equal |δ| at a TIES/breadcrumbs cut: kept in the order mergekit's CPU sort leaves them ("mergekit"), or first
+    # positions first ("position": a search's candidates, which skips replaying that sort)
+    tie_order: Literal["mergekit", "position"] = "mergekit"
     name: str | None = None
 
     @field_validator("merge_method")
@@ -136,8 +171,12 @@ class Recipe(BaseModel):
                 )
             if unused:  # mergekit ignores them too (e.g. a weight on model_stock or slerp models)
                 log.warning("%s: %s not used by %s; ignored", where, ", ".join(sorted(unused)), ", ".join(methods))
-        if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in [m.model for m in self.models]:
-            raise ValueError(f"tokenizer_source must be 'base' or one of the models, got {self.tokenizer_source!r}")
+        if self.tokenizer_source not in (None, "base", "union", self.base_model, *[m.model for m in self.models]):
+            raise ValueError(
+                f"tokenizer_source must be base, union or one of the models, got {self.tokenizer_source!r}"
+            )
+        if (self.tokens or self.pad_to_multiple_of) and self.tokenizer_source is None:
+            raise ValueError("tokens and pad_to_multiple_of shape the output vocabulary: give a tokenizer_source too")
         if self.chat_template not in (None, "auto") and "{" not in self.chat_template:
             raise ValueError(
                 f"chat_template {self.chat_template!r}: give the template's Jinja text or 'auto' (the models' own); "
@@ -240,18 +279,16 @@ class Recipe(BaseModel):
         data = dict(data)
         if "slices" in data:
             data = _slices_as_models(data, where)
-        if isinstance(data.get("tokenizer"), dict):  # mergekit's newer spelling of tokenizer_source
+        if isinstance(data.get("tokenizer"), dict):  # mergekit's newer spelling: tokenizer: {source, tokens, …}
             tokenizer = data.pop("tokenizer")
-            if set(tokenizer) - {"source"} or "tokenizer_source" in data:
+            unknown = set(tokenizer) - {"source", "tokens", "pad_to_multiple_of"}
+            if unknown or "tokenizer_source" in data:
                 raise RecipeError(
-                    f"{where}: tokenizer {tokenizer}: only `source` (base or one of the models) is supported, once"
+                    f"{where}: tokenizer {tokenizer}: give source, tokens and pad_to_multiple_of there, or "
+                    "tokenizer_source alone, once"
                 )
-            data["tokenizer_source"] = tokenizer.get("source")
-        if data.get("tokenizer_source") == "union":
-            raise RecipeError(
-                f"{where}: tokenizer source 'union' (one vocabulary from several tokenizers, the embeddings of tokens "
-                "a model lacks filled in) is not supported yet; use base or one of the models"
-            )
+            data["tokenizer_source"] = tokenizer.get("source", "union")  # mergekit's default source
+            data.update({k: tokenizer[k] for k in ("tokens", "pad_to_multiple_of") if tokenizer.get(k) is not None})
         for m in data.get("models") or []:
             if (
                 isinstance(m, dict)
@@ -325,7 +362,13 @@ class Recipe(BaseModel):
             cfg["dtype"] = self.dtype
         if self.out_dtype:
             cfg["out_dtype"] = self.out_dtype
-        if self.tokenizer_source:
+        if self.tokens or self.pad_to_multiple_of:
+            cfg["tokenizer"] = {"source": self.tokenizer_source}
+            if self.tokens:
+                cfg["tokenizer"]["tokens"] = {t: e.model_dump(exclude_defaults=True) for t, e in self.tokens.items()}
+            if self.pad_to_multiple_of:
+                cfg["tokenizer"]["pad_to_multiple_of"] = self.pad_to_multiple_of
+        elif self.tokenizer_source:
             cfg["tokenizer_source"] = self.tokenizer_source
         if self.chat_template:
             cfg["chat_template"] = self.chat_template

@@ -350,6 +350,7 @@ class BoundSpace(GeneVector):
             method_rules=rules,
             dtype=s.dtype,
             seed=s.seed,
+            tie_order="position",  # what a candidate costs matters here; `evomerge merge` of it writes the same
             name=name,
         )
 

@@ -18,6 +18,7 @@ from evomerge.engine import Engine, write_merged
 from evomerge.layers import Layout
 from evomerge.methods import METHODS
 from evomerge.recipe import Recipe
+from evomerge.vocabulary import vocabulary_tables
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
@@ -55,6 +56,17 @@ def test_every_tensor_is_placed_by_the_module_tree(family, caplog):
     for info in layout.infos.values():
         if info.layer is not None:
             assert info.depth == layout.towers[info.tower]
+
+
+def test_the_token_indexed_tables_are_the_models_own_embeddings(family):
+    """What a tokenizer_source remaps: the tensors holding one row per token (input and output embeddings), from
+    transformers' get_input_embeddings / get_output_embeddings; vision models have none."""
+    arch, base, _ = family
+    ckpt = Checkpoint.open(base)
+    vocab = ckpt.config.get("vocab_size") or (ckpt.config.get("text_config") or {}).get("vocab_size")
+    rows_per_token = {n for n in ckpt.tensor_names() if vocab and ckpt.shape(n) and ckpt.shape(n)[0] == vocab}
+    assert vocabulary_tables(base, ckpt.tensor_names()) == {n: 0 for n in rows_per_token}
+    assert bool(rows_per_token) == (arch not in ("vit", "clip_vision"))
 
 
 def test_every_method_merges(family):

@@ -277,3 +277,16 @@ def test_a_chat_template_as_mergekit_sets_it_jinja_or_the_models_most_common(tmp
     assert main(["merge", str(path), "--out", str(tmp_path / "named")]) == 2
     assert "give the template's Jinja text or 'auto'" in capsys.readouterr().err
     assert not (tmp_path / "named").exists()
+
+
+def test_a_tokens_entry_naming_a_token_the_model_lacks_is_one_line(tmp_path, llama_family, capsys):
+    base, fts = llama_family
+    recipe = recipe_dict(base, fts, method="task_arithmetic")
+    recipe["tokenizer"] = {
+        "source": "union",
+        "tokens": {"<new>": {"source": {"kind": "model_token", "model": str(base), "token": "<nope>"}}},
+    }
+    assert main(["merge", str(write_yaml(tmp_path / "r.yaml", recipe)), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'<nope>' is not in" in err[0]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

@@ -1,7 +1,9 @@
 """Whole mergekit configs merge to mergekit 0.1.5's output (fixtures: tests/fixtures/mergekit_configs, written by
 its generate.py with mergekit itself): gradients over depth and outside the layers, conditionals, densities at the
-edges, the base listed among the models, scientific notation, passthrough frankenmerges, bf16 sources."""
+edges, the base listed among the models, scientific notation, passthrough frankenmerges, bf16 sources, models whose
+vocabularies differ (tokenizer_source)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -23,13 +25,31 @@ def within_bf16_rounding(got: torch.Tensor, want: torch.Tensor, operands: list[t
     return bool(((got.float() - want.float()).abs() <= 2 * step).all())
 
 
+def by_mergekits_ids(got: dict[str, torch.Tensor], out: Path, want_vocab: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The same tokens as mergekit's output tokenizer, and the tables' rows reordered to mergekit's ids: mergekit
+    numbers the tokens a union adds in a hash map's order, which changes from run to run (see `vocabulary`)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(out).get_vocab()
+    assert set(vocab) == set(want_vocab)
+    tables = ("model.embed_tokens.weight", "lm_head.weight")
+    assert AutoConfig.from_pretrained(out).vocab_size == got[tables[0]].shape[0]
+    order = torch.tensor([vocab[t] for t, _ in sorted(want_vocab.items(), key=lambda item: item[1])])
+    order = torch.cat([order, torch.arange(len(order), got[tables[0]].shape[0])])  # padding rows stay
+    return {n: t[order] if n in tables else t for n, t in got.items()}
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_evomerge_merge_equals_mergekit(config, tmp_path):
     text = config.read_text().replace("MODELS_BF16/", f"{HERE / 'models_bf16'}/")
+    text = text.replace("MODELS_VOCAB/", f"{HERE / 'models_vocab'}/")
     (tmp_path / "config.yml").write_text(text.replace("MODELS/", f"{HERE / 'models'}/"))
     assert main(["merge", str(tmp_path / "config.yml"), "--out", str(tmp_path / "out")]) == 0
     got = load_file(tmp_path / "out" / "model.safetensors")
     want = load_file(HERE / "expected" / f"{config.stem}.safetensors")
+    vocab = HERE / "expected" / f"{config.stem}.vocab.json"
+    if vocab.is_file():  # the output tokenizer mergekit wrote, and a config that says how many rows the tables have
+        got = by_mergekits_ids(got, tmp_path / "out", json.loads(vocab.read_text()))
     assert set(got) == set(want)
     assert {n: t.dtype for n, t in got.items()} == {n: t.dtype for n, t in want.items()}
     operands = [load_file(HERE / "models_bf16" / m / "model.safetensors") for m in ("base", "ft0", "ft1")]

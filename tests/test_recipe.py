@@ -92,9 +92,18 @@ def test_layer_index_rules_cannot_be_exported_to_mergekit():
             r"densty",
         ),
         ({"merge_method": "ties", "base_model": "/b", "slices": []}, "slices"),
-        ({"merge_method": "ties", "base_model": "/b", "models": [], "tokenizer_source": "union"}, "'union'"),
-        ({"merge_method": "ties", "base_model": "/b", "models": [], "tokenizer": {"source": "union"}}, "'union'"),
-        ({"merge_method": "ties", "base_model": "/b", "models": [], "tokenizer": {"tokens": {}}}, "only `source`"),
+        ({"merge_method": "ties", "base_model": "/b", "models": [], "tokenizer_source": "/c"}, "base, union or one"),
+        ({"merge_method": "ties", "base_model": "/b", "models": [], "tokenizer": {"sauce": "union"}}, "give source"),
+        ({"merge_method": "ties", "base_model": "/b", "models": [], "pad_to_multiple_of": 8}, "tokenizer_source too"),
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "/b",
+                "models": [],
+                "tokenizer": {"tokens": {"x": {"source": {"kind": "model_token", "model": "/b"}}}},
+            },
+            "tokens.x.source",
+        ),
     ],
 )
 def test_bad_recipes_are_explained(data, match):
@@ -142,6 +151,11 @@ def test_slices_that_do_not_tile_the_stack_in_order_are_refused_in_one_line(tmp_
     assert [e.model for e in whole.models] == [m] and whole.base_model == m
 
 
-def test_mergekits_tokenizer_source_spelling_reads_as_tokenizer_source():
+def test_mergekits_tokenizer_spelling_reads_as_tokenizer_source_tokens_and_padding():
     data = {"merge_method": "linear", "models": [{"model": "/a", "parameters": {"weight": 1}}]}
     assert Recipe.from_dict({**data, "tokenizer": {"source": "base"}}).tokenizer_source == "base"
+    tokenizer = {"tokens": {"<x>": {"source": {"kind": "zero"}}, "y": {"source": "/a", "force": True}}}
+    recipe = Recipe.from_dict({**data, "tokenizer": {**tokenizer, "pad_to_multiple_of": 8}})
+    assert recipe.tokenizer_source == "union"  # mergekit's default source
+    assert recipe.pad_to_multiple_of == 8 and recipe.tokens["y"].force and recipe.tokens["<x>"].source.kind == "zero"
+    assert recipe.to_mergekit()["tokenizer"] == {"source": "union", **tokenizer, "pad_to_multiple_of": 8}

@@ -91,6 +91,7 @@ def test_search_writes_run_outputs_and_held_out_report(small_zoo, tmp_path, caps
     assert len((run / "trials.csv").read_text().splitlines()) == 9
     recipe = Recipe.load(run / "best_recipe.yaml")
     assert recipe.merge_method == "dare_ties"
+    assert recipe.tie_order == "position"  # what the search's engine merged, so `merge` writes the scored model
     assert yaml.safe_load((run / "best_mergekit.yaml").read_text())["merge_method"] == "dare_ties"
     assert "data:image/png;base64" in (run / "report.html").read_text()
     # the best recipe is a normal recipe: it merges to a model directory

@@ -43,9 +43,11 @@ def merge_deltas(
     key: str = "",
     out: torch.Tensor | None = None,
     base_weight: float = 0.0,
+    tie_order: str = "mergekit",
 ) -> torch.Tensor:
     """Merge one tensor from its base and task vectors δᵢ = θᵢ − base. `base_weight` is the base model's own
-    weight in a linear merge where it is listed among the models (mergekit allows that)."""
+    weight in a linear merge where it is listed among the models (mergekit allows that); `tie_order` orders equal
+    |δ| at a TIES/breadcrumbs cut (`Recipe.tie_order`)."""
     spec = get_method(method)
     params, g = resolve_params(spec, len(deltas), list(source_params), dict(global_params or {}))
     if any(p.get("density", 1.0) <= 0 for p in params):  # density 0 keeps nothing of that task vector (mergekit)
@@ -53,7 +55,7 @@ def merge_deltas(
         params = [{**p, "density": 1.0} if p.get("density", 1.0) <= 0 else p for p in params]
     if spec.family == "task_arithmetic":
         return kernels.task_arithmetic(
-            spec, base, deltas, params, g, out=out, seeds=source_seeds(seed, key, len(deltas))
+            spec, base, deltas, params, g, out=out, seeds=source_seeds(seed, key, len(deltas)), tie_order=tie_order
         )
     if spec.family == "linear":
         return kernels.linear_deltas(

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from . import fast
+from . import fast, sort_order
 from .sparsify import breadcrumbs_window, magnitude_k
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ M32 = 0xFFFFFFFF
 RANDOM_BITS = 24  # random bits per position (DELLA's keep probabilities resolve to 2⁻²⁴)
 DENSITY_BITS = 14  # DARE densities are applied on a grid of 2⁻¹⁴ (see density_threshold)
 COMPILE_MIN_NUMEL = 1 << 20  # on the CPU, below this compiled code gains little and chunked eager is used
-CODED = ("coded", "dare_coded")  # keep kinds that read a stored code per entry instead of hashing positions
+CODED = ("coded", "dare_coded", "listed")  # keep kinds that read a stored value per entry instead of positions
 HOST_NUMPY = True  # on the CPU, small index work runs in numpy (tests switch it off to run the GPU's torch code)
 
 
@@ -580,7 +580,7 @@ def _keep(
     rank: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Source i's keep predicate. kind: magnitude (TIES), window (breadcrumbs), random (DARE), rank or coded
-    (DELLA).
+    (DELLA), listed (a stored mask).
     fp[i] = (t_keep, t_drop, scale, weight) — for "rank" the first two are (p₀, slope) of the keep
     probability p₀ + slope·(rank fraction); ip[i] = (cut_keep, cut_drop, seed word, random threshold)."""
     if kind == "random":
@@ -591,6 +591,8 @@ def _keep(
         return _della_margin(random_bits(idx, ip[i, 2]), rank, fp, i) < fp[i, 0]
     if kind == "coded":  # DELLA with margin codes (`della_inputs`): fp[i, 0] is the code threshold
         return rank.to(fp.dtype) < fp[i, 0]
+    if kind == "listed":  # the keep mask itself (`listed_where_ties_straddle`)
+        return rank
     keep = (a > fp[i, 0]) | ((a == fp[i, 0]) & (idx < ip[i, 0]))
     if kind == "window":  # minus the top outliers
         keep = keep & ~((a > fp[i, 1]) | ((a == fp[i, 1]) & (idx < ip[i, 1])))
@@ -845,6 +847,39 @@ def source_params(
         fp.append([t_keep, t_drop, 1.0, 1.0])
         ip.append([cut_keep, cut_drop, seed_word(seed), threshold])
     return torch.tensor(fp, dtype=work), torch.tensor(ip, dtype=torch.int64)
+
+
+def listed_where_ties_straddle(
+    kind: str,
+    deltas: Sequence[torch.Tensor],
+    densities: Sequence[float],
+    gammas: Sequence[float],
+    fp: torch.Tensor,
+    ip: torch.Tensor,
+) -> tuple[tuple[str, ...], list[torch.Tensor]]:
+    """Each source's keep kind and input for TIES ("magnitude") and breadcrumbs ("window") as mergekit keeps
+    them: where a source's cut falls inside a run of equal |δ| — most 16-bit task vectors; fp32 ones rarely —
+    its (t, cut) rule, which keeps the first positions of the run, becomes "listed": the exact set mergekit's
+    sort keeps (`sort_order.sorted_slice`; TIES the first k of a descending sort, breadcrumbs a window of an
+    ascending one). Other sources keep their rule (and an empty input)."""
+    kinds, masks = [], []
+    for i, (delta, d, g) in enumerate(zip(deltas, densities, gammas)):
+        a = delta.reshape(-1).abs()
+        n = a.numel()
+        cuts = [(float(fp[i, 0]), int(ip[i, 0]))] + ([(float(fp[i, 1]), int(ip[i, 1]))] if kind == "window" else [])
+        rounded = a.dtype == torch.float64  # mergekit sorts |δ|.float(): new ties may appear
+        if d >= 1.0 or not (rounded or any(bool((a[cut:] == t).any()) for t, cut in cuts if cut < n)):
+            kinds.append(kind)
+            masks.append(torch.empty(0, dtype=torch.bool, device=a.device))
+            continue
+        if kind == "magnitude":
+            mask = sort_order.sorted_slice(a, 0, magnitude_k(n, d), descending=True)
+        else:
+            keep_top, drop_top = breadcrumbs_window(n, d, g)
+            mask = sort_order.sorted_slice(a, n - keep_top, n - drop_top, descending=False)
+        kinds.append("listed")
+        masks.append(mask)
+    return tuple(kinds), masks
 
 
 def _per_source(kind: str | Sequence[str], n: int) -> tuple[str, ...]:

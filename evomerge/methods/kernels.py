@@ -31,9 +31,10 @@ def task_arithmetic(
     global_params: dict[str, Any],
     out: torch.Tensor | None = None,
     seeds: Sequence[int] | None = None,
+    tie_order: str = "mergekit",
 ) -> torch.Tensor:
     """The generalized task-arithmetic family: sparsify each δ, weight, optional sign election, sum — as
-    one fused pass (`fused`); plain task arithmetic is a weighted sum."""
+    one fused pass (`fused`); plain task arithmetic is a weighted sum. `tie_order`: `Recipe.tie_order`."""
     work = fast.work_dtype(base)
     mode = global_params["rescale_mode"] if global_params["rescale"] else None
     weights = [float(p["weight"]) for p in source_params]
@@ -53,6 +54,8 @@ def task_arithmetic(
         kinds, ranks = fused.della_inputs(deltas, fp, ip)
     elif kind == "random":
         kinds, ranks = fused.dare_inputs(deltas, ip)
+    elif tie_order == "mergekit":
+        kinds, ranks = fused.listed_where_ties_straddle(kind, deltas, densities, gammas, fp, ip)
     else:
         kinds, ranks = (kind,) * len(deltas), []
     rescaled = [i for i, d in enumerate(densities) if mode is not None and d < 1.0]
