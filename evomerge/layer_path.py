@@ -19,10 +19,10 @@ from typing import Any, Union
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError, validation_summary
-from .recipe import Recipe, atomic_write_text, read_yaml
+from .recipe import Recipe, atomic_write_text, mergekit_setting, read_yaml
 
 # config keys that may differ between participants: what a layer computes does not depend on them
 FREE_CONFIG_KEYS = {
@@ -99,6 +99,9 @@ class PathRecipe(BaseModel):
     head_model: Union[int, str, None] = None  # final norm and head; default: embed_model
     dtype: str = "float32"
     name: str | None = None
+    # output tensor name → factor it is written with (mergekit passthrough's `scale`, e.g. 0 on a copied layer's
+    # o_proj/down_proj); only `evomerge merge` applies it: a search's paths never carry one
+    tensor_scale: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> "PathRecipe":
@@ -137,22 +140,24 @@ class PathRecipe(BaseModel):
         slices = data.get("slices") or []
         models: list[str] = []
         steps = []
+        settings = []  # each slice's `scale`: its source's, else the slice's, else the config's (as mergekit reads)
         for i, piece in enumerate(slices):
             sources = piece.get("sources") if isinstance(piece, dict) else None
             if not sources or len(sources) != 1:
                 raise RecipeError(f"{where}: passthrough slice {i} needs exactly one source, got {sources!r}")
             source = sources[0]
-            if source.get("parameters") or piece.get("parameters") or data.get("parameters"):
-                raise RecipeError(
-                    f"{where}: passthrough `scale` multiplies the slice's tensors; evomerge's layer paths scale the "
-                    "residual stream instead (`scale:` of a step) and cannot import it"
-                )
+            levels = [source.get("parameters") or {}, piece.get("parameters") or {}, data.get("parameters") or {}]
+            unknown = {k for level in levels for k in level} - {"scale"}
+            if unknown:
+                raise RecipeError(f"{where}: passthrough takes one parameter, scale; got {sorted(unknown)}")
+            settings.append(next((level["scale"] for level in levels if "scale" in level), None))
             start, stop = source["layer_range"]
             if source["model"] not in models:
                 models.append(source["model"])
             steps += [{"model": models.index(source["model"]), "layer": j} for j in range(start, stop)]
         if not steps:
             raise RecipeError(f"{where}: a passthrough config needs slices with layer ranges")
+        scales = _passthrough_scales(slices, settings) if any(s is not None for s in settings) else {}
         names = [Path(m).name for m in models]
         participants = [
             {"model": m, **({"name": f"{n}-{k}"} if names.count(n) > 1 else {})}
@@ -160,6 +165,8 @@ class PathRecipe(BaseModel):
         ]
         recipe = {"models": participants, "layer_path": steps, "embed_model": steps[0]["model"]}
         recipe["head_model"] = steps[-1]["model"]
+        if scales:
+            recipe["tensor_scale"] = scales
         for key in ("dtype", "name"):
             if data.get(key):
                 recipe[key] = data[key]
@@ -198,6 +205,8 @@ class PathRecipe(BaseModel):
                 f"its embedding comes from {self.models[e].label} and its head from {self.models[h].label}"
             )
         factors = fold_factors(steps)
+        if self.tensor_scale and any(abs(f - 1.0) > 1e-12 for f in factors):
+            raise RecipeError("a path with both residual-stream scales and tensor scales has no mergekit form")
         slices: list[dict[str, Any]] = []
         for k, (p, layer, _) in enumerate(steps):
             last = slices[-1] if slices else None
@@ -213,7 +222,48 @@ class PathRecipe(BaseModel):
             slices.append({"_key": (p, factors[k]), "sources": [source]})
         for s in slices:
             s.pop("_key")
-        return {"merge_method": "passthrough", "slices": slices, "dtype": self.dtype}
+        config: dict[str, Any] = {"merge_method": "passthrough", "slices": slices, "dtype": self.dtype}
+        if self.tensor_scale:  # mergekit matches filters as substrings of the output names: exact names here
+            rules = [{"filter": n, "value": v} for n, v in sorted(self.tensor_scale.items())]
+            config["parameters"] = {"scale": rules + [{"value": 1.0}]}
+        return config
+
+
+def _passthrough_scales(slices: list[dict], settings: list[Any]) -> dict[str, float]:
+    """Output tensor name → mergekit passthrough's `scale` for it, where it is not 1: layer i of an n-layer slice read
+    at t = i/(n−1) (1 for a one-layer slice), the embeddings with the first slice's setting and the final norm and
+    head with the last one's, at t = 0 — as mergekit plans them. Filters are substrings of the output names."""
+    from .checkpoint import Checkpoint
+    from .layers import Layout
+
+    scales: dict[str, float] = {}
+
+    def put(name: str, setting: Any, t: float) -> None:
+        value = mergekit_setting(setting, name, t)
+        if value is not None and float(value) != 1.0:
+            scales[name] = float(value)
+
+    k = 0
+    for piece, setting in zip(slices, settings):
+        source = piece["sources"][0]
+        names = Checkpoint.open(source["model"]).tensor_names()
+        layout = Layout.of(source["model"], names)
+        start, stop = source["layer_range"]
+        for j in range(start, stop):
+            t = (j - start) / (stop - start - 1) if stop - start > 1 else 1.0
+            for n in names:
+                if layout[n].layer == j and setting is not None:
+                    head, rest = n.split(f".{j}.", 1)
+                    put(f"{head}.{k}.{rest}", setting, t)
+            k += 1
+    for piece, setting, want in ((slices[0], settings[0], True), (slices[-1], settings[-1], False)):
+        model = piece["sources"][0]["model"]
+        names = Checkpoint.open(model).tensor_names()
+        layout = Layout.of(model, names)
+        for n in names:
+            if layout[n].layer is None and (layout[n].group == "embed") == want and setting is not None:
+                put(n, setting, 0.0)
+    return scales
 
 
 def load_any_recipe(path: str | os.PathLike) -> Recipe | PathRecipe:

@@ -163,7 +163,7 @@ def write_path(
     for n in names:  # outside the layers: embeddings from embed_model, final norm and head from head_model
         if not n.startswith(prefix):
             owner = e if layout[n].group == "embed" else recipe.head
-            tensors[n] = (owner, states[owner][n], 1.0)
+            tensors[n] = (owner, states[owner][n], recipe.tensor_scale.get(n, 1.0))
     for k, (p, layer, _) in enumerate(steps):
         own = f"{prefix}{layer}."
         scaled = {f"{w}." for w in writers.get((p, layer), [])}
@@ -173,7 +173,11 @@ def write_path(
                 factor = factors[k] if any(rest.startswith(w) for w in scaled) else 1.0
                 if n not in states[p]:
                     raise CheckpointError(f"{labels[p]} has no parameter {n} in memory; cannot write the path")
-                tensors[f"{prefix}{k}.{rest}"] = (p, states[p][n], factor)
+                out = f"{prefix}{k}.{rest}"
+                tensors[out] = (p, states[p][n], factor * recipe.tensor_scale.get(out, 1.0))
+    unknown = sorted(set(recipe.tensor_scale) - set(tensors))
+    if unknown:
+        raise RecipeError(f"tensor_scale names tensors the written model does not have: {unknown[:3]}")
 
     def produce(name: str) -> torch.Tensor:
         _, t, factor = tensors[name]
@@ -192,6 +196,8 @@ def write_path(
         "| step | model | layer | scale |\n|---|---|---|---|\n"
         f"{path_text}\n"
     )
+    if recipe.tensor_scale:
+        card += f"{len(recipe.tensor_scale)} tensors are written scaled (mergekit passthrough's `scale`).\n\n"
     log.info("writing a %d-step layer path into %s", len(steps), out_dir)
     return write_model_dir(
         out_dir,

@@ -546,6 +546,16 @@ def _conditional(value: Any) -> list[dict[str, Any]]:
     return [{"value": value}]
 
 
+def mergekit_setting(value: Any, tensor_name: str, t: float) -> Any:
+    """mergekit's `evaluate_setting`: the first rule whose filter is absent, "*" or a substring of the (output)
+    tensor name, its value read at t; None when no rule matches."""
+    for rule in _conditional(value):
+        f = rule.get("filter")
+        if f is None or f == "*" or f in tensor_name:
+            return _at(rule["value"], t)
+    return None
+
+
 def _at(value: Any, t: float) -> Any:
     """A gradient list read at t as mergekit reads it; any other value as it is."""
     if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):

@@ -17,9 +17,10 @@ from transformers import (
     OPTForCausalLM,
 )
 
+from evomerge.checkpoint import Checkpoint
 from evomerge.cli import main
 from evomerge.errors import RecipeError
-from evomerge.layer_path import LayerPaths, PathRecipe, load_participants
+from evomerge.layer_path import LayerPaths, PathRecipe, load_any_recipe, load_participants
 from evomerge.path_fold import path_to_mergekit, residual_writers
 from evomerge.path_space import PathSpace, load_space
 from evomerge.zoo.tokenizer import build_char_tokenizer
@@ -214,9 +215,16 @@ def test_mergekit_passthrough_slices_import_as_a_path_with_the_last_slices_head(
         host.lm_head is paths.participants[1].lm_head
         and host.model.embed_tokens is paths.participants[0].model.embed_tokens
     )
+    # mergekit's slice `scale` multiplies that slice's tensors (and the embeddings the first slice gives)
     config["slices"][0]["sources"][0]["parameters"] = {"scale": 0.5}
     (tmp_path / "scaled.yml").write_text(yaml.safe_dump(config))
-    assert main(["merge", str(tmp_path / "scaled.yml"), "--out", str(tmp_path / "out2")]) == 2
+    assert main(["merge", str(tmp_path / "scaled.yml"), "--out", str(tmp_path / "out2")]) == 0
+    plain, scaled = Checkpoint.open(tmp_path / "out"), Checkpoint.open(tmp_path / "out2")
+    for n in plain.tensor_names():
+        half = n.startswith(("model.layers.0.", "model.layers.1.", "model.embed_tokens."))
+        assert torch.equal(scaled.get(n), plain.get(n) * (0.5 if half else 1.0)), n
+    r = load_any_recipe(tmp_path / "scaled.yml")
+    assert PathRecipe.from_mergekit(r.to_mergekit({})).tensor_scale == r.tensor_scale  # exported and read back
 
 
 def test_residual_writers_are_measured_on_the_model(llamas, tmp_path):
