@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -272,13 +273,16 @@ def write_merged(
     vocabulary, tables = _vocabulary(recipe, reference)
     check_compatible(reference, [s for s in sources if s is not reference], vocabulary_tables=tables)
     names = reference.tensor_names()
-    models = [c for c in (base, *sources) if c is not None]
+    # the models by the names the recipe gives them (the vocabulary's keys), base first
+    paths = ([recipe.base_model] if base is not None else []) + [m.model for m in recipe.source_entries()]
+    models = dict(zip(paths, [c for c in (base, *sources) if c is not None]))
     remapped = {  # tables whose rows move to the output vocabulary's ids (not when every model's already match)
         n: axis
         for n, axis in (tables or {}).items()
-        if not vocabulary.is_identity({str(c.path): c.shape(n)[axis] for c in models})
+        if not vocabulary.is_identity({p: c.shape(n)[axis] for p, c in models.items()})
     }
-    layout = Layout.of(reference.path, names)
+    # scalar settings read the same everywhere: places from names then, without building the architecture
+    layout = Layout.of(reference.path, names) if recipe.reads_structure() else Layout.by_name(names)
     recipe.check_towers(layout)
     for note in recipe.mergekit_readings(layout):
         log.warning("%s", note)
@@ -288,7 +292,6 @@ def write_merged(
         b = _load(base, name, dev, work) if base is not None else None
         tensors = [_load(s, name, dev, work) for s in sources]
         if name in remapped:
-            paths = ([recipe.base_model] if base is not None else []) + [m.model for m in recipe.source_entries()]
             tables = vocabulary.remap(dict(zip(paths, [t for t in (b, *tensors) if t is not None])), remapped[name])
             b = tables[recipe.base_model] if base is not None else None
             tensors = [tables[m.model] for m in recipe.source_entries()]
@@ -343,7 +346,8 @@ def write_merged(
         found = [t.strip() for t in map(chat_template_of, [c.path for c in (base, *sources) if c is not None]) if t]
         template = Counter(found).most_common(1)[0][0] if found else None
     log.info("merging %d tensors (%s) into %s", len(names), recipe.merge_method, out_dir)
-    with one_shot():  # each task vector is merged once: no statistics kept for later candidates
+    entries = sum(math.prod(shape) for shape, dtype in shapes.values() if dtype.is_floating_point)
+    with one_shot(entries):  # each task vector is merged once: no statistics kept for later candidates
         return write_model_dir(
             out_dir,
             shapes,

@@ -244,6 +244,12 @@ class Recipe(BaseModel):
         """The filters of this recipe's rules that name a role."""
         return {r.filter for r in self._all_rules()} & set(ROLES)
 
+    def reads_structure(self) -> bool:
+        """Whether any value depends on where a tensor sits (a gradient over depth, rules, method rules): only then
+        does a merge need the model's layout, built from its module tree (~2 s of imports)."""
+        values = [*self.parameters.values(), *(v for m in self.models for v in m.parameters.values())]
+        return bool(self.method_rules) or any(isinstance(v, list) for v in values)
+
     def _all_rules(self) -> list[Rule | MethodRule]:
         """Every rule of the recipe: the parameters' (merge-wide and per model) and the method rules."""
         values = [*self.parameters.values(), *(v for m in self.models for v in m.parameters.values())]

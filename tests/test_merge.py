@@ -290,3 +290,16 @@ def test_a_tokens_entry_naming_a_token_the_model_lacks_is_one_line(tmp_path, lla
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'<nope>' is not in" in err[0]
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_finite_check_clears_large_finite_weights_and_catches_nan_and_inf(dtype):
+    from evomerge.checkpoint import CheckpointError, check_finite
+
+    big = torch.full((1000,), 3e38 if dtype != torch.float64 else 1e300, dtype=dtype)  # its fp32 sum overflows
+    check_finite("w", big, "f")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(1000, dtype=dtype)
+        t[537] = bad
+        with pytest.raises(CheckpointError, match="1 non-finite"):
+            check_finite("w", t, "f")

@@ -47,7 +47,7 @@ def test_equal_values_are_not_kept_by_position():
 
 def test_a_path_that_would_turn_to_heapsort_sorts_for_real(monkeypatch):
     a = (torch.randn(3000) * 0.05).to(torch.bfloat16).abs()
-    monkeypatch.setattr(sort_order, "_slice_mask", lambda v, lo, hi: None)
+    monkeypatch.setattr(sort_order, "_slice_mask", lambda v, pos, lo, hi: None)
     assert torch.equal(sort_order.sorted_slice(a, 10, 2000, False), torch_slice(a, 10, 2000, False))
 
 

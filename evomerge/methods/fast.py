@@ -125,20 +125,25 @@ def delta_l1(delta: torch.Tensor) -> float:
 
 
 @contextlib.contextmanager
-def one_shot():
+def one_shot(entries: int = 0):
     """Mark merges whose task vectors are each used once (`evomerge merge`, file to file): statistics a search
     keeps to reuse across candidates (bin counts of |δ|) cost more than they save there, so selections are made
-    directly (`kth_largest_bracketed`) — with the same result."""
-    prev = getattr(_local, "one_shot", False)
-    _local.one_shot = True
+    directly (`kth_largest_bracketed`) — with the same result. `entries`: how many the whole merge writes (the
+    fused kernels are compiled only when that many repay compiling them, see `fused`)."""
+    prev = getattr(_local, "one_shot", False), getattr(_local, "one_shot_entries", 0)
+    _local.one_shot, _local.one_shot_entries = True, entries
     try:
         yield
     finally:
-        _local.one_shot = prev
+        _local.one_shot, _local.one_shot_entries = prev
 
 
 def in_one_shot() -> bool:
     return getattr(_local, "one_shot", False)
+
+
+def one_shot_entries() -> int:
+    return getattr(_local, "one_shot_entries", 0)
 
 
 def kth_largest_bracketed(a: torch.Tensor, k: int, sample: int = 1 << 16) -> tuple[float, int]:
