@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .errors import CheckpointError
 
@@ -41,6 +40,19 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 COPIED_CONFIG_FILES = ("generation_config.json",)
+# safetensors' dtype names (its format spec) ↔ torch
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 @dataclass
@@ -210,8 +222,8 @@ def _data_end(file: Path) -> int | None:
             header = json.loads(fh.read(n))
     except (OSError, ValueError):
         return None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    return 8 + n + (max(ends) if ends else 0)
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    return 8 + n + max((v["data_offsets"][1] for v in tensors.values()), default=0)
 
 
 # ---- compatibility -------------------------------------------------------------------------------
@@ -326,16 +338,7 @@ def write_model_dir(
         weight_map = {}
         for i, names in enumerate(shards):
             file = SAFE_SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            data = {}
-            for n in names:
-                t = produce(n)
-                if tuple(t.shape) != tuple(tensors[n][0]):
-                    raise CheckpointError(
-                        f"internal: {n} produced shape {list(t.shape)}, planned {list(tensors[n][0])}"
-                    )
-                data[n] = t.to(tensors[n][1]).contiguous().cpu()
-            save_file(data, str(tmp / file), metadata={"format": "pt"})
-            del data
+            write_safetensors(tmp / file, {n: tensors[n] for n in names}, produce)
             weight_map.update({n: file for n in names})
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
@@ -363,6 +366,34 @@ def write_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_safetensors(
+    file: Path, tensors: dict[str, tuple[tuple[int, ...], torch.dtype]], produce: Callable[[str], torch.Tensor]
+) -> None:
+    """A safetensors file written tensor by tensor: the header comes from the planned shapes and dtypes, so each
+    tensor's bytes are written as soon as it is produced and nothing else is held (safetensors' `save_file` takes
+    them all at once). Larger dtypes first, so every tensor starts at a multiple of its element size."""
+    order = sorted(tensors, key=lambda n: -torch.empty((), dtype=tensors[n][1]).element_size())
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for n in order:
+        shape, dtype = tensors[n]
+        size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        header[n] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    with open(file, "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little") + blob)
+        for n in order:
+            t = produce(n)
+            if tuple(t.shape) != tuple(tensors[n][0]):
+                raise CheckpointError(f"internal: {n} produced shape {list(t.shape)}, planned {list(tensors[n][0])}")
+            t = t.to(tensors[n][1]).contiguous().cpu()
+            if t.numel():
+                fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t
 
 
 def chat_template_of(model: str | os.PathLike) -> str | None:

@@ -288,6 +288,13 @@ def write_merged(
         log.warning("%s", note)
 
     def produce(name: str) -> torch.Tensor:
+        try:
+            return merged(name)
+        finally:  # drop the inputs' memory maps: their pages read so far would stay in the RSS, every model whole
+            for c in models.values():
+                c.close()
+
+    def merged(name: str) -> torch.Tensor:
         plan = recipe.plan(layout[name])
         b = _load(base, name, dev, work) if base is not None else None
         tensors = [_load(s, name, dev, work) for s in sources]
