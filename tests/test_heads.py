@@ -95,6 +95,10 @@ def test_image_splits_as_arrays_folders_and_files_score_the_same(zoo_tokenizer, 
     np.savez(tmp_path / "big.npz", images=np.zeros((2, 32, 32, 3), np.uint8), labels=np.zeros(2, int))
     with pytest.raises(TaskError, match="the model takes 16×16"):
         ClassifierEvaluator(model, None, [task(tmp_path, {"search": str(tmp_path / "big.npz"), "test": "x"})])
+    Image.fromarray(np.zeros((20, 16, 3), np.uint8)).save(tmp_path / "tall.png")
+    (tmp_path / "mixed.jsonl").write_text(lines[0] + "\n" + json.dumps({"image": "tall.png", "label": 0}) + "\n")
+    with pytest.raises(TaskError, match="images of 2 shapes"):
+        ClassifierEvaluator(model, None, [task(tmp_path, {"search": str(tmp_path / "mixed.jsonl"), "test": "x"})])
     np.savez(tmp_path / "bad.npz", images=images[:2], labels=np.array([0, 7]))
     with pytest.raises(TaskError, match="label 7 outside the model's 3 classes"):
         ClassifierEvaluator(model, None, [task(tmp_path, {"search": str(tmp_path / "bad.npz"), "test": "x"})])

@@ -88,7 +88,14 @@ class ClassifierEvaluator(ItemEvaluator):
         if self.processor is not None:
             return self.processor(images=[_hwc(a) for a in arrays], return_tensors="pt")["pixel_values"]
         config = self.model.config
-        pixels = torch.stack([_chw(a, config.num_channels) for a in arrays])
+        images = [_chw(a, config.num_channels) for a in arrays]
+        shapes = sorted({tuple(t.shape) for t in images})
+        if len(shapes) > 1:
+            raise TaskError(
+                f"task {task.name}: images of {len(shapes)} shapes ({shapes[0]}, {shapes[1]}, …); give the model an "
+                "image processor (preprocessor_config.json) to resize them, or images of one size"
+            )
+        pixels = torch.stack(images)
         size = getattr(config, "image_size", None)
         if size is not None and tuple(pixels.shape[-2:]) != (size, size):
             raise TaskError(
