@@ -122,8 +122,9 @@ def tabled_kept_l1(
     value: built once per task vector, source and ε (fp64 sums kept as fp32, 64–128 KiB), it makes
     mergekit's l1 rescale free instead of a pass over the tensor. DELLA tabulates a (seed, ε) only when it
     comes twice in a row, since a search may vary ε with every candidate. Tensors under 1M entries: None (their
-    direct pass is cheap, a table is not small). DELLA's margin codes (kind "coded") give the same table."""
-    if kind not in ("random", "rank", "coded") or delta.numel() < COMPILE_MIN_NUMEL:
+    direct pass is cheap, a table is not small); a one-off merge (`fast.one_shot`) too: each mask is used once,
+    and binning every entry costs several direct passes. DELLA's margin codes (kind "coded") give the same table."""
+    if kind not in ("random", "rank", "coded") or delta.numel() < COMPILE_MIN_NUMEL or fast.in_one_shot():
         return None
     slope = float(fp[0, 1]) if kind != "random" else 0.0
     key = (kind != "random", int(ip[0, 2]), slope)
