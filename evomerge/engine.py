@@ -27,7 +27,9 @@ from .checkpoint import (
 from .evaluate.heads import auto_class, load_model, model_head
 from .layers import Layout
 from .methods import get_method, kernels, merge_deltas, merge_tensors
-from .methods.fast import one_shot, return_freed_memory
+from .methods.fast import gram, one_shot, return_freed_memory
+from .methods.fused import weighted_sum_into
+from .methods.registry import resolve_params
 from .names import checkpoint_views
 from .recipe import Recipe, RecipeError, TensorPlan
 from .vocabulary import Vocabulary, build_vocabulary, set_vocab_size, vocabulary_tables
@@ -270,12 +272,12 @@ def write_merged(
     sources = [Checkpoint.open(m.model, allow_pickle=allow_pickle) for m in recipe.source_entries()]
     base = Checkpoint.open(recipe.base_model, allow_pickle=allow_pickle) if recipe.base_model else None
     reference = base or sources[0]
-    vocabulary, tables = _vocabulary(recipe, reference)
-    check_compatible(reference, [s for s in sources if s is not reference], vocabulary_tables=tables)
-    names = reference.tensor_names()
     # the models by the names the recipe gives them (the vocabulary's keys), base first
     paths = ([recipe.base_model] if base is not None else []) + [m.model for m in recipe.source_entries()]
     models = dict(zip(paths, [c for c in (base, *sources) if c is not None]))
+    vocabulary, tables = _vocabulary(recipe, reference, paths)
+    check_compatible(reference, [s for s in sources if s is not reference], vocabulary_tables=tables)
+    names = reference.tensor_names()
     remapped = {  # tables whose rows move to the output vocabulary's ids (not when every model's already match)
         n: axis
         for n, axis in (tables or {}).items()
@@ -299,9 +301,9 @@ def write_merged(
         b = _load(base, name, dev, work) if base is not None else None
         tensors = [_load(s, name, dev, work) for s in sources]
         if name in remapped:
-            tables = vocabulary.remap(dict(zip(paths, [t for t in (b, *tensors) if t is not None])), remapped[name])
-            b = tables[recipe.base_model] if base is not None else None
-            tensors = [tables[m.model] for m in recipe.source_entries()]
+            rows = vocabulary.remap(dict(zip(paths, [t for t in (b, *tensors) if t is not None])), remapped[name])
+            b = rows[recipe.base_model] if base is not None else None
+            tensors = [rows[m.model] for m in recipe.source_entries()]
         first = b if b is not None else tensors[0]
         if not first.is_floating_point():
             return first
@@ -316,6 +318,11 @@ def write_merged(
                 if any(w is None for w in weights):
                     raise RecipeError(f"linear: every model needs a weight (tensor {name})")
                 return kernels.linear(tensors, weights, normalize=bool(plan.global_params.get("normalize", True)))
+            spec = get_method(plan.method)
+            if spec.family == "linear" or (spec.family == "task_arithmetic" and spec.sparsification is None):
+                return _chunk_by_chunk(plan, b, tensors)  # entry by entry: no whole task vector needed
+            if spec.family == "slerp" or (spec.family == "model_stock" and not plan.global_params.get("filter_wise")):
+                return _two_passes(plan, b, tensors)
             deltas = [t - b for t in tensors]
             return merge_deltas(
                 plan.method,
@@ -369,9 +376,58 @@ def write_merged(
         )
 
 
-def _vocabulary(recipe: Recipe, reference: Checkpoint) -> tuple[Vocabulary | None, dict[str, int] | None]:
-    """The output vocabulary a tokenizer source asks for (mergekit builds one whenever it is given), and the
-    reference's token-indexed tables (name → vocabulary axis)."""
+ELEMENTWISE_CHUNK = 1 << 22  # entries of the task vectors an entrywise merge holds at a time
+
+
+def _chunk_by_chunk(plan: TensorPlan, base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A merge whose every entry depends on the same entries of its inputs alone (linear, task arithmetic), with
+    the task vectors made a chunk at a time: the same arithmetic as whole ones, without allocating a tensor-sized
+    task vector per source (their allocation was most of such a one-off merge: 297M parameters, 3 sources)."""
+    out = torch.empty_like(base)
+    b, flats, o = base.reshape(-1), [t.reshape(-1) for t in tensors], out.view(-1)
+    for s in range(0, b.numel(), ELEMENTWISE_CHUNK):
+        e = min(b.numel(), s + ELEMENTWISE_CHUNK)
+        deltas = [t[s:e] - b[s:e] for t in flats]
+        params, weight = plan.source_params, plan.base_weight
+        merge_deltas(plan.method, b[s:e], deltas, params, plan.global_params, out=o[s:e], base_weight=weight)
+    return out
+
+
+def _two_passes(plan: TensorPlan, base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """SLERP and Model Stock on whole tensors, their task vectors made a chunk at a time: one pass for the Gram
+    matrix their coefficients come from (base and δ for SLERP, the δs for Model Stock), one for the weighted sum."""
+    slerp = get_method(plan.method).family == "slerp"
+    tensors = tensors[:1] if slerp else tensors
+    b, flats = base.reshape(-1), [t.reshape(-1) for t in tensors]
+
+    def chunks():
+        for s in range(0, b.numel(), ELEMENTWISE_CHUNK):
+            e = min(b.numel(), s + ELEMENTWISE_CHUNK)
+            yield s, e, [t[s:e] - b[s:e] for t in flats]
+
+    k = 1 + len(flats) if slerp else len(flats)
+    g = [[0.0] * k for _ in range(k)]
+    for s, e, deltas in chunks():
+        part = gram([b[s:e], *deltas] if slerp else deltas)
+        g = [[g[i][j] + part[i][j] for j in range(k)] for i in range(k)]
+    if slerp:
+        _, params = resolve_params(get_method(plan.method), 1, [{}], dict(plan.global_params))
+        base_coeff, s1 = kernels.slerp_delta_coefficients(float(params["t"]), g)
+        coeffs = [s1]
+    else:
+        base_coeff, coeffs = 1.0, kernels.model_stock_coefficients(g)
+    out = torch.empty_like(base)
+    o = out.view(-1)
+    for s, e, deltas in chunks():
+        weighted_sum_into(o[s:e], b[s:e], deltas, coeffs, base_coeff=base_coeff)
+    return out
+
+
+def _vocabulary(
+    recipe: Recipe, reference: Checkpoint, models: list[str]
+) -> tuple[Vocabulary | None, dict[str, int] | None]:
+    """The output vocabulary over `models` (base first) a tokenizer source asks for (mergekit builds one whenever
+    it is given), and the reference's token-indexed tables (name → vocabulary axis)."""
     if recipe.tokenizer_source is None:
         return None, None
     tables = vocabulary_tables(reference.path, reference.tensor_names())
@@ -380,7 +436,6 @@ def _vocabulary(recipe: Recipe, reference: Checkpoint) -> tuple[Vocabulary | Non
             f"{reference.path}: its architecture could not be built, so its embedding tables are unknown; a "
             "tokenizer_source maps them onto one vocabulary (leave it out to keep the base's tokenizer)"
         )
-    models = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.source_entries()]
     source = recipe.tokenizer_source
     vocabulary = build_vocabulary(recipe.base_model, models, source, recipe.tokens, recipe.pad_to_multiple_of)
     return vocabulary, tables

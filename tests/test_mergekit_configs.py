@@ -41,6 +41,23 @@ def by_mergekits_ids(got: dict[str, torch.Tensor], out: Path, want_vocab: dict[s
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_evomerge_merge_equals_mergekit(config, tmp_path):
+    check_config(config, tmp_path)
+
+
+ENTRYWISE = ["linear_filtered", "ta_gradient", "bf16_ta_no_dtype", "slerp_gradient", "model_stock_weight"]
+
+
+@pytest.mark.parametrize("stem", ENTRYWISE)
+def test_task_vectors_made_a_chunk_at_a_time_merge_the_same(stem, tmp_path, monkeypatch):
+    """`merge` makes the task vectors of linear, task arithmetic, SLERP and Model Stock a few million entries at a
+    time; with chunks of 7 entries every tensor spans several, and the output is still mergekit's."""
+    import evomerge.engine
+
+    monkeypatch.setattr(evomerge.engine, "ELEMENTWISE_CHUNK", 7)
+    check_config(HERE / "configs" / f"{stem}.yml", tmp_path)
+
+
+def check_config(config: Path, tmp_path: Path) -> None:
     text = config.read_text().replace("MODELS_BF16/", f"{HERE / 'models_bf16'}/")
     text = text.replace("MODELS_VOCAB/", f"{HERE / 'models_vocab'}/")
     (tmp_path / "config.yml").write_text(text.replace("MODELS/", f"{HERE / 'models'}/"))

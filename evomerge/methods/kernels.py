@@ -156,11 +156,30 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tensor | None
 def slerp_delta(t: float, base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """slerp(base, base + δ) from the resident task vector: ‖base+δ‖² and ⟨base, base+δ⟩ follow from the
     Gram matrix of (base, δ), and s0·base + s1·(base+δ) = (s0+s1)·base + s1·δ — one pass, no base+δ."""
-    g = fast.cached_gram([base, delta])
+    base_coeff, s1 = slerp_delta_coefficients(t, fast.cached_gram([base, delta]))
+    out = torch.empty_like(base) if out is None else out
+    return fused.weighted_sum_into(out, base, [delta], [s1], base_coeff=base_coeff)
+
+
+def model_stock_coefficients(g: list[list[float]]) -> list[float]:
+    """Each task vector's coefficient t/N, from the Gram matrix of the N task vectors (their norms and dots)."""
+    n = len(g)
+    cos = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            norms = math.sqrt(max(g[i][i], 0.0)) * math.sqrt(max(g[j][j], 0.0))
+            cos.append(max(-1.0, min(1.0, g[i][j] / max(norms, 1e-6))))
+    c = sum(cos) / len(cos)
+    t = (n * c) / (1 + (n - 1) * c)
+    return [t / n] * n
+
+
+def slerp_delta_coefficients(t: float, g: list[list[float]]) -> tuple[float, float]:
+    """(base coefficient, δ coefficient) of slerp(base, base + δ), from the Gram matrix of (base, δ):
+    s0·base + s1·(base+δ) = (s0+s1)·base + s1·δ."""
     bb, bd, dd = g[0][0], g[0][1], g[1][1]
     s0, s1 = slerp_coefficients(t, bb, bb + 2 * bd + dd, bb + bd)
-    out = torch.empty_like(base) if out is None else out
-    return fused.weighted_sum_into(out, base, [delta], [s1], base_coeff=s0 + s1)
+    return s0 + s1, s1
 
 
 def model_stock(
@@ -171,15 +190,7 @@ def model_stock(
     n = len(deltas)
     out = torch.empty_like(base) if out is None else out
     if not filter_wise:
-        g = fast.cached_gram(deltas)
-        cos = []
-        for i in range(n):
-            for j in range(i + 1, n):
-                norms = math.sqrt(max(g[i][i], 0.0)) * math.sqrt(max(g[j][j], 0.0))
-                cos.append(max(-1.0, min(1.0, g[i][j] / max(norms, 1e-6))))
-        c = sum(cos) / len(cos)
-        t = (n * c) / (1 + (n - 1) * c)
-        return fused.weighted_sum_into(out, base, deltas, [t / n] * n)
+        return fused.weighted_sum_into(out, base, deltas, model_stock_coefficients(fast.cached_gram(deltas)))
     work = fast.work_dtype(base)
     offsets = [d.to(work).reshape(1, -1) if d.dim() < 2 else d.to(work).reshape(d.shape[0], -1) for d in deltas]
     cos_rows = []
