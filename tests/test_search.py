@@ -524,3 +524,23 @@ def test_a_search_can_stop_at_its_choice_without_touching_the_test_split(small_z
     assert "test" not in loaded and "select" in loaded
     assert set(choice) == {"selection", "best_search_fitness", "select_fitness"}
     assert not (tmp_path / "d" / "report.json").exists() and (tmp_path / "d" / "best_recipe.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    "method, order, noted", [("ties", "position", True), ("ties", "mergekit", False), ("dare_ties", "position", False)]
+)
+def test_the_best_mergekit_config_says_when_mergekit_would_order_ties_otherwise(tmp_path, method, order, noted):
+    from evomerge.search.loop import write_best
+
+    recipe = Recipe.from_dict(
+        {
+            "merge_method": method,
+            "base_model": "/b",
+            "models": [{"model": "/a", "parameters": {"weight": 1.0, "density": 0.5}}],
+            "tie_order": order,
+        }
+    )
+    write_best(tmp_path, recipe, lambda r: r.to_mergekit())
+    text = (tmp_path / "best_mergekit.yaml").read_text()
+    assert ("tie_order: position" in text) == noted
+    assert yaml.safe_load(text) == recipe.to_mergekit()

@@ -455,11 +455,27 @@ def write_best(run_dir: Path, recipe: Any, mergekit: Callable[[Any], dict]) -> N
         import yaml
 
         config = mergekit(recipe)
-        atomic_write_text(run_dir / "best_mergekit.yaml", yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(run_dir / "best_mergekit.yaml", _tie_note(recipe) + yaml.safe_dump(config, sort_keys=False))
     except RecipeError as e:
         atomic_write_text(
             run_dir / "best_mergekit.yaml", f"# this recipe cannot be expressed as a mergekit config: {e}\n"
         )
+
+
+def _tie_note(recipe: Any) -> str:
+    """A comment for a mergekit config of a recipe the search scored with equal |δ| at TIES/breadcrumbs cuts kept
+    by position: mergekit keeps those in its sort's order, so its merge can differ in exactly those entries."""
+    from ..methods import METHODS
+
+    methods = {getattr(recipe, "merge_method", None), *(r.method for r in getattr(recipe, "method_rules", []))}
+    cut = any(m in METHODS and METHODS[m].sparsification in ("magnitude", "magnitude_outliers") for m in methods)
+    if getattr(recipe, "tie_order", None) != "position" or not cut:
+        return ""
+    return (
+        "# evomerge scored this recipe keeping equal |delta| at each TIES/breadcrumbs cut by position\n"
+        "# (tie_order: position); mergekit keeps them in its sort's order, so its merge can differ in those\n"
+        "# entries. `evomerge merge best_recipe.yaml` writes the model the search scored.\n"
+    )
 
 
 def write_trials_csv(study: optuna.Study, path: Path, task_names: list[str]) -> None:
