@@ -222,8 +222,8 @@ def _data_end(file: Path) -> int | None:
             header = json.loads(fh.read(n))
     except (OSError, ValueError):
         return None
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    return 8 + n + max((v["data_offsets"][1] for v in tensors.values()), default=0)
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + n + (max(ends) if ends else 0)
 
 
 # ---- compatibility -------------------------------------------------------------------------------
@@ -333,7 +333,7 @@ def write_model_dir(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        sizes = {n: _numel(s) * torch.empty((), dtype=d).element_size() for n, (s, d) in tensors.items()}
+        sizes = {n: _numel(s) * d.itemsize for n, (s, d) in tensors.items()}
         shards = shard_plan(sizes, max_shard_bytes)
         weight_map = {}
         for i, names in enumerate(shards):
@@ -374,12 +374,12 @@ def write_safetensors(
     """A safetensors file written tensor by tensor: the header comes from the planned shapes and dtypes, so each
     tensor's bytes are written as soon as it is produced and nothing else is held (safetensors' `save_file` takes
     them all at once). Larger dtypes first, so every tensor starts at a multiple of its element size."""
-    order = sorted(tensors, key=lambda n: -torch.empty((), dtype=tensors[n][1]).element_size())
+    order = sorted(tensors, key=lambda n: -tensors[n][1].itemsize)
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for n in order:
         shape, dtype = tensors[n]
-        size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        size = _numel(shape) * dtype.itemsize
         header[n] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()

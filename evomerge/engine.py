@@ -307,9 +307,9 @@ def write_merged(
         first = b if b is not None else tensors[0]
         if not first.is_floating_point():
             return first
+        spec = get_method(plan.method)
         with torch.no_grad():
             if base is None:
-                spec = get_method(plan.method)
                 if spec.needs_base:
                     raise RecipeError(f"{plan.method} needs base_model")
                 if spec.family != "linear":
@@ -318,7 +318,6 @@ def write_merged(
                 if any(w is None for w in weights):
                     raise RecipeError(f"linear: every model needs a weight (tensor {name})")
                 return kernels.linear(tensors, weights, normalize=bool(plan.global_params.get("normalize", True)))
-            spec = get_method(plan.method)
             if spec.family == "linear" or (spec.family == "task_arithmetic" and spec.sparsification is None):
                 return _chunk_by_chunk(plan, b, tensors)  # entry by entry: no whole task vector needed
             if spec.family == "slerp" or (spec.family == "model_stock" and not plan.global_params.get("filter_wise")):
@@ -396,7 +395,8 @@ def _chunk_by_chunk(plan: TensorPlan, base: torch.Tensor, tensors: list[torch.Te
 def _two_passes(plan: TensorPlan, base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
     """SLERP and Model Stock on whole tensors, their task vectors made a chunk at a time: one pass for the Gram
     matrix their coefficients come from (base and δ for SLERP, the δs for Model Stock), one for the weighted sum."""
-    slerp = get_method(plan.method).family == "slerp"
+    spec = get_method(plan.method)
+    slerp = spec.family == "slerp"
     tensors = tensors[:1] if slerp else tensors
     b, flats = base.reshape(-1), [t.reshape(-1) for t in tensors]
 
@@ -411,7 +411,7 @@ def _two_passes(plan: TensorPlan, base: torch.Tensor, tensors: list[torch.Tensor
         part = gram([b[s:e], *deltas] if slerp else deltas)
         g = [[g[i][j] + part[i][j] for j in range(k)] for i in range(k)]
     if slerp:
-        _, params = resolve_params(get_method(plan.method), 1, [{}], dict(plan.global_params))
+        _, params = resolve_params(spec, 1, [{}], dict(plan.global_params))
         base_coeff, s1 = kernels.slerp_delta_coefficients(float(params["t"]), g)
         coeffs = [s1]
     else:

@@ -13,6 +13,7 @@ twice in a path keeps two KV-cache entries). `path_fold.write_path` writes the p
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -243,25 +244,30 @@ def _passthrough_scales(slices: list[dict], settings: list[Any]) -> dict[str, fl
         if value is not None and float(value) != 1.0:
             scales[name] = float(value)
 
+    @functools.cache
+    def placed(model: str) -> tuple[list[str], Layout]:  # a model's tensor names and layout, read once
+        names = Checkpoint.open(model).tensor_names()
+        return names, Layout.of(model, names)
+
     k = 0
     for piece, setting in zip(slices, settings):
         source = piece["sources"][0]
-        names = Checkpoint.open(source["model"]).tensor_names()
-        layout = Layout.of(source["model"], names)
         start, stop = source["layer_range"]
-        for j in range(start, stop):
-            t = (j - start) / (stop - start - 1) if stop - start > 1 else 1.0
-            for n in names:
-                if layout[n].layer == j and setting is not None:
-                    head, rest = n.split(f".{j}.", 1)
-                    put(f"{head}.{k}.{rest}", setting, t)
-            k += 1
+        if setting is not None:
+            names, layout = placed(source["model"])
+            for j in range(start, stop):
+                t = (j - start) / (stop - start - 1) if stop - start > 1 else 1.0
+                for n in names:
+                    if layout[n].layer == j:
+                        head, rest = n.split(f".{j}.", 1)
+                        put(f"{head}.{k + j - start}.{rest}", setting, t)
+        k += stop - start
     for piece, setting, want in ((slices[0], settings[0], True), (slices[-1], settings[-1], False)):
-        model = piece["sources"][0]["model"]
-        names = Checkpoint.open(model).tensor_names()
-        layout = Layout.of(model, names)
+        if setting is None:
+            continue
+        names, layout = placed(piece["sources"][0]["model"])
         for n in names:
-            if layout[n].layer is None and (layout[n].group == "embed") == want and setting is not None:
+            if layout[n].layer is None and (layout[n].group == "embed") == want:
                 put(n, setting, 0.0)
     return scales
 

@@ -103,23 +103,18 @@ class Fitness:
                             for name, c in correct.items()
                         }
                     )
-                    if bound < self.best and sum(map(len, correct.values())) < sum(map(len, pool.values())):
-                        scores = {name: sum(c.values()) / len(c) for name, c in correct.items() if c}
-                        return self._finish(
-                            FitnessResult(bound, scores, sum(map(len, correct.values())), True, r, per_rung)
-                        )
-            scores = {name: sum(c.values()) / len(c) for name, c in correct.items() if c}
+                    if bound < self.best and _scored(correct) < sum(map(len, pool.values())):
+                        return self._finish(FitnessResult(bound, _means(correct), _scored(correct), True, r, per_rung))
+            scores = _means(correct)
             value = self.combine(scores)
             per_rung.append(value)
             last = r
             if frac >= 1.0 or self.best == float("-inf"):
                 continue
             if self.racing == "halving" and r < len(self.best_rungs) and value < self.best_rungs[r] - self.tolerance:
-                return self._finish(FitnessResult(value, scores, sum(map(len, correct.values())), True, r, per_rung))
-        scores = {name: sum(c.values()) / len(c) for name, c in correct.items() if c}
-        return self._finish(
-            FitnessResult(self.combine(scores), scores, sum(map(len, correct.values())), False, last, per_rung)
-        )
+                return self._finish(FitnessResult(value, scores, _scored(correct), True, r, per_rung))
+        scores = _means(correct)
+        return self._finish(FitnessResult(self.combine(scores), scores, _scored(correct), False, last, per_rung))
 
     def _rounds(self, subset: dict[str, list[int]]):
         """The subset in the evaluator's rounds of batches (bound racing checks between them), else whole."""
@@ -144,3 +139,12 @@ class Fitness:
         if value > self.best:
             self.best = value
             self.best_rungs = list(per_rung)
+
+
+def _means(correct: dict[str, dict[int, float]]) -> dict[str, float]:
+    """Each task's mean score over the items scored so far (tasks with none left out)."""
+    return {name: sum(c.values()) / len(c) for name, c in correct.items() if c}
+
+
+def _scored(correct: dict[str, dict[int, float]]) -> int:
+    return sum(map(len, correct.values()))

@@ -396,7 +396,7 @@ class NativeEvaluator(ItemEvaluator):
             logits = self.model(**step, use_cache=True).logits.float()
             check_finite(logits)
             logp.append(torch.log_softmax(logits, dim=-1))
-        logp = torch.cat([logp[0][:, None], *logp[1:]], dim=1) if len(logp) > 1 else logp[0][:, None]
+        logp = torch.cat([logp[0][:, None], *logp[1:]], dim=1)
         picked = logp.gather(-1, batch.targets[:, : logp.shape[1], None]).squeeze(-1)
         return dict(zip(batch.keys, (picked * batch.scored[:, : logp.shape[1]]).sum(-1).tolist()))
 

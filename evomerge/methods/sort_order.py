@@ -21,12 +21,10 @@ _scratch: dict[str, np.ndarray] = {}  # work arrays kept between calls: a fresh 
 
 
 def _buffer(name: str, dtype, n: int) -> np.ndarray:
+    """A kept work array of at least n entries (the one named "arange" holds 0, 1, 2, …)."""
     buf = _scratch.get(name)
     if buf is None or buf.dtype != dtype or buf.size < n:
-        buf = _scratch[name] = np.empty(n, dtype=dtype)
-        if name == "positions":
-            buf[:] = np.arange(n, dtype=dtype)
-            _scratch["arange"] = buf.copy()
+        buf = _scratch[name] = np.arange(n, dtype=dtype) if name == "arange" else np.empty(n, dtype=dtype)
     return buf[:n]
 
 
@@ -41,8 +39,9 @@ def sorted_slice(absval: torch.Tensor, lo: int, hi: int, descending: bool) -> to
     bits = flat.contiguous().view({2: torch.int16, 4: torch.int32}[flat.element_size()]).numpy()
     key = _buffer(f"key{bits.dtype}", bits.dtype, n)
     np.copyto(key, bits) if descending else np.invert(bits, out=key)
-    pos = _buffer("positions", np.int32 if n < 2**31 else np.int64, n)
-    pos[:] = _scratch["arange"][:n]
+    index = np.int32 if n < 2**31 else np.int64
+    pos = _buffer("positions", index, n)
+    np.copyto(pos, _buffer("arange", index, n))
     mask = _slice_mask(key, pos, lo, hi)
     if mask is None:  # the introsort fell back to heapsort on this path (adversarial data): sort for real
         order = torch.sort(flat.float(), descending=descending).indices[lo:hi]
