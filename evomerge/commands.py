@@ -15,6 +15,8 @@ from .search import OPTIMIZERS
 
 console = Console()
 DEFAULT_DEMO_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "sakana_ps.yaml"
+# the demo's second search beside the default one: does the per-layer space earn its genes over 3 global ones?
+GLOBAL_DEMO_SPACE = DEFAULT_DEMO_SPACE.with_name("global_task_arithmetic.yaml")
 
 
 def score_table(
@@ -568,10 +570,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     name = args.name or ("demo-small" if args.small else "demo") + other_space
     for seed in args.seeds:
         run = f"{name}-seed{seed}"
-        report = (
-            _demo_path_runs(args, space, run, seed)
-            or _run_with_progress(_unclaimed(_search_config(args, space, run, seed))).report
-        )
+        report = _demo_path_runs(args, space, run, seed) or _demo_parameter_runs(args, space, name, seed)
         reports.append(report)
         _print_report(report, f"seed {seed}: held-out test split")
     if len(reports) > 1:
@@ -611,6 +610,38 @@ def _unclaimed(cfg: Any) -> Any:
     return cfg
 
 
+def _demo_parameter_runs(args: argparse.Namespace, space: Path, name: str, seed: int) -> dict[str, Any]:
+    """The report of the space's search, NAME-seedN. For the default space, the global task-arithmetic search (3
+    genes, run as NAME-global_task_arithmetic-seedN, the run `--space global_task_arithmetic.yaml` makes) first,
+    its evolved row in the same table as `global TA search` and the per-layer one's as `PS search`."""
+    run = f"{name}-seed{seed}"
+    if space.resolve() != DEFAULT_DEMO_SPACE:
+        return _run_with_progress(_unclaimed(_search_config(args, space, run, seed))).report
+    say(f"the 3-gene global task-arithmetic search first, then the per-layer search ({space.stem})")
+    global_run = f"{name}-{GLOBAL_DEMO_SPACE.stem}-seed{seed}"
+    global_ = _run_with_progress(_unclaimed(_search_config(args, GLOBAL_DEMO_SPACE, global_run, seed))).report
+    per_layer = _run_with_progress(_unclaimed(_search_config(args, space, run, seed))).report
+    rows = [("global TA search", global_, "evolved"), ("PS search", per_layer, "evolved")]
+    return _side_by_side(per_layer, [*rows, ("PS search, best on search", per_layer, "best on search")], seed)
+
+
+def _side_by_side(common: dict[str, Any], evolved: list[tuple[str, dict[str, Any], str]], seed: int) -> dict[str, Any]:
+    """One table of runs over the same tasks and test items: the rows of `common` that every run shares (sources,
+    simple merges), then for each (label, report, row) that report's row under the label; every row compared
+    with the best source and the best simple merge."""
+    from .significance import compare_rows
+
+    shared = [k for k in common["rows"] if k not in ("evolved", "best on search")]
+    rows = {k: common["rows"][k] for k in shared}
+    per_item = {k: common["per_item"][k] for k in shared}
+    for label, report, row in evolved:
+        if row in report["rows"]:
+            rows[label], per_item[label] = report["rows"][row], report["per_item"][row]
+    fitness = {k: r["fitness"] for k, r in rows.items()}
+    significance = compare_rows(per_item, fitness, common["weights"], common["references"], seed)
+    return {**common, "rows": rows, "per_item": per_item, "significance": significance}
+
+
 def _demo_path_runs(args: argparse.Namespace, space: Path, run: str, seed: int) -> dict[str, Any] | None:
     """For a layer-path space: the table of its runs side by side. PS+DFS runs three searches, PS (RUN-ps), DFS
     over the sources (RUN-dfs) and DFS over the PS merge and the sources (RUN); the table holds the PS run's rows
@@ -620,24 +651,16 @@ def _demo_path_runs(args: argparse.Namespace, space: Path, run: str, seed: int) 
     if not isinstance(load_space(space), PathSpace):
         return None
     ps_recipe, ps_report = _ps_stage(args, space, run, seed)
-    ps_report = ps_report or {"rows": {}}  # --ps-recipe: no PS run of its own
     dfs = _run_with_progress(_search_config(args, space, f"{run}-dfs" if ps_recipe else run, seed)).report
     if ps_recipe is None:
         return dfs
     both = _run_with_progress(_search_config(args, space, run, seed, ps_recipe)).report
-    from .significance import compare_rows
-
-    def renamed(part: dict[str, Any]) -> dict[str, Any]:
-        names = {"evolved": "PS", "best on search": "PS, best on search"}
-        return {names.get(k, k): v for k, v in part.items()}
-
-    rows, per_item = renamed(ps_report["rows"]), renamed(ps_report.get("per_item", {}))
-    for label, report in (("DFS", dfs), ("PS+DFS", both)):
-        rows[label], per_item[label] = report["rows"]["evolved"], report["per_item"]["evolved"]
-    kinds = ps_report.get("references") or both["references"]
-    fitness = {k: r["fitness"] for k, r in rows.items()}
-    significance = compare_rows(per_item, fitness, both["weights"], kinds, seed)
-    return {**both, "rows": rows, "per_item": per_item, "references": kinds, "significance": significance}
+    rows = [("DFS", dfs, "evolved"), ("PS+DFS", both, "evolved")]
+    if ps_report is None:  # --ps-recipe: no PS run of its own
+        return _side_by_side({**both, "rows": {}, "per_item": {}}, rows, seed)
+    ps_rows = [("PS", ps_report, "evolved"), ("PS, best on search", ps_report, "best on search")]
+    joined = _side_by_side(ps_report, ps_rows + rows, seed)
+    return {**both, **{k: joined[k] for k in ("rows", "per_item", "references", "significance")}}
 
 
 def _add_search_args(p: argparse.ArgumentParser, demo: bool = False) -> None:

@@ -270,17 +270,19 @@ def test_demo_smoke_run_does_not_take_the_full_demos_run_names(small_zoo, tmp_pa
         )
         == 0
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-small-seed0"]
+    # the per-layer search, and the global one beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-small-global_task_arithmetic-seed0", "demo-small-seed0"]
     assert json.loads((tmp_path / "demo-small-seed0" / "config.json").read_text())["evaluator"] == "lm-eval"
     # an earlier demo with other settings (here: the native evaluator) keeps its run; this one takes another name
     earlier = sorted((tmp_path / "demo-small-seed0").iterdir())
     args = ["demo", "--small", "--zoo", str(small_zoo), "--trials", "2", "--popsize", "2", "--no-baselines"]
     assert main(args + ["--runs-dir", str(tmp_path)]) == 0
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.iterdir() if "global" not in p.name)
     assert len(names) == 2 and names[0] == "demo-small-seed0" and names[1].startswith("demo-small-seed0-")
     assert sorted((tmp_path / "demo-small-seed0").iterdir()) == earlier
     assert main(args + ["--runs-dir", str(tmp_path)]) == 0  # the same settings again: that run, resumed
-    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    assert sorted(p.name for p in tmp_path.iterdir() if "global" not in p.name) == names
+    assert len([p for p in tmp_path.iterdir() if "global" in p.name]) == 2  # the global search's runs: the same
 
 
 def test_models_without_an_evaluator_for_the_tasks_are_refused_in_one_line(small_zoo, tmp_path, capsys):

@@ -306,8 +306,15 @@ def test_demo_runs_end_to_end_on_the_small_zoo(small_zoo, tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "seed 0: held-out test split" in out and "fitness over seeds [0, 1]" in out and "evolved" in out
-    assert (tmp_path / "demo-small-seed1" / "report.json").is_file()
+    assert "seed 0: held-out test split" in out and "fitness over seeds [0, 1]" in out
+    table = out[out.index("seed 1: held-out test split") :]
+    for row in ("expert_math", "uniform soup", "DARE-TIES", "global TA search", "PS search", "Δ vs"):
+        assert row in table
+    # the rows are the two runs' own: the global search's evolved row, the per-layer search's
+    runs = {"global TA search": "demo-small-global_task_arithmetic-seed1", "PS search": "demo-small-seed1"}
+    for label, run in runs.items():
+        fitness = json.loads((tmp_path / run / "report.json").read_text())["rows"]["evolved"]["fitness"]
+        assert f"{fitness:.3f}" in table.split(label, 1)[1].splitlines()[0], (label, fitness)
 
 
 def test_racing_and_subsampling_through_the_search_loop(small_zoo, tmp_path):

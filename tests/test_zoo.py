@@ -4,8 +4,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
-from evomerge.zoo.build import SMALL, TASKS_VERSION, build_zoo
+from evomerge.zoo.build import SMALL, TASKS_VERSION, build_zoo, finetunes
 from evomerge.zoo.world import OPS, make_world, math_items
 
 
@@ -111,18 +112,20 @@ def test_a_killed_build_resumes_per_model_and_equals_an_uninterrupted_one(tmp_pa
     legacy = tmp_path / ".again.tmp-abc123"  # what builds before resuming existed left behind
     legacy.mkdir()
 
-    def kill_during_lang_b(name, step, total, loss):
-        if name == "expert_lang_b" and step == 3:
+    def kill_during_reverse(name, step, total, loss):  # the third fine-tune: a worker finished one before it
+        if name == "expert_reverse" and step == 3:
             raise Killed
 
     with pytest.raises(Killed):
-        build_zoo(tmp_path / "again", SMALL, on_step=kill_during_lang_b)
+        build_zoo(tmp_path / "again", SMALL, on_step=kill_during_reverse)
     partial = tmp_path / ".again.partial"
-    assert sorted(p.name for p in (partial / "models").iterdir()) == ["base", "expert_math"]  # whole models only
+    done = {p.name for p in (partial / "models").iterdir() if not p.name.startswith(".")}
+    assert "base" in done and done & {"expert_math", "expert_lang_b"} and "expert_reverse" not in done
+    assert all((partial / "models" / name / "model.safetensors").is_file() for name in done)  # whole models only
     assert not legacy.exists()
     messages, trained = [], set()
     again = build_zoo(tmp_path / "again", SMALL, progress=messages.append, on_step=lambda n, *_: trained.add(n))
-    assert "base" not in trained and "expert_math" not in trained and "expert_lang_b" in trained
+    assert trained == {job.name for job in finetunes(SMALL)} - done  # each model trained once, in either build
     assert any("resuming" in m for m in messages)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # no partial build, lock or temporary left
     assert _digest(again) == _digest(small_zoo)
@@ -135,3 +138,42 @@ def test_reuses_a_complete_build(small_zoo):
     before = (small_zoo / "manifest.json").stat().st_mtime_ns
     assert build_zoo(small_zoo, SMALL) == small_zoo
     assert (small_zoo / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_a_packed_batch_has_the_loss_and_gradient_of_one_document_per_row():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evomerge.zoo.train import packed
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(cfg)
+    docs = [torch.randint(3, 40, (n,)).tolist() for n in (17, 5, 30, 9, 12, 25, 3)]
+    width = max(map(len, docs))
+    padded = torch.zeros(len(docs), width, dtype=torch.long)
+    labels = torch.full_like(padded, -100)
+    for r, doc in enumerate(docs):
+        padded[r, : len(doc)] = labels[r, : len(doc)] = torch.tensor(doc)
+    expected = model(input_ids=padded, attention_mask=(labels != -100).long(), labels=labels).loss
+    expected.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    inp, lab, positions, mask = packed(docs, pad=0, width=32)
+    assert inp.shape == (4, 32)  # 101 tokens in 4 rows of 32 (first fit, longest first), not 7 rows of 30
+    loss = model(input_ids=inp, attention_mask=mask, position_ids=positions, labels=lab).loss
+    loss.backward()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    for g, p in zip(grads, model.parameters()):
+        assert torch.allclose(p.grad, g, atol=1e-6)
+    same_length = [doc[:9] for doc in docs if len(doc) >= 9]  # packing would not save a fifth: one per row
+    inp, lab, positions, mask = packed(same_length, pad=0, width=16)
+    assert inp.shape == (len(same_length), 9) and mask.shape == inp.shape and lab[:, 0].eq(-100).all()
