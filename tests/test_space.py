@@ -15,6 +15,7 @@ NAMES = (
 )
 SPACES = [
     "sakana_ps",
+    "sakana_ps_sum",
     "sakana_knots",
     "layerwise_ties",
     "method_choice",

@@ -3,9 +3,10 @@
 Models (all LlamaForCausalLM, one char-level tokenizer):
 - base: pre-trained on a lopsided bilingual mix — mostly language-A text, some A arithmetic, a little
   language-B text and B arithmetic, a little word reversal — so it is mediocre at everything.
-- experts, fine-tuned from the base with modest learning rates (same basin):
-  `expert_math` (A arithmetic only), `expert_lang_b` (B text, with B arithmetic at a fifth of it, as a
-  language model of B would see), `expert_reverse` (A reversal).
+- experts, fine-tuned from the base until their own task is learned (version 2; version 1's modest learning
+  rate left them half-trained): `expert_math` (A arithmetic only), `expert_lang_b` (B text, with B arithmetic at
+  a fifth of it, as a language model of B would see), `expert_reverse` (A reversal). Arithmetic asked in B
+  needs the first two: one computes, the other reads B (benchmarks/zoo_composition.py).
 - soup ingredients: fine-tunes of the math task with different learning rates and seeds.
 Tasks (jsonl, disjoint search/select/test splits — select is half of the held-out items once searched, so
 training data are the same as before it existed; lm-eval YAMLs with absolute paths):
@@ -341,13 +342,12 @@ def build_zoo(
             train_lm(base, tok, sample, steps, config.base_lr, config.batch_size, config.seed, 50, progress=report)
             _save(base, tok, work / "models" / "base")
         jobs = finetunes(config)
-        _finetune_all(jobs, work, config, held_out, say, on_step)
+        scores = _finetune_and_score(jobs, work, config, held_out, specs_at(specs, work, out), say, on_step)
         models = {name: str((work / "models" / name).resolve()) for name in ["base", *(j.name for j in jobs)]}
         experts = [j.name for j in jobs if j.name.startswith("expert_")]
         soup = [j.name for j in jobs if j.name.startswith("soup_")]
         # repoint model paths to the final location
         final = {k: str(out.resolve() / Path(v).relative_to(work.resolve())) for k, v in models.items()}
-        scores = score_models({k: Path(v) for k, v in models.items()}, specs_at(specs, work, out), tok, say)
         manifest = {
             "config": json.loads(json.dumps(asdict(config))),
             "tasks_version": TASKS_VERSION,
@@ -371,63 +371,70 @@ def build_zoo(
     return out
 
 
-def _finetune_all(
+def _finetune_and_score(
     jobs: list[FineTune],
     work: Path,
     config: ZooConfig,
     held_out: set[str],
+    specs: list[TaskSpec],
     say: Callable[[str], None],
     on_step: StepCallback | None,
-) -> None:
-    """Train the fine-tunes not yet in `work/models`, in worker processes of one thread each, as many at a time as
-    there are cores: the zoo's matrices are too small for two threads to keep two cores busy (one 0.27 s step on
-    two threads against 0.34 s each for two one-thread processes side by side: 1.6x the steps per second), and a
-    one-thread fine-tune computes the same on any machine. A worker saves each finished model; a failure or an
-    interruption stops every worker, so only whole models are left for a resumed build."""
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Train the fine-tunes not yet in `work/models` and score every model (model -> split -> task -> score), in
+    worker processes of one thread each, as many at a time as there are cores: the zoo's matrices are too small
+    for two threads to keep two cores busy (one 0.27 s step on two threads against 0.34 s each for two one-thread
+    processes side by side: 1.6x the steps per second), and a one-thread fine-tune or score computes the same on
+    any machine, in a resumed build too. A worker saves each finished model; a failure or an interruption stops
+    every worker, so only whole models are left for a resumed build."""
     import multiprocessing
     import queue
 
     todo = [job for job in jobs if not (work / "models" / job.name).is_dir()]
-    if not todo:
-        return
-    workers = min(len(todo), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    listed = ", ".join(f"{j.name} ({j.steps} steps, lr {j.lr:g})" for j in todo)
-    say(f"fine-tuning {listed}: {workers} at a time")
+    # the models there are already are scored first, while the others train
+    tasks = [("score", name) for name in ["base", *(j.name for j in jobs)] if (work / "models" / name).is_dir()]
+    tasks += [("train", job) for job in todo]
+    workers = min(len(tasks), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if todo:
+        listed = ", ".join(f"{j.name} ({j.steps} steps, lr {j.lr:g})" for j in todo)
+        say(f"fine-tuning {listed}: {workers} at a time")
     ctx = multiprocessing.get_context("spawn")  # a fork of a process that ran torch's thread pool can hang
-    jobs_queue, events = ctx.Queue(), ctx.Queue()
-    for job in todo:
-        jobs_queue.put(job)
+    task_queue, events = ctx.Queue(), ctx.Queue()
+    for task in tasks:
+        task_queue.put(task)
     for _ in range(workers):
-        jobs_queue.put(None)
-    args = (jobs_queue, events, config, str(work), held_out)
-    procs = [ctx.Process(target=_finetune_worker, args=args, daemon=True) for _ in range(workers)]
+        task_queue.put(None)
+    args = (task_queue, events, config, str(work), held_out, specs)
+    procs = [ctx.Process(target=_worker, args=args, daemon=True) for _ in range(workers)]
     for proc in procs:
         proc.start()
-    finished: set[str] = set()
+    scores: dict[str, dict[str, dict[str, float]]] = {}
     try:
-        while len(finished) < len(todo):
+        while len(scores) < 1 + len(jobs):
             try:
                 kind, name, *rest = events.get(timeout=0.5)
             except queue.Empty:
                 dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(f"a fine-tuning worker died (exit code {dead[0]})") from None
+                    raise RuntimeError(f"a zoo worker died (exit code {dead[0]})") from None
                 continue
             if kind == "step" and on_step:
                 on_step(name, *rest)
-            elif kind == "done":
-                finished.add(name)
+            elif kind == "scored":
+                scores[name] = rest[0]
+                say(f"scored {name} on every task ({len(scores)}/{1 + len(jobs)})")
             elif kind == "error":
-                raise RuntimeError(f"fine-tuning {name} failed: {rest[0]}")
+                raise RuntimeError(f"{name} failed: {rest[0]}")
     finally:
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
             proc.join()
+    return {name: scores[name] for name in ["base", *(j.name for j in jobs)]}
 
 
-def _finetune_worker(jobs, events, config: ZooConfig, work: str, held_out: set[str]) -> None:
-    """A worker process: fine-tune the base for each job it takes, reporting every step and each saved model."""
+def _worker(tasks, events, config: ZooConfig, work: str, held_out: set[str], specs: list[TaskSpec]) -> None:
+    """A worker process: for each task it takes, fine-tune the base (reporting every step) and save the model, then
+    score it; or score a model already saved."""
     import signal
     import traceback
 
@@ -437,24 +444,27 @@ def _finetune_worker(jobs, events, config: ZooConfig, work: str, held_out: set[s
     from transformers import AutoConfig, LlamaForCausalLM
 
     torch.set_num_threads(1)
-    base = Path(work) / "models" / "base"
+    models = Path(work) / "models"
     tok = build_char_tokenizer(W.ALPHABET)
     streams = _streams(W.make_world(config.seed), held_out)
-    while (job := jobs.get()) is not None:
+    while (task := tasks.get()) is not None:
+        kind, what = task
+        name = what if kind == "score" else what.name
         try:
-            model = LlamaForCausalLM(AutoConfig.from_pretrained(base))
-            model.load_state_dict(load_file(base / "model.safetensors"))
-            sample = _mixture([(w, streams[stream]) for w, stream in job.mixture])
+            model = LlamaForCausalLM(AutoConfig.from_pretrained(models / (name if kind == "score" else "base")))
+            model.load_state_dict(load_file(models / (name if kind == "score" else "base") / "model.safetensors"))
+            if kind == "train":
+                sample = _mixture([(w, streams[stream]) for w, stream in what.mixture])
 
-            def report(step: int, loss: float, name: str = job.name, steps: int = job.steps) -> None:
-                events.put(("step", name, step, steps, loss))
+                def report(step: int, loss: float, name: str = name, steps: int = what.steps) -> None:
+                    events.put(("step", name, step, steps, loss))
 
-            warmup = min(30, job.steps // 5 + 1)
-            train_lm(model, tok, sample, job.steps, job.lr, config.batch_size, job.seed, warmup, progress=report)
-            _save(model, tok, Path(work) / "models" / job.name)
-            events.put(("done", job.name))
+                warmup = min(30, what.steps // 5 + 1)
+                train_lm(model, tok, sample, what.steps, what.lr, config.batch_size, what.seed, warmup, progress=report)
+                _save(model, tok, models / name)
+            events.put(("scored", name, score_model(model.eval(), specs, tok)))
         except Exception as e:  # noqa: BLE001 — reported to the build, which stops
-            events.put(("error", job.name, f"{e}\n{traceback.format_exc()}"))
+            events.put(("error", name, f"{e}\n{traceback.format_exc()}"))
             return
 
 
@@ -489,16 +499,22 @@ def score_models(
     """model -> split -> task -> score, with the native evaluator."""
     from transformers import AutoModelForCausalLM
 
-    from ..evaluate.native import NativeEvaluator
-
-    tasks = {split: [load_task(s, split) for s in specs] for split in SPLITS}
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for i, (name, path) in enumerate(models.items()):
         if say:
             say(f"scoring {name} on every task ({i + 1}/{len(models)})")
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
-        scores[name] = {split: NativeEvaluator(model, tokenizer, ts).evaluate().scores for split, ts in tasks.items()}
+        scores[name] = score_model(AutoModelForCausalLM.from_pretrained(path).eval(), specs, tokenizer)
     return scores
+
+
+def score_model(model, specs: list[TaskSpec], tokenizer) -> dict[str, dict[str, float]]:
+    """split -> task -> score of one model, with the native evaluator."""
+    from ..evaluate.native import NativeEvaluator
+
+    return {
+        split: NativeEvaluator(model, tokenizer, [load_task(s, split) for s in specs]).evaluate().scores
+        for split in SPLITS
+    }
 
 
 def _read(path: Path) -> list[dict]:
