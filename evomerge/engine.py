@@ -378,16 +378,22 @@ def write_merged(
 ELEMENTWISE_CHUNK = 1 << 22  # entries of the task vectors an entrywise merge holds at a time
 
 
+def _delta_chunks(base: torch.Tensor, tensors: list[torch.Tensor]):
+    """(start, end, task vectors of those entries) over the flattened tensors, ELEMENTWISE_CHUNK entries at a time."""
+    b, flats = base.reshape(-1), [t.reshape(-1) for t in tensors]
+    for s in range(0, b.numel(), ELEMENTWISE_CHUNK):
+        e = min(b.numel(), s + ELEMENTWISE_CHUNK)
+        yield s, e, [t[s:e] - b[s:e] for t in flats]
+
+
 def _chunk_by_chunk(plan: TensorPlan, base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
     """A merge whose every entry depends on the same entries of its inputs alone (linear, task arithmetic), with
     the task vectors made a chunk at a time: the same arithmetic as whole ones, without allocating a tensor-sized
     task vector per source (their allocation was most of such a one-off merge: 297M parameters, 3 sources)."""
     out = torch.empty_like(base)
-    b, flats, o = base.reshape(-1), [t.reshape(-1) for t in tensors], out.view(-1)
-    for s in range(0, b.numel(), ELEMENTWISE_CHUNK):
-        e = min(b.numel(), s + ELEMENTWISE_CHUNK)
-        deltas = [t[s:e] - b[s:e] for t in flats]
-        params, weight = plan.source_params, plan.base_weight
+    b, o = base.reshape(-1), out.view(-1)
+    params, weight = plan.source_params, plan.base_weight
+    for s, e, deltas in _delta_chunks(base, tensors):
         merge_deltas(plan.method, b[s:e], deltas, params, plan.global_params, out=o[s:e], base_weight=weight)
     return out
 
@@ -398,16 +404,10 @@ def _two_passes(plan: TensorPlan, base: torch.Tensor, tensors: list[torch.Tensor
     spec = get_method(plan.method)
     slerp = spec.family == "slerp"
     tensors = tensors[:1] if slerp else tensors
-    b, flats = base.reshape(-1), [t.reshape(-1) for t in tensors]
-
-    def chunks():
-        for s in range(0, b.numel(), ELEMENTWISE_CHUNK):
-            e = min(b.numel(), s + ELEMENTWISE_CHUNK)
-            yield s, e, [t[s:e] - b[s:e] for t in flats]
-
-    k = 1 + len(flats) if slerp else len(flats)
+    b = base.reshape(-1)
+    k = 1 + len(tensors) if slerp else len(tensors)
     g = [[0.0] * k for _ in range(k)]
-    for s, e, deltas in chunks():
+    for s, e, deltas in _delta_chunks(base, tensors):
         part = gram([b[s:e], *deltas] if slerp else deltas)
         g = [[g[i][j] + part[i][j] for j in range(k)] for i in range(k)]
     if slerp:
@@ -418,7 +418,7 @@ def _two_passes(plan: TensorPlan, base: torch.Tensor, tensors: list[torch.Tensor
         base_coeff, coeffs = 1.0, kernels.model_stock_coefficients(g)
     out = torch.empty_like(base)
     o = out.view(-1)
-    for s, e, deltas in chunks():
+    for s, e, deltas in _delta_chunks(base, tensors):
         weighted_sum_into(o[s:e], b[s:e], deltas, coeffs, base_coeff=base_coeff)
     return out
 

@@ -247,13 +247,16 @@ class Recipe(BaseModel):
     def reads_structure(self) -> bool:
         """Whether any value depends on where a tensor sits (a gradient over depth, rules, method rules): only then
         does a merge need the model's layout, built from its module tree (~2 s of imports)."""
-        values = [*self.parameters.values(), *(v for m in self.models for v in m.parameters.values())]
-        return bool(self.method_rules) or any(isinstance(v, list) for v in values)
+        return bool(self.method_rules) or any(isinstance(v, list) for v in self._values())
 
     def _all_rules(self) -> list[Rule | MethodRule]:
         """Every rule of the recipe: the parameters' (merge-wide and per model) and the method rules."""
-        values = [*self.parameters.values(), *(v for m in self.models for v in m.parameters.values())]
+        values = self._values()
         return [r for v in values if isinstance(v, list) for r in v if isinstance(r, Rule)] + list(self.method_rules)
+
+    def _values(self) -> list[Any]:
+        """Every parameter value of the recipe, merge-wide and per model."""
+        return [*self.parameters.values(), *(v for m in self.models for v in m.parameters.values())]
 
     def mergekit_readings(self, layout: Layout) -> list[str]:
         """A note for each role filter that names other tensors of this model than mergekit's reading of the same

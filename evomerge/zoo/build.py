@@ -343,7 +343,7 @@ def build_zoo(
             _save(base, tok, work / "models" / "base")
         jobs = finetunes(config)
         scores = _finetune_and_score(jobs, work, config, held_out, specs_at(specs, work, out), say, on_step)
-        models = {name: str((work / "models" / name).resolve()) for name in ["base", *(j.name for j in jobs)]}
+        models = {name: str((work / "models" / name).resolve()) for name in scores}  # base, then the fine-tunes
         experts = [j.name for j in jobs if j.name.startswith("expert_")]
         soup = [j.name for j in jobs if j.name.startswith("soup_")]
         # repoint model paths to the final location
@@ -389,9 +389,10 @@ def _finetune_and_score(
     import multiprocessing
     import queue
 
+    names = ["base", *(j.name for j in jobs)]
     todo = [job for job in jobs if not (work / "models" / job.name).is_dir()]
     # the models there are already are scored first, while the others train
-    tasks = [("score", name) for name in ["base", *(j.name for j in jobs)] if (work / "models" / name).is_dir()]
+    tasks = [("score", name) for name in names if (work / "models" / name).is_dir()]
     tasks += [("train", job) for job in todo]
     workers = min(len(tasks), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if todo:
@@ -409,7 +410,7 @@ def _finetune_and_score(
         proc.start()
     scores: dict[str, dict[str, dict[str, float]]] = {}
     try:
-        while len(scores) < 1 + len(jobs):
+        while len(scores) < len(names):
             try:
                 kind, name, *rest = events.get(timeout=0.5)
             except queue.Empty:
@@ -421,7 +422,7 @@ def _finetune_and_score(
                 on_step(name, *rest)
             elif kind == "scored":
                 scores[name] = rest[0]
-                say(f"scored {name} on every task ({len(scores)}/{1 + len(jobs)})")
+                say(f"scored {name} on every task ({len(scores)}/{len(names)})")
             elif kind == "error":
                 raise RuntimeError(f"{name} failed: {rest[0]}")
     finally:
@@ -429,7 +430,7 @@ def _finetune_and_score(
             if proc.is_alive():
                 proc.terminate()
             proc.join()
-    return {name: scores[name] for name in ["base", *(j.name for j in jobs)]}
+    return {name: scores[name] for name in names}
 
 
 def _worker(tasks, events, config: ZooConfig, work: str, held_out: set[str], specs: list[TaskSpec]) -> None:
@@ -451,8 +452,9 @@ def _worker(tasks, events, config: ZooConfig, work: str, held_out: set[str], spe
         kind, what = task
         name = what if kind == "score" else what.name
         try:
-            model = LlamaForCausalLM(AutoConfig.from_pretrained(models / (name if kind == "score" else "base")))
-            model.load_state_dict(load_file(models / (name if kind == "score" else "base") / "model.safetensors"))
+            start = models / (name if kind == "score" else "base")  # the model scored, or the one fine-tuned
+            model = LlamaForCausalLM(AutoConfig.from_pretrained(start))
+            model.load_state_dict(load_file(start / "model.safetensors"))
             if kind == "train":
                 sample = _mixture([(w, streams[stream]) for w, stream in what.mixture])
 
