@@ -5,12 +5,13 @@ directories into a temporary folder and made resident in the engine, as a search
 
 - merge: `Engine.materialize` of a task-arithmetic recipe into the resident target model;
 - generation: `--docs` prompts of `--prompt-len` random tokens decoded greedily for exactly `--new-tokens`
-  tokens (no stop token), by the native evaluator and by HF `generate` on the same batches; the generated
-  token ids must be equal;
+  tokens (no stop token), by the native evaluator with each of `--decoders` (the KV cache grown per step, static,
+  static with the decode step compiled: CUDA graphs on a GPU; see evaluate/decoding.py) and by HF `generate` on
+  the same batches; whether the generated token ids are equal is printed;
 - multiple choice: the same prompts with 4 continuations of 4 tokens each, native log-likelihood scoring of
   whole sequences, and with `shared_prefix` (each prompt run once, its cache copied to its 4 continuations;
   the largest difference of a log-likelihood sum between the two is printed);
-- trials/hour = 3600 / (merge + native generation + native multiple choice).
+- trials/hour = 3600 / (merge + native generation with the device's default decoder + native multiple choice).
 The native evaluator shares batches among CPU threads for small models (`workers`, see evaluate/native.py).
 
     python benchmarks/search_throughput.py                                  # CPU: the demo zoo's shape, ~100M
@@ -30,6 +31,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+
+from evomerge.evaluate.decoding import DECODERS  # noqa: E402
 
 SHAPES = {  # LlamaConfig arguments
     "zoo": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, intermediate_size=512, vocab_size=64),
@@ -131,6 +134,9 @@ def run_shape(shape: str, args) -> dict:
         [{"pairs_ids": [(p + c, len(p)) for c in cs], "label": 0} for p, cs in zip(prompts, choices)],
     )
     native = NativeEvaluator(model, IdTokenizer(), [gen, mc], batch_size=args.batch_size)
+    decoders = {
+        d: NativeEvaluator(model, IdTokenizer(), [gen], batch_size=args.batch_size, decoder=d) for d in args.decoders
+    }
     mc_once = Task(dataclasses.replace(mc.spec, name="mc_once", shared_prefix=True), "search", mc.items)
     once = NativeEvaluator(model, IdTokenizer(), [mc_once], batch_size=args.batch_size)
     rng = torch.Generator().manual_seed(1)
@@ -162,8 +168,19 @@ def run_shape(shape: str, args) -> dict:
         return out
 
     t_merge, _ = timed(merge, device, args.repeats)
-    t_gen, native_text = timed(lambda: native.generate(gen), device, args.repeats)
     t_hf, hf_text = timed(hf_generate, device, args.repeats)
+    per_decoder = {}
+    for name, ev in decoders.items():
+        t = time.perf_counter()
+        ev.generate(gen)  # a compiled step compiles here
+        first = time.perf_counter() - t
+        t_dec, text = timed(lambda: ev.generate(gen), device, args.repeats)
+        per_decoder[name] = {"time": t_dec, "first": first, "equal": text == hf_text}
+    t_gen = (
+        per_decoder[native.decoder]["time"]
+        if native.decoder in per_decoder
+        else timed(lambda: native.generate(gen), device, args.repeats)[0]
+    )
     t_mc, _ = timed(lambda: native.evaluate({"mc": list(range(len(prompts)))}), device, args.repeats)
     t_once, _ = timed(lambda: once.evaluate(), device, args.repeats)
     which, rows = list(range(len(prompts))), native._prepared["mc"]["rows"]
@@ -176,13 +193,14 @@ def run_shape(shape: str, args) -> dict:
         "params": params,
         "merge": t_merge,
         "native_gen": t_gen,
+        "decoder": native.decoder,
+        "decoders": per_decoder,
         "hf_gen": t_hf,
         "mc": t_mc,
         "mc_once": t_once,
         "mc_diff": max(abs(whole[k] - shared[k]) for k in whole),
-        "native_tps": tokens / t_gen,
+        "tokens": tokens,
         "hf_tps": tokens / t_hf,
-        "equal": native_text == hf_text,
         "trials_per_hour": 3600 / (t_merge + t_gen + t_mc),
         "workers": native.workers,
     }
@@ -203,6 +221,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decoders", nargs="+", default=list(DECODERS), choices=list(DECODERS))
     args = ap.parse_args()
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {args.device}, {args.dtype}, "
@@ -210,19 +229,28 @@ def main() -> None:
         f"tokens, batch {args.batch_size}, {args.sources} sources, median of {args.repeats}"
     )
     print(
-        f"{'shape':6s} {'params':>8s} {'merge':>9s} {'native gen':>11s} {'HF generate':>12s} {'tok/s native':>13s} "
-        f"{'tok/s HF':>9s} {'native/HF':>10s} {'equal':>6s} {'MC':>9s} {'MC shared':>10s} {'max |Δ|':>8s} "
-        f"{'trials/h':>9s} {'workers':>8s}"
+        f"{'shape':6s} {'params':>8s} {'merge':>9s} {'generation':>11s} {'MC':>9s} {'MC shared':>10s} "
+        f"{'max |Δ|':>8s} {'trials/h':>9s} {'workers':>8s}"
     )
+    results = []
     for shape in args.shapes:
         r = run_shape(shape, args)
+        results.append(r)
         print(
             f"{r['shape']:6s} {r['params'] / 1e6:7.1f}M {r['merge'] * 1e3:7.0f}ms {r['native_gen'] * 1e3:9.0f}ms "
-            f"{r['hf_gen'] * 1e3:10.0f}ms {r['native_tps']:13.0f} {r['hf_tps']:9.0f} "
-            f"{r['hf_gen'] / r['native_gen']:9.2f}× {str(r['equal']):>6s} {r['mc'] * 1e3:7.0f}ms "
-            f"{r['mc_once'] * 1e3:8.0f}ms {r['mc_diff']:8.1e} {r['trials_per_hour']:9.0f} {r['workers']:8d}",
+            f"{r['mc'] * 1e3:7.0f}ms {r['mc_once'] * 1e3:8.0f}ms {r['mc_diff']:8.1e} {r['trials_per_hour']:9.0f} "
+            f"{r['workers']:8d}",
             flush=True,
         )
+    print(f"\ngeneration, side by side (trials/hour above: the {results[0]['decoder']!r} decoder)")
+    print(f"{'shape':6s} {'generator':>22s} {'time':>9s} {'first call':>11s} {'tok/s':>9s} {'vs HF':>7s} {'equal':>6s}")
+    for r in results:
+        print(f"{r['shape']:6s} {'HF generate':>22s} {r['hf_gen'] * 1e3:7.0f}ms {'':>11s} {r['hf_tps']:9.0f}")
+        for name, d in r["decoders"].items():
+            print(
+                f"{r['shape']:6s} {'native, ' + name:>22s} {d['time'] * 1e3:7.0f}ms {d['first'] * 1e3:9.0f}ms "
+                f"{r['tokens'] / d['time']:9.0f} {r['hf_gen'] / d['time']:6.2f}× {str(d['equal']):>6s}"
+            )
 
 
 if __name__ == "__main__":

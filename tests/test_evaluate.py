@@ -263,3 +263,113 @@ def test_a_numeric_answer_ends_generation_once_its_number_is_complete(llama_fami
     _, _, to_limit = run("exact_match", [0])
     _, _, answered = run("numeric", [0])  # "h7c…": its number is complete after 3 characters
     assert answered < to_limit / 2
+
+
+@pytest.mark.parametrize("decoder", ["static", "graphs"])
+def test_a_static_cache_decodes_the_answers_of_the_dynamic_cache_and_of_hf_generate(zoo_model, decoder):
+    """The preallocated cache (and its compiled decode step: CUDA graphs on a GPU, inductor here) gives the
+    dynamic cache's greedy answers, which are HF `generate`'s; batches of different widths and a short last batch
+    share the one cache; a candidate with NaN weights leaves nothing behind in it."""
+    from evomerge.evaluate.native import NonFiniteLogits
+
+    model, tok, zoo = zoo_model
+    tasks = [load_task(s, "search") for s in load_specs(zoo, ["math_a", "reverse_a"])]
+    dynamic = NativeEvaluator(model, tok, tasks, batch_size=16, decoder="dynamic")
+    static = NativeEvaluator(model, tok, tasks, batch_size=16, decoder=decoder)
+    assert static.workers == 1 and len(tasks[1].items) % 16  # one cache, a short last batch
+    for task in tasks:
+        assert static.generate(task) == dynamic.generate(task)
+    expected = dynamic.evaluate()
+    assert static.evaluate().per_item == expected.per_item
+    # the select and test evaluators of the same model take turns with its one cache
+    other = NativeEvaluator(model, tok, tasks[:1], batch_size=8, decoder=decoder)
+    assert other._decoder() is static._decoder()
+
+    prep = dynamic._prepared[tasks[1].name]
+    batch = dynamic._batches_for(tasks[1], prep["encoded"], list(range(len(tasks[1].items))))[0]
+    with torch.inference_mode():
+        ids = model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=tasks[1].spec.max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(prep["stop_ids"] | {tok.eos_token_id}),
+            pad_token_id=tok.pad_token_id,
+        )[:, batch.input_ids.shape[1] :]
+    hf = [tok.decode([t for t in row if t not in prep["stop_ids"]], skip_special_tokens=True) for row in ids.tolist()]
+    ours = dynamic.generate(tasks[1], batch.index)
+    assert [ours[i] for i in batch.index] == [text.split("\n")[0] for text in hf]
+
+    weight = model.model.layers[0].mlp.down_proj.weight
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLogits):
+        static.evaluate()
+    with torch.no_grad():
+        weight.copy_(kept)
+    assert static.evaluate().per_item == expected.per_item
+
+
+def test_the_static_caches_logits_are_the_dynamic_caches_step_by_step(llama_family):
+    """Sharper than equal answers: every step's logits agree to float rounding, for left-padded rows of a short
+    batch in a cache longer than needed, with the previous batch's entries still in the cache."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.evaluate.decoding import Growing, Static
+
+    base, _ = llama_family
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = mask[2, :5] = 0
+    with torch.inference_mode():
+        static = Static(model, "cache", {"logits_to_keep": 1}, batch_size=4, max_len=20, compiled=False)
+        static.start(ids.flip(0)[:, :5], mask[:, :5], 6)  # an earlier batch leaves its entries behind
+        for _ in range(4):
+            static.step(torch.ones(3, dtype=torch.long))
+        growing = Growing(model, "cache", {"logits_to_keep": 1})
+        a, b = growing.start(ids, mask, 8), static.start(ids, mask, 8)
+        for _ in range(8):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+            nxt = a.argmax(-1)
+            a, b = growing.step(nxt), static.step(nxt)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decoding_gives_the_greedy_answers_of_eager_decoding(zoo_model):
+    """On a GPU the default decoder steps a static cache through a CUDA graph: the zoo model's answers and
+    scores are those of the dynamic cache, over two evaluations (the graph replays with the weights of the
+    moment: a merge writes them in place between trials)."""
+    model, tok, zoo = zoo_model
+    cuda = type(model).from_pretrained(model.name_or_path).cuda().eval()
+    tasks = [load_task(s, "search") for s in load_specs(zoo, ["math_a", "reverse_a"])]
+    graphs = NativeEvaluator(cuda, tok, tasks, batch_size=16)
+    assert graphs.decoder == "graphs"
+    eager = NativeEvaluator(cuda, tok, tasks, batch_size=16, decoder="dynamic")
+    assert graphs.evaluate().per_item == eager.evaluate().per_item
+    with torch.no_grad():
+        for p in cuda.parameters():
+            p.mul_(1.01)
+    assert graphs.evaluate().per_item == eager.evaluate().per_item
+    assert graphs.generate(tasks[1]) == eager.generate(tasks[1])
+
+
+def test_a_decode_step_that_cannot_be_compiled_is_run_uncompiled_with_a_warning(zoo_model, monkeypatch, caplog):
+    model, tok, zoo = zoo_model
+
+    def untraceable(fn, **options):
+        def step(**inputs):
+            raise RuntimeError("dynamo cannot trace this model")
+
+        return step
+
+    monkeypatch.setattr(torch, "compile", untraceable)
+    model = type(model).from_pretrained(model.name_or_path).eval()  # none of the other tests' decoders
+    tasks = [load_task(s, "search") for s in load_specs(zoo, ["math_a"])]
+    graphs = NativeEvaluator(model, tok, tasks, batch_size=16, decoder="graphs")
+    with caplog.at_level("WARNING"):
+        scored = graphs.evaluate()
+    assert "could not be compiled (dynamo cannot trace this model)" in caplog.text
+    assert scored.per_item == NativeEvaluator(model, tok, tasks, batch_size=16, decoder="dynamic").evaluate().per_item

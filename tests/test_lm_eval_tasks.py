@@ -2,6 +2,7 @@
 native compilation (equal), search and mergekit-evolve configs, and bad input."""
 
 import csv
+import dataclasses
 import json
 import logging
 import re
@@ -16,7 +17,7 @@ from evomerge.errors import HeldOutError, TaskError
 from evomerge.evaluate.evaluator import Evaluator
 from evomerge.evaluate.lm_eval_adapter import check_lm_eval_task
 from evomerge.evaluate.native import NativeEvaluator
-from evomerge.evaluate.tasks import TaskSpec, load_specs, load_task, searching, write_jsonl
+from evomerge.evaluate.tasks import Task, TaskSpec, load_specs, load_task, searching, write_jsonl
 
 GSM8K_STYLE = {  # the filters and metric of lm-eval's gsm8k task, over local files
     "output_type": "generate_until",
@@ -421,3 +422,45 @@ def test_shared_prefix_on_a_compiled_multiple_choice_task_scores_as_lm_eval(rand
     assert compiled.native.tasks[0].spec.shared_prefix
     through = Evaluator(model, tok, [once], batch_size=4, mode="lm-eval")
     assert compiled.evaluate().per_item == through.evaluate().per_item
+
+
+def test_a_regex_answer_that_is_final_ends_its_generation_with_lm_evals_scores(small_zoo, random_model, tmp_path):
+    """A subtask whose filter takes the first match of a regex stops decoding a row once that match is final: the
+    scores equal lm-eval's own (which generates to the limit) while the native path runs fewer decode steps than
+    for the last match (known only at the end)."""
+    model, tok = random_model
+    math = load_task(load_specs(small_zoo, ["math_b"])[0], "search")
+    longer = Task(dataclasses.replace(math.spec, max_new_tokens=24, stop=[]), "search", math.items)
+    outputs = NativeEvaluator(model, tok, [longer]).generate(longer)
+    firsts = [re.findall(r"[0-9]", outputs[i])[:1] or ["x"] for i in range(len(math.items))]
+    rows = [{"question": it["prompt"], "answer": "#### " + (first[0] if i % 3 else "7")}
+            for i, (it, first) in enumerate(zip(math.items, firsts))]  # fmt: skip
+    digit = {"function": "regex", "regex_pattern": "([0-9])"}
+    write_task(
+        tmp_path,
+        "digits_long",
+        rows,
+        **{
+            **GSM8K_STYLE,
+            "generation_kwargs": {"until": [], "do_sample": False, "max_gen_toks": 24},
+            "filter_list": [
+                {"name": "first", "filter": [digit, {"function": "take_first"}]},
+                {"name": "last", "filter": [{**digit, "group_select": -1}, {"function": "take_first"}]},
+            ],
+        },
+    )
+    calls: list[int] = []
+    counting = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        steps = {}
+        for name in ("first", "last"):
+            task = load_task(spec("digits_long", tmp_path, metric=f"exact_match,{name}"), "search")
+            calls.clear()
+            compiled = Evaluator(model, tok, [task], batch_size=8, mode="native").evaluate()
+            steps[name] = len(calls)
+            through = Evaluator(model, tok, [task], batch_size=8, mode="lm-eval").evaluate()
+            assert compiled.per_item == through.per_item
+            assert 0 < compiled.scores["digits_long"] < 1
+    finally:
+        counting.remove()
+    assert steps["first"] < steps["last"] / 2

@@ -45,7 +45,13 @@ def with_twins(specs: Sequence[TaskSpec], evaluator: str) -> list[TaskSpec]:
 
 class Evaluator:
     def __init__(
-        self, model: torch.nn.Module, tokenizer, tasks: Sequence[Task], batch_size: int = 64, mode: str = "auto"
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        tasks: Sequence[Task],
+        batch_size: int = 64,
+        mode: str = "auto",
+        decoder: str | None = None,
     ) -> None:
         if mode not in EVALUATORS:
             raise TaskError(f"evaluator must be one of {', '.join(EVALUATORS)}, got {mode!r}")
@@ -86,7 +92,7 @@ class Evaluator:
             else:
                 log.warning("lm-eval task %s is scored through lm-eval: %s", task.name, compiled)
                 through_lm_eval.append(task)
-        self.native = NativeEvaluator(model, tokenizer, native, batch_size=batch_size) if native else None
+        self.native = NativeEvaluator(model, tokenizer, native, batch_size, decoder=decoder) if native else None
         self.heads = []
         if classify:
             from .classify import ClassifierEvaluator

@@ -585,4 +585,41 @@ def compile_native(task: Task, lm) -> Task | str:
                     scores[i] = float(result[metric])
         return scores
 
-    return Task(native, task.split, items, source=task.source, scorer=scorer)
+    answered = _answer_finality(task, filter_name, until, lm.tokenizer) if kind == "generate_until" else None
+    return Task(native, task.split, items, source=task.source, scorer=scorer, answered=answered)
+
+
+POINTWISE = ("TakeFirstFilter", "LowercaseFilter", "UppercaseFilter", "MapFilter", "WhitespaceFilter")
+
+
+def _answer_finality(task: Task, filter_name: str, until: Sequence[str], tokenizer) -> Any:
+    """(item, text so far) → whether the score can no longer change, for subtasks whose filter pipeline takes a
+    regex match (`group_select` ≥ 0) and then only maps it (take_first, lowercase, map, ...): the metric reads the
+    filtered answer alone, so a final match is a final score. None when no subtask qualifies, or when the tokenizer
+    cleans up spaces on decoding (" ," → ",": the text so far need not begin the final text)."""
+    from lm_eval.filters.extraction import RegexFilter
+
+    from .finality import MatchFinal, Unsupported, settled
+
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    finals: dict[str, MatchFinal] = {}
+    for leaf, obj in task.source.items():
+        pipeline = next(f for f in obj._filters if f.name == filter_name)
+        filters = [make() for make in pipeline.filters]
+        if not filters or not isinstance(filters[0], RegexFilter):
+            continue
+        if any(type(f).__name__ not in POINTWISE for f in filters[1:]):
+            continue
+        try:
+            finals[leaf] = MatchFinal(filters[0].regex_pattern, filters[0].group_select)
+        except Unsupported as e:
+            logging.getLogger(__name__).debug("%s: answers decoded to the stop strings or the limit (%s)", leaf, e)
+    if not finals:
+        return None
+
+    def answered(item: int, text: str) -> bool:
+        final = finals.get(task.items[item][0])
+        return final is not None and final(settled(text, until))
+
+    return answered

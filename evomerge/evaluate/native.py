@@ -2,7 +2,8 @@
 
 Everything that does not depend on the weights is done once in the constructor: tokenization, sorting by
 length, padding into batches. A call is then only forward passes: greedy decoding with a KV cache for
-generation tasks, one batched forward per chunk for log-likelihood multiple choice.
+generation tasks (grown per step, or static and stepped by a CUDA graph: decoding.py), one batched forward per
+chunk for log-likelihood multiple choice.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import inspect
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from .decoding import DECODERS, Growing, Static, default_decoder
 from .tasks import Task, number_final, score_generation
 
 
@@ -119,8 +121,12 @@ class NativeEvaluator(ItemEvaluator):
         batch_size: int = 64,
         device: str | torch.device | None = None,
         workers: int | None = None,
+        decoder: str | None = None,
     ) -> None:
         super().__init__(model, tasks, batch_size, device)
+        if decoder is not None and decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        self.decoder = decoder or default_decoder(model, self.device)
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
@@ -131,7 +137,11 @@ class NativeEvaluator(ItemEvaluator):
         self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         self._whole: dict[str, list[_GenBatch]] = {}
         self._prepared = {t.name: self._prepare(t) for t in self.tasks}
-        self.workers = workers if workers is not None else default_workers(model, self.device)
+        # one static cache serves one batch at a time
+        if self.decoder != "dynamic":
+            self.workers = 1
+        else:
+            self.workers = workers if workers is not None else default_workers(model, self.device)
 
     # ---- preparation (once) -------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
@@ -248,8 +258,9 @@ class NativeEvaluator(ItemEvaluator):
     def _decode_all(self, task: Task, which: list[int]) -> dict[int, str]:
         prep = self._prepared[task.name]
         stop_ids = prep["stop_ids"] | ({self.eos_id} if self.eos_id is not None else set())
-        # a numeric answer is scored by its first number alone: a row whose number is complete has its answer
-        answered = number_final if task.spec.metric == "numeric" and task.scorer is None else None
+        answered = task.answered
+        if answered is None and task.spec.metric == "numeric" and task.scorer is None:
+            answered = _first_number_final  # scored by its first number alone: complete, the row has its answer
         outputs: dict[int, str] = {}
         for texts in self._map(
             lambda b: self._decode(b, stop_ids, task.spec.max_new_tokens, prep["stop_strings"], answered),
@@ -264,44 +275,31 @@ class NativeEvaluator(ItemEvaluator):
         stop_ids: set[int],
         steps: int,
         stop_strings: Sequence[str] = (),
-        answered: Callable[[str], bool] | None = None,
+        answered: Callable[[int, str], bool] | None = None,
     ) -> dict[int, str]:
-        """Greedy decoding of one batch: logits of the last position only, the attention mask preallocated for
-        the whole generation (a growing view per step), stop tokens checked on the device. A stop string of
+        """Greedy decoding of one batch (the KV cache: `self.decoder`): logits of the last position only, the
+        tokens written into a preallocated tensor, stop tokens checked on the device. A stop string of
         several tokens ("Question:") is looked for in the decoded text every few steps: a row that has one is
         done (its answer ends there), so the batch stops as soon as every row has its answer, not at the
         token limit. Answers are cut at the first stop string, as lm-eval's `until` cuts them; a row's tokens
         do not depend on when the others stop, so the answers are those of generating to the limit. `answered`
-        (text → whether its answer is final: a numeric task's complete first number) ends rows the same way."""
+        ((item, text) → whether its answer is final: a numeric task's complete first number, the answer an
+        lm-eval task's regex extracts) ends rows the same way."""
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
-        n, width = batch.input_ids.shape
-        mask = batch.attention_mask.new_ones((n, width + steps))
-        mask[:, :width] = batch.attention_mask
-        out, pos = self._prefill(batch.input_ids, batch.attention_mask)
-        past = getattr(out, self._cache)
-        check_finite(out.logits[:, -1])  # NaN weights show at the first step; argmax of NaN is garbage
-        nxt = out.logits[:, -1].argmax(-1)
-        generated = [nxt]
+        decoder = self._decoder()
+        logits = decoder.start(batch.input_ids, batch.attention_mask, steps)
+        check_finite(logits)  # NaN weights show at the first step; argmax of NaN is garbage
+        generated = torch.empty((len(batch.index), max(steps, 1)), dtype=torch.long, device=self.device)
+        generated[:, 0] = nxt = logits.argmax(-1)
         done = torch.isin(nxt, stop)
-        last_pos = pos[:, -1:]
-        for k in range(1, steps):
-            if bool(done.all()):
-                break
-            last_pos = last_pos + 1
-            step = {
-                "input_ids": nxt[:, None],
-                "attention_mask": mask[:, : width + k],
-                "position_ids": last_pos,
-                self._cache: past,
-            }
-            out = self.model(**step, use_cache=True)
-            past = getattr(out, self._cache)
-            nxt = out.logits[:, -1].argmax(-1)
-            generated.append(nxt)
+        k = 1
+        while k < steps and not bool(done.all()):
+            generated[:, k] = nxt = decoder.step(nxt).argmax(-1)
             done |= torch.isin(nxt, stop)
+            k += 1
             if (stop_strings or answered) and k % STOP_CHECK_EVERY == 0:
-                done |= self._answered_rows(generated, stop_ids, stop_strings, answered, done)
-        gen = torch.stack(generated, dim=1).tolist()
+                done |= self._answered_rows(batch.index, generated[:, :k], stop_ids, stop_strings, answered, done)
+        gen = generated[:, :k].tolist()
         texts = {}
         for r, i in enumerate(batch.index):
             toks = []
@@ -312,21 +310,33 @@ class NativeEvaluator(ItemEvaluator):
             texts[i] = _cut(self.tokenizer.decode(toks, skip_special_tokens=True), stop_strings)
         return texts
 
+    def _decoder(self) -> Growing | Static:
+        """A dynamic cache per batch, or the model's static cache, which holds the longest prompt and answer."""
+        if self.decoder == "dynamic":
+            return Growing(self.model, self._cache, self._last_logits)
+        generation = [t for t in self.tasks if t.spec.kind == "generate"]
+        longest = max(
+            max(map(len, self._prepared[t.name]["encoded"].values())) + t.spec.max_new_tokens for t in generation
+        )
+        compiled = self.decoder == "graphs"
+        return Static.for_model(self.model, self._cache, self._last_logits, self.batch_size, longest, compiled)
+
     def _answered_rows(
         self,
-        generated: list[torch.Tensor],
+        index: list[int],
+        generated: torch.Tensor,
         stop_ids: set[int],
         stop_strings: Sequence[str],
-        answered: Callable[[str], bool] | None,
+        answered: Callable[[int, str], bool] | None,
         done: torch.Tensor,
     ) -> torch.Tensor:
         """Rows (not done yet) whose text so far holds a stop string, or an answer `answered` calls final."""
-        rows, finished = torch.stack(generated, dim=1).tolist(), done.tolist()
+        rows, finished = generated.tolist(), done.tolist()
         found = []
-        for toks, was in zip(rows, finished):
+        for item, toks, was in zip(index, rows, finished):
             cut = next((j for j, t in enumerate(toks) if t in stop_ids), len(toks))
             text = "" if was else self.tokenizer.decode(toks[:cut], skip_special_tokens=True)
-            found.append(was or any(s in text for s in stop_strings) or bool(answered and answered(text)))
+            found.append(was or any(s in text for s in stop_strings) or bool(answered and answered(item, text)))
         return torch.tensor(found, device=done.device)
 
     def _map(self, fn, batches: list) -> list:
@@ -369,25 +379,16 @@ class NativeEvaluator(ItemEvaluator):
         logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
         return dict(zip(batch.rows, (logp * batch.cont_mask).sum(-1).tolist()))
 
-    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
-        """One forward over left-padded prompts (positions counted from each row's first token), keeping the KV
-        cache and running the head for the last position only; with the positions."""
-        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, **self._last_logits
-        )
-        return out, pos
-
     def _loglik_shared(self, batch: _SharedBatch) -> dict[tuple[int, int], float]:
         """Log-likelihoods with each item's prefix run once: its cache is copied to its choices' rows, which run
         only their own tokens. The same sums as whole sequences up to float rounding (a task option: lm-eval
         computes whole sequences)."""
-        out, _ = self._prefill(batch.prefix, batch.prefix_mask)
-        first = out.logits[:, -1].float()
+        prefix = Growing(self.model, self._cache, self._last_logits)
+        first = prefix.start(batch.prefix, batch.prefix_mask, 0).float()
         check_finite(first)
         logp = [torch.log_softmax(first, dim=-1)[batch.owner]]  # predictions of each row's first target
         if batch.rest.shape[1]:
-            cache = getattr(out, self._cache)
+            cache = prefix.past
             cache.reorder_cache(batch.owner)
             start = batch.prefix_mask.sum(-1)[batch.owner]
             rest_pos = start[:, None] + torch.arange(batch.rest.shape[1], device=self.device)
@@ -430,6 +431,10 @@ def _common_prefixes(rows: dict) -> dict[int, int]:
             q += 1
         prefixes[item] = q
     return prefixes
+
+
+def _first_number_final(item: int, text: str) -> bool:
+    return number_final(text)
 
 
 def _cut(text: str, stop_strings: Sequence[str]) -> str:

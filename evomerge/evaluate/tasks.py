@@ -126,6 +126,9 @@ class Task:
     # per-task scoring that replaces the built-in one (lm-eval tasks compiled to native items score through
     # the task's own filters and metrics): (item indices, outputs) -> item index -> score
     scorer: Callable[[list[int], dict[int, Any]], dict[int, float]] | None = None
+    # generation: (item index, text so far) -> whether more text can no longer change the item's score (rows whose
+    # answer is final stop decoding); None: the built-in metric's own rule
+    answered: Callable[[int, str], bool] | None = None
 
     @property
     def name(self) -> str:

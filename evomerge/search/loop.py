@@ -536,7 +536,7 @@ def final_report(
 
     specs = session.specs
     test_tasks = [load_task(s, "test") for s in specs]
-    evaluator = Evaluator(session.model, session.tokenizer, test_tasks, cfg.batch_size, cfg.evaluator)
+    evaluator = Evaluator(session.model, session.tokenizer, test_tasks, cfg.batch_size, cfg.evaluator, session.decoder)
     rows: dict[str, dict[str, float]] = {}
     per_item: dict[str, dict[str, dict[int, float]]] = {}
     on_search = selection.best_on_search

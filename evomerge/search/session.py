@@ -29,13 +29,14 @@ class _Scoring:
 
     model: Any
     tokenizer: Any
+    decoder: str | None = None  # the generation KV cache (evaluate/decoding.py); None: the device's default
 
     def _prepare_scoring(self, cfg: "SearchConfig") -> None:
         self.cfg = cfg
         self.specs = cfg.task_specs()
         with searching():
             self.tasks = [load_task(s, "search") for s in self.specs]
-        self.evaluator = Evaluator(self.model, self.tokenizer, self.tasks, cfg.batch_size, cfg.evaluator)
+        self.evaluator = Evaluator(self.model, self.tokenizer, self.tasks, cfg.batch_size, cfg.evaluator, self.decoder)
         self.fitness = Fitness(
             self.evaluator,
             {s.name: s.weight for s in self.specs},
@@ -56,7 +57,7 @@ class _Scoring:
             log.warning("task(s) %s have no select split; the selection scores %s", missing, [s.name for s in specs])
         with selecting():
             tasks = [load_task(s, "select") for s in specs]
-        evaluator = Evaluator(self.model, self.tokenizer, tasks, self.cfg.batch_size, self.cfg.evaluator)
+        evaluator = Evaluator(self.model, self.tokenizer, tasks, self.cfg.batch_size, self.cfg.evaluator, self.decoder)
         return evaluator, {s.name: s.weight for s in specs}
 
     def score(self, recipe: Any, call: int):
@@ -115,6 +116,8 @@ class Session(_Scoring):
 
 class PathSession(_Scoring):
     """Resident participants + one host model whose layer list each candidate path replaces."""
+
+    decoder = "dynamic"  # a static cache has the slots of one layer list; a compiled step, the graph of one
 
     def __init__(self, cfg: "SearchConfig") -> None:
         from transformers import AutoTokenizer
