@@ -46,6 +46,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .engine import write_merged
     from .layer_path import PathRecipe, load_any_recipe
     from .path_fold import write_path
+    from .slices import SlicedRecipe
 
     recipe = load_any_recipe(args.recipe)
     shard = int(args.max_shard_size * 1024**3)
@@ -55,6 +56,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
             raise RecipeError("--allow-pickle: layer-path participants are loaded with transformers (safetensors)")
         out = write_path(recipe, args.out, args.device, args.dtype, args.overwrite, shard)
+    elif isinstance(recipe, SlicedRecipe):
+        out = recipe.write(args.out, args.device, args.dtype, args.allow_pickle, args.overwrite, shard)
     else:
         out = write_merged(
             recipe,

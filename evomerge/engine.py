@@ -297,51 +297,19 @@ def write_merged(
                 c.close()
 
     def merged(name: str) -> torch.Tensor:
-        plan = recipe.plan(layout[name])
         b = _load(base, name, dev, work) if base is not None else None
         tensors = [_load(s, name, dev, work) for s in sources]
         if name in remapped:
             rows = vocabulary.remap(dict(zip(paths, [t for t in (b, *tensors) if t is not None])), remapped[name])
             b = rows[recipe.base_model] if base is not None else None
             tensors = [rows[m.model] for m in recipe.source_entries()]
-        first = b if b is not None else tensors[0]
-        if not first.is_floating_point():
-            return first
-        spec = get_method(plan.method)
-        with torch.no_grad():
-            if base is None:
-                if spec.needs_base:
-                    raise RecipeError(f"{plan.method} needs base_model")
-                if spec.family != "linear":
-                    return merge_tensors(plan.method, tensors, plan.source_params, plan.global_params)
-                weights = [p.get("weight", plan.global_params.get("weight")) for p in plan.source_params]
-                if any(w is None for w in weights):
-                    raise RecipeError(f"linear: every model needs a weight (tensor {name})")
-                return kernels.linear(tensors, weights, normalize=bool(plan.global_params.get("normalize", True)))
-            if spec.family == "linear" or (spec.family == "task_arithmetic" and spec.sparsification is None):
-                return _chunk_by_chunk(plan, b, tensors)  # entry by entry: no whole task vector needed
-            if spec.family == "slerp" or (spec.family == "model_stock" and not plan.global_params.get("filter_wise")):
-                return _two_passes(plan, b, tensors)
-            deltas = [t - b for t in tensors]
-            return merge_deltas(
-                plan.method,
-                b,
-                deltas,
-                plan.source_params,
-                plan.global_params,
-                seed=recipe.seed,
-                key=name,
-                base_weight=plan.base_weight,
-                tie_order=recipe.tie_order,
-            )
+        return merge_tensor(recipe, recipe.plan(layout[name]), name, b, tensors)
 
     floats = {n: reference.get(n).is_floating_point() for n in names}
     # no dtype given: task vectors and output in the sources' dtype, as mergekit computes and writes them (a bf16
     # model stays bf16; TIES ranks the same rounded |δ|); sums still accumulate in float32. Models stored in
     # different dtypes are merged in the one that holds them all (bf16 + fp16 → fp32, as torch promotes them)
-    stored, mixed = stored_dtype([base, *sources] if base is not None else sources)
-    work = parse_dtype(recipe.dtype or stored)
-    final = parse_dtype(out_dtype or recipe.out_dtype or recipe.dtype or stored)
+    work, final, mixed = merge_dtypes(recipe, [base, *sources] if base is not None else sources, out_dtype)
     if mixed:
         note = (
             f"The models are stored in different dtypes ({mixed}): merged in {_name(work)}, written in {_name(final)}"
@@ -372,6 +340,43 @@ def write_merged(
             overwrite=overwrite,
             chat_template=template,
             tokenizer=vocabulary.tokenizer if vocabulary is not None else None,
+        )
+
+
+def merge_tensor(
+    recipe: Recipe, plan: TensorPlan, name: str, b: torch.Tensor | None, tensors: list[torch.Tensor]
+) -> torch.Tensor:
+    """One output tensor of a file-to-file merge from its inputs (`b`: the base's, None without a base), by the
+    cheapest route its method has: entrywise methods a chunk of the task vectors at a time, the others whole."""
+    first = b if b is not None else tensors[0]
+    if not first.is_floating_point():
+        return first
+    spec = get_method(plan.method)
+    with torch.no_grad():
+        if b is None:
+            if spec.needs_base:
+                raise RecipeError(f"{plan.method} needs base_model")
+            if spec.family != "linear":
+                return merge_tensors(plan.method, tensors, plan.source_params, plan.global_params)
+            weights = [p.get("weight", plan.global_params.get("weight")) for p in plan.source_params]
+            if any(w is None for w in weights):
+                raise RecipeError(f"linear: every model needs a weight (tensor {name})")
+            return kernels.linear(tensors, weights, normalize=bool(plan.global_params.get("normalize", True)))
+        if spec.family == "linear" or (spec.family == "task_arithmetic" and spec.sparsification is None):
+            return _chunk_by_chunk(plan, b, tensors)  # entry by entry: no whole task vector needed
+        if spec.family == "slerp" or (spec.family == "model_stock" and not plan.global_params.get("filter_wise")):
+            return _two_passes(plan, b, tensors)
+        deltas = [t - b for t in tensors]
+        return merge_deltas(
+            plan.method,
+            b,
+            deltas,
+            plan.source_params,
+            plan.global_params,
+            seed=recipe.seed,
+            key=name,
+            base_weight=plan.base_weight,
+            tie_order=recipe.tie_order,
         )
 
 
@@ -439,6 +444,16 @@ def _vocabulary(
     source = recipe.tokenizer_source
     vocabulary = build_vocabulary(recipe.base_model, models, source, recipe.tokens, recipe.pad_to_multiple_of)
     return vocabulary, tables
+
+
+def merge_dtypes(
+    recipe: Recipe, checkpoints: list[Checkpoint], out_dtype: str | None
+) -> tuple[torch.dtype, torch.dtype, str]:
+    """The dtype of the arithmetic and of the output (`dtype`, else the one the models are stored in: mergekit keeps
+    bf16 models bf16), and each model's dtype when they differ."""
+    stored, mixed = stored_dtype(checkpoints)
+    work = parse_dtype(recipe.dtype or stored)
+    return work, parse_dtype(out_dtype or recipe.out_dtype or recipe.dtype or stored), mixed
 
 
 def stored_dtype(checkpoints: list[Checkpoint]) -> tuple[torch.dtype, str]:

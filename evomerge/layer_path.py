@@ -23,7 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError, validation_summary
-from .recipe import Recipe, atomic_write_text, mergekit_setting, read_yaml
+from .recipe import Recipe, SlicesNotAligned, atomic_write_text, mergekit_setting, read_yaml
+from .slices import SlicedRecipe
 
 # config keys that may differ between participants: what a layer computes does not depend on them
 FREE_CONFIG_KEYS = {
@@ -272,14 +273,20 @@ def _passthrough_scales(slices: list[dict], settings: list[Any]) -> dict[str, fl
     return scales
 
 
-def load_any_recipe(path: str | os.PathLike) -> Recipe | PathRecipe:
-    """A recipe file: a layer path (`layer_path:`) or a parameter-space recipe / mergekit config."""
+def load_any_recipe(path: str | os.PathLike) -> Recipe | PathRecipe | SlicedRecipe:
+    """A recipe file: a layer path (`layer_path:`) or a parameter-space recipe / mergekit config (whose slices may
+    take other layers or other models per slice: a `SlicedRecipe`)."""
     path = Path(path)
     data = read_yaml(path, "recipe")
     if isinstance(data, dict) and "layer_path" in data:
         return PathRecipe.from_dict(data, where=str(path))
     if isinstance(data, dict) and data.get("merge_method") == "passthrough" and "slices" in data:
         return PathRecipe.from_mergekit(data, where=str(path))
+    if isinstance(data, dict) and "slices" in data:
+        try:
+            return Recipe.from_dict(data, where=str(path))
+        except SlicesNotAligned:  # other layers or other models per slice
+            return SlicedRecipe.from_mergekit(data, where=str(path))
     return Recipe.load(path)
 
 

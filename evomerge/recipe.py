@@ -473,7 +473,7 @@ def _slices_as_models(data: dict[str, Any], where: str) -> dict[str, Any]:
             raise RecipeError(f"{where}: slice key(s) {sorted(unknown)} are not supported")
     models = [x["model"] for x in slices[0]["sources"]]
     if any([x["model"] for x in piece["sources"]] != models for piece in slices):
-        raise RecipeError(f"{where}: every slice must merge the same models in the same order ({models})")
+        raise SlicesNotAligned(f"{where}: every slice must merge the same models in the same order ({models})")
     layers = _num_layers(models[0])
     if layers is None:
         raise RecipeError(f"{where}: {models[0]}: no config.json with num_hidden_layers to check the layer ranges")
@@ -482,17 +482,17 @@ def _slices_as_models(data: dict[str, Any], where: str) -> dict[str, Any]:
         spans = {tuple(x.get("layer_range") or ()) for x in piece["sources"]}
         span = next(iter(spans))
         if len(spans) != 1 or len(span) != 2 or span[0] != start or not span[0] < span[1] <= layers:
-            raise RecipeError(
+            raise SlicesNotAligned(
                 f"{where}: slice layer ranges {sorted(spans)}: the slices must take the same consecutive layers of "
                 f"every model, from 0 to {layers} in order (frankenmerges are merge_method passthrough layer paths)"
             )
         ranges.append(span)
         start = span[1]
     if start != layers:
-        raise RecipeError(f"{where}: the slices end at layer {start}, not at the last layer ({layers})")
+        raise SlicesNotAligned(f"{where}: the slices end at layer {start}, not at the last layer ({layers})")
     bases = {piece.get("base_model") for piece in slices} - {None}
     if len(bases) > 1:
-        raise RecipeError(f"{where}: the slices name different base models {sorted(bases)}")
+        raise SlicesNotAligned(f"{where}: the slices name different base models {sorted(bases)}")
     if bases:
         data["base_model"] = bases.pop()
     config = dict(data.get("parameters") or {})
@@ -500,48 +500,65 @@ def _slices_as_models(data: dict[str, Any], where: str) -> dict[str, Any]:
         data["models"] = [{"model": x["model"], "parameters": x.get("parameters") or {}} for x in slices[0]["sources"]]
         data["parameters"] = {**config, **(slices[0].get("parameters") or {})}
         return data
-    spec = METHODS.get(data.get("merge_method"))
-    per_source = set(spec.source_params) if spec else set()
-
-    def setting(k: int | None, i: int, name: str) -> Any:
-        """What mergekit reads for `name` in slice i: the slice's source k, else the slice, else the config."""
-        for level in ([slices[i]["sources"][k].get("parameters") or {}] if k is not None else []) + [
-            slices[i].get("parameters") or {},
-            config,
-        ]:
-            if name in level:
-                return level[name]
-        return None
-
     from .checkpoint import Checkpoint
 
     names = Checkpoint.open(models[0]).tensor_names()
     layout = Layout.of(models[0], names)
-    outside = [n for n in names if layout[n].layer is None]
+    outside = [
+        (n, layout[n], 0 if layout[n].group == "embed" else len(slices) - 1) for n in names if layout[n].layer is None
+    ]
+    spans = [(i, a, b - a) for i, (a, b) in enumerate(ranges)]
+    data["models"], data["parameters"] = slice_settings(data.get("merge_method"), slices, config, spans, outside)
+    return data
+
+
+class SlicesNotAligned(RecipeError):
+    """mergekit slices that are not one merge over the whole stack: `slices.SlicedRecipe` merges them."""
+
+
+def slice_settings(
+    method: str | None,
+    slices: list[dict[str, Any]],
+    config: dict[str, Any],
+    spans: list[tuple[int, int, int]],
+    outside: list[tuple[str, TensorInfo, int]],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The `models` and `parameters` of a recipe over the sources of `slices` (the first slice's, which every
+    slice has here) with each setting resolved per layer as mergekit reads it: over `spans` (slice, first output
+    layer, layers), output layer start + m at t = m/(n−1) (1 for a one-layer slice), each parameter from the
+    slice's source, else the slice, else the config; over `outside` (name, place, slice) at t = 0."""
+    spec = METHODS.get(method)
+    per_source = set(spec.source_params) if spec else set()
+
+    def setting(k: int | None, i: int, name: str) -> Any:
+        """What mergekit reads for `name` in slice i: the slice's source k, else the slice, else the config."""
+        levels = [slices[i]["sources"][k].get("parameters") or {}] if k is not None else []
+        levels += [slices[i].get("parameters") or {}, config]
+        return next((level[name] for level in levels if name in level), None)
 
     def rules(k: int | None, name: str) -> list[dict[str, Any]]:
         out = []
-        for i, (a, b) in enumerate(ranges):
+        for i, start, n in spans:
             value = setting(k, i, name)
-            for j in range(a, b):
-                t = (j - a) / (b - a - 1) if b - a > 1 else 1.0
-                out += [{**r, "layers": [j], "value": _at(r["value"], t)} for r in _conditional(value)]
-        for n in outside:  # mergekit: embeddings with the first slice's values, the rest with the last's; t = 0
-            value = setting(k, 0 if layout[n].group == "embed" else len(slices) - 1, name)
-            matching = (r for r in _conditional(value) if filter_matches(r.get("filter"), layout[n]))
+            for m in range(n):
+                t = m / (n - 1) if n > 1 else 1.0
+                out += [{**r, "layers": [start + m], "value": _at(r["value"], t)} for r in _conditional(value)]
+        for n, info, i in outside:  # mergekit: embeddings with the first slice's values, the rest with the last's
+            matching = (r for r in _conditional(setting(k, i, name)) if filter_matches(r.get("filter"), info))
             found = next(matching, None)
             if found is not None:
                 out.append({"filter": f"name:{n}", "value": _at(found["value"], 0.0)})
         return out
 
-    given = {x for piece in slices for src in piece["sources"] for x in (src.get("parameters") or {})}
-    given |= {x for piece in slices for x in (piece.get("parameters") or {})} | set(config)
-    data["models"] = [
-        {"model": m, "parameters": {name: rules(k, name) for name in sorted(given & per_source)}}
-        for k, m in enumerate(models)
+    used = sorted({i for i, _, _ in spans} | {i for _, _, i in outside})
+    given = {x for i in used for src in slices[i]["sources"] for x in (src.get("parameters") or {})}
+    given |= {x for i in used for x in (slices[i].get("parameters") or {})} | set(config)
+    sources = slices[used[0]]["sources"]
+    models = [
+        {"model": src["model"], "parameters": {name: rules(k, name) for name in sorted(given & per_source)}}
+        for k, src in enumerate(sources)
     ]
-    data["parameters"] = {name: rules(None, name) for name in sorted(given - per_source)}
-    return data
+    return models, {name: rules(None, name) for name in sorted(given - per_source)}
 
 
 def _conditional(value: Any) -> list[dict[str, Any]]:

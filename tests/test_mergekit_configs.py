@@ -100,3 +100,57 @@ def test_random_mask_merges_have_mergekits_statistics(config, tmp_path):
     assert abs(p_got - p_want) <= 4 * (2 * p * (1 - p) / b.numel()) ** 0.5, (p_got, p_want)
     l1_got, l1_want = (g - b).abs().sum().item(), (w - b).abs().sum().item()
     assert abs(l1_got / l1_want - 1) <= 0.05, (l1_got, l1_want)
+
+
+def test_sliced_configs_import_export_and_merge_as_given(tmp_path, caplog):
+    """A config whose slices take other layers imports as itself (the mergekit form is its recipe), exports
+    unchanged, merges from the imported file to mergekit's output, and says where it follows mergekit's pairing of
+    the last slice's sources with the first slice's weights."""
+    import yaml
+
+    text = (HERE / "configs" / "slices_bf16_ta.yml").read_text().replace("MODELS_BF16/", f"{HERE / 'models_bf16'}/")
+    (tmp_path / "config.yml").write_text(text)
+    assert main(["import-mergekit", str(tmp_path / "config.yml"), "--out", str(tmp_path / "recipe.yml")]) == 0
+    assert yaml.safe_load((tmp_path / "recipe.yml").read_text()) == yaml.safe_load(text)
+    assert main(["export-mergekit", str(tmp_path / "recipe.yml"), "--out", str(tmp_path / "back.yml")]) == 0
+    assert yaml.safe_load((tmp_path / "back.yml").read_text()) == yaml.safe_load(text)
+    with caplog.at_level("WARNING"):
+        assert main(["merge", str(tmp_path / "recipe.yml"), "--out", str(tmp_path / "out")]) == 0
+    assert "first 2 sources only" in caplog.text and "ft1 left out" in caplog.text
+    got, want = (
+        load_file(tmp_path / "out" / "model.safetensors"),
+        load_file(HERE / "expected" / "slices_bf16_ta.safetensors"),
+    )
+    assert (
+        set(got) == set(want) and json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
+    )
+
+
+def src(model: str, *span: int) -> dict:
+    return {"model": f"MODELS/{model}", "layer_range": list(span)} if span else {"model": f"MODELS/{model}"}
+
+
+@pytest.mark.parametrize(
+    "slices,why",
+    [
+        ([{"sources": [src("ft0", 0, 2), src("ft1", 0, 1)]}], "layer ranges must be of one length"),
+        (
+            [{"sources": [src("base", 0, 1), src("ft0", 2, 3)]}, {"sources": [src("ft0", 0, 2), src("ft1", 0, 2)]}],
+            "slice 1 merges onto .*base, which is not among its sources",
+        ),
+        ([{"sources": [src("base", 2, 4), src("ft0", 0, 2)]}], "has no tensor model.layers.3"),
+        ([{"sources": [src("base", 0, 1), src("ft0")]}], "every source needs a model and a layer_range"),
+    ],
+)
+def test_a_sliced_config_that_cannot_merge_fails_in_one_line_and_writes_nothing(slices, why, tmp_path, capsys):
+    import re
+
+    import yaml
+
+    config = {"merge_method": "ties", "base_model": "MODELS/base", "slices": slices, "parameters": {"density": 0.5}}
+    text = yaml.safe_dump(config).replace("MODELS/", f"{HERE / 'models'}/")
+    (tmp_path / "config.yml").write_text(text)
+    assert main(["merge", str(tmp_path / "config.yml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(why, err) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from evomerge.recipe import Recipe, RecipeError
+from evomerge.recipe import Recipe, RecipeError, SlicesNotAligned
 
 MERGEKIT_TIES = """
 models:
@@ -129,7 +129,9 @@ def test_a_linear_merge_with_an_unlisted_base_model_is_refused_as_mergekit_refus
     assert [m.model for m in Recipe.from_dict(config).source_entries()] == ["/m/a", "/m/b"]
 
 
-def test_slices_that_do_not_tile_the_stack_in_order_are_refused_in_one_line(tmp_path):
+def test_slices_that_do_not_tile_the_stack_in_order_are_not_one_recipe(tmp_path):
+    """Only slices that merge the same models over the whole stack in order are a plain recipe; the others are
+    told apart (SlicesNotAligned: `load_any_recipe` merges them slice by slice) or refused in one line."""
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text('{"num_hidden_layers": 4}')
     m = str(tmp_path / "m")
@@ -138,14 +140,15 @@ def test_slices_that_do_not_tile_the_stack_in_order_are_refused_in_one_line(tmp_
         pieces = [{"sources": [{"model": m, "layer_range": r}]} for r in ranges]
         return {"merge_method": "ties", "base_model": m, "slices": pieces}
 
-    for data, why in [
-        (config([0, 2]), r"the slices end at layer 2, not at the last layer \(4\)"),
-        (config([0, 2], [3, 4]), "the same consecutive layers of every model"),
-        (config([2, 4], [0, 2]), "the same consecutive layers of every model"),
-        ({**config([0, 4]), "models": [{"model": m}]}, "models or slices, not both"),
-        (config([0, 4]) | {"slices": [{"sources": [{"model": "/nowhere", "layer_range": [0, 4]}]}]}, "no config.json"),
-    ]:
-        with pytest.raises(RecipeError, match=why):
+    for data, why, error in [
+        (config([0, 2]), r"the slices end at layer 2, not at the last layer \(4\)", SlicesNotAligned),
+        (config([0, 2], [3, 4]), "the same consecutive layers of every model", SlicesNotAligned),
+        (config([2, 4], [0, 2]), "the same consecutive layers of every model", SlicesNotAligned),
+        ({**config([0, 4]), "models": [{"model": m}]}, "models or slices, not both", RecipeError),
+        (config([0, 4]) | {"slices": [{"sources": [{"model": "/nowhere", "layer_range": [0, 4]}]}]}, "no config.json",
+         RecipeError),
+    ]:  # fmt: skip
+        with pytest.raises(error, match=why):
             Recipe.from_dict(data)
     whole = Recipe.from_dict(config([0, 4]))
     assert [e.model for e in whole.models] == [m] and whole.base_model == m
