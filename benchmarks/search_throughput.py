@@ -6,8 +6,9 @@ directories into a temporary folder and made resident in the engine, as a search
 - merge: `Engine.materialize` of a task-arithmetic recipe into the resident target model;
 - generation: `--docs` prompts of `--prompt-len` random tokens decoded greedily for exactly `--new-tokens`
   tokens (no stop token), by the native evaluator with each of `--decoders` (the KV cache grown per step, static,
-  static with the decode step compiled: CUDA graphs on a GPU; see evaluate/decoding.py) and by HF `generate` on
-  the same batches; whether the generated token ids are equal is printed;
+  static with the decode step compiled: CUDA graphs on a GPU; see evaluate/decoding.py), by HF `generate` on the
+  same batches and by lm-eval's HFLM (`generate_until` on the prompts as text, its own batching); whether each
+  one's generated tokens equal HF `generate`'s is printed;
 - multiple choice: the same prompts with 4 continuations of 4 tokens each, native log-likelihood scoring of
   whole sequences, and with `shared_prefix` (each prompt run once, its cache copied to its 4 continuations;
   the largest difference of a log-likelihood sum between the two is printed);
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import statistics
 import tempfile
@@ -44,17 +46,16 @@ SHAPES = {  # LlamaConfig arguments
 }
 
 
-class IdTokenizer:
-    """Prompts are token ids already: the evaluator only needs a pad id, no stop token, and ids back as text."""
+def word_tokenizer(vocab: int):
+    """Token i is the word "t<i>": prompts of random ids become text that encodes back to the same ids (lm-eval's
+    HFLM takes text), and an end-of-text token the model cannot emit (id `vocab`) keeps every generator running
+    for exactly --new-tokens tokens. Every generator's text leaves out "t0" (the padding token, special)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    pad_token_id = 0
-    eos_token_id = None
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": []}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
+    words = Tokenizer(models.WordLevel({**{f"t{i}": i for i in range(vocab)}, "<eot>": vocab}, unk_token="<eot>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="t0", eos_token="<eot>")
 
 
 def sync(device: torch.device) -> None:
@@ -133,12 +134,11 @@ def run_shape(shape: str, args) -> dict:
         "search",
         [{"pairs_ids": [(p + c, len(p)) for c in cs], "label": 0} for p, cs in zip(prompts, choices)],
     )
-    native = NativeEvaluator(model, IdTokenizer(), [gen, mc], batch_size=args.batch_size)
-    decoders = {
-        d: NativeEvaluator(model, IdTokenizer(), [gen], batch_size=args.batch_size, decoder=d) for d in args.decoders
-    }
+    tok = word_tokenizer(vocab)
+    native = NativeEvaluator(model, tok, [gen, mc], batch_size=args.batch_size)
+    decoders = {d: NativeEvaluator(model, tok, [gen], batch_size=args.batch_size, decoder=d) for d in args.decoders}
     mc_once = Task(dataclasses.replace(mc.spec, name="mc_once", shared_prefix=True), "search", mc.items)
-    once = NativeEvaluator(model, IdTokenizer(), [mc_once], batch_size=args.batch_size)
+    once = NativeEvaluator(model, tok, [mc_once], batch_size=args.batch_size)
     rng = torch.Generator().manual_seed(1)
 
     def merge():
@@ -164,11 +164,22 @@ def run_shape(shape: str, args) -> dict:
                     pad_token_id=0,
                 )
             for r, i in enumerate(batch.index):
-                out[i] = " ".join(map(str, ids[r, batch.input_ids.shape[1] :].tolist()))
+                out[i] = tok.decode(ids[r, batch.input_ids.shape[1] :].tolist(), skip_special_tokens=True)
         return out
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, max_length=args.prompt_len + args.new_tokens)
+    settings = {"until": [], "max_gen_toks": args.new_tokens, "do_sample": False}
+    requests = [Instance("generate_until", {}, (tok.decode(p), settings), i) for i, p in enumerate(prompts)]
+
+    def hflm_generate():
+        return dict(enumerate(lm.generate_until(requests, disable_tqdm=True)))
 
     t_merge, _ = timed(merge, device, args.repeats)
     t_hf, hf_text = timed(hf_generate, device, args.repeats)
+    t_hflm, hflm_text = timed(hflm_generate, device, args.repeats)
     per_decoder = {}
     for name, ev in decoders.items():
         t = time.perf_counter()
@@ -196,6 +207,8 @@ def run_shape(shape: str, args) -> dict:
         "decoder": native.decoder,
         "decoders": per_decoder,
         "hf_gen": t_hf,
+        "hflm_gen": t_hflm,
+        "hflm_equal": {i: t.strip() for i, t in hflm_text.items()} == hf_text,
         "mc": t_mc,
         "mc_once": t_once,
         "mc_diff": max(abs(whole[k] - shared[k]) for k in whole),
@@ -211,6 +224,7 @@ def main() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["zoo", "100m"], choices=list(SHAPES))
     ap.add_argument("--device", default="cpu")
@@ -246,6 +260,10 @@ def main() -> None:
     print(f"{'shape':6s} {'generator':>22s} {'time':>9s} {'first call':>11s} {'tok/s':>9s} {'vs HF':>7s} {'equal':>6s}")
     for r in results:
         print(f"{r['shape']:6s} {'HF generate':>22s} {r['hf_gen'] * 1e3:7.0f}ms {'':>11s} {r['hf_tps']:9.0f}")
+        print(
+            f"{r['shape']:6s} {'lm-eval HFLM':>22s} {r['hflm_gen'] * 1e3:7.0f}ms {'':>11s} "
+            f"{r['tokens'] / r['hflm_gen']:9.0f} {r['hf_gen'] / r['hflm_gen']:6.2f}× {str(r['hflm_equal']):>6s}"
+        )
         for name, d in r["decoders"].items():
             print(
                 f"{r['shape']:6s} {'native, ' + name:>22s} {d['time'] * 1e3:7.0f}ms {d['first'] * 1e3:9.0f}ms "

@@ -8,9 +8,10 @@ layer `layer_range[0] + m` of each of the slice's sources and merges them with t
 t = m/(n−1) (1 for a one-layer slice); the embeddings are merged from the first slice's sources, the tensors after
 the last layer from the last slice's, with settings at t = 0. The architecture, config and tokenizer are those
 of the config's base model, else the first slice's first source, with `num_hidden_layers` the slices' total.
-Each slice is a `Recipe` over its own sources with its settings resolved per output layer, and the output is
-written one tensor at a time (`engine.merge_tensor`): each input tensor is read once, memory is a tensor per
-model.
+One quirk is kept, with a warning: mergekit pairs the last slice's sources with as many weights as the first slice
+has sources, so a last slice with more sources leaves its extra ones out of the final norm and head. Each slice is
+a `Recipe` over its own sources with its settings resolved per output layer, and the output is written one tensor
+at a time (`engine.merge_tensor`), holding a tensor per model.
 """
 
 from __future__ import annotations
