@@ -297,7 +297,7 @@ class NativeEvaluator(ItemEvaluator):
             generated[:, k] = nxt = decoder.step(nxt).argmax(-1)
             done |= torch.isin(nxt, stop)
             k += 1
-            if (stop_strings or answered) and k % STOP_CHECK_EVERY == 0:
+            if (stop_strings or answered) and k % STOP_CHECK_EVERY == 0 and k < steps:
                 done |= self._answered_rows(batch.index, generated[:, :k], stop_ids, stop_strings, answered, done)
         gen = generated[:, :k].tolist()
         texts = {}
