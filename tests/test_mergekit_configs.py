@@ -154,3 +154,47 @@ def test_a_sliced_config_that_cannot_merge_fails_in_one_line_and_writes_nothing(
     err = capsys.readouterr().err
     assert re.search(why, err) and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_sliced_layers_keep_their_kind_and_come_from_their_sources_layers(tmp_path):
+    """In a model whose layers differ in kind (Qwen2: full, full, sliding, sliding attention), an output layer is
+    the merge of its sources' own layers and keeps that layer's kind; the written model loads."""
+    import yaml
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=40,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=2,
+    )
+    models = {}
+    for i, name in enumerate(("a", "b")):
+        torch.manual_seed(i)
+        Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / name)
+        models[name] = load_file(tmp_path / name / "model.safetensors")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    config = {
+        "merge_method": "linear",
+        "slices": [
+            {"sources": [{"model": a, "layer_range": [2, 4]}, {"model": b, "layer_range": [2, 4]}]},
+            {"sources": [{"model": a, "layer_range": [0, 1]}, {"model": b, "layer_range": [1, 2]}]},
+        ],
+        "parameters": {"weight": 0.5},
+        "dtype": "float32",
+    }
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
+    assert main(["merge", str(tmp_path / "config.yml"), "--out", str(tmp_path / "out")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert merged.config.layer_types == ["sliding_attention", "sliding_attention", "full_attention"]
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    for out, (la, lb) in enumerate([(2, 2), (3, 3), (0, 1)]):
+        name = "model.layers.{}.self_attn.q_proj.weight"
+        want = (models["a"][name.format(la)] + models["b"][name.format(lb)]) / 2
+        torch.testing.assert_close(got[name.format(out)], want)
+    assert "model.layers.3.self_attn.q_proj.weight" not in got
