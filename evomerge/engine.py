@@ -27,7 +27,7 @@ from .checkpoint import (
 from .evaluate.heads import auto_class, load_model, model_head
 from .layers import Layout
 from .methods import get_method, kernels, merge_deltas, merge_tensors
-from .methods.fast import gram, one_shot, return_freed_memory
+from .methods.fast import gram, one_shot, return_freed_memory, scratch
 from .methods.fused import weighted_sum_into
 from .methods.registry import resolve_params
 from .names import checkpoint_views
@@ -381,14 +381,19 @@ def merge_tensor(
 
 
 ELEMENTWISE_CHUNK = 1 << 22  # entries of the task vectors an entrywise merge holds at a time
+DELTA_SLOT = 200  # `fast.scratch` slots of those task vectors: one per source from here
 
 
 def _delta_chunks(base: torch.Tensor, tensors: list[torch.Tensor]):
-    """(start, end, task vectors of those entries) over the flattened tensors, ELEMENTWISE_CHUNK entries at a time."""
+    """(start, end, task vectors of those entries) over the flattened tensors, ELEMENTWISE_CHUNK entries at a time,
+    each made in a buffer reused from chunk to chunk (valid until the next chunk): fresh memory per chunk costs its
+    page faults every time."""
     b, flats = base.reshape(-1), [t.reshape(-1) for t in tensors]
+    size = min(b.numel(), ELEMENTWISE_CHUNK)
+    buffers = [scratch(size, b.dtype, b.device, slot=DELTA_SLOT + i) for i in range(len(flats))]
     for s in range(0, b.numel(), ELEMENTWISE_CHUNK):
         e = min(b.numel(), s + ELEMENTWISE_CHUNK)
-        yield s, e, [t[s:e] - b[s:e] for t in flats]
+        yield s, e, [torch.sub(t[s:e], b[s:e], out=buf[: e - s]) for t, buf in zip(flats, buffers)]
 
 
 def _chunk_by_chunk(plan: TensorPlan, base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
