@@ -11,7 +11,7 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -289,13 +289,6 @@ def write_merged(
     for note in recipe.mergekit_readings(layout):
         log.warning("%s", note)
 
-    def produce(name: str) -> torch.Tensor:
-        try:
-            return merged(name)
-        finally:  # drop the inputs' memory maps: their pages read so far would stay in the RSS, every model whole
-            for c in models.values():
-                c.close()
-
     def merged(name: str) -> torch.Tensor:
         b = _load(base, name, dev, work) if base is not None else None
         tensors = [_load(s, name, dev, work) for s in sources]
@@ -327,20 +320,43 @@ def write_merged(
         found = [t.strip() for t in map(chat_template_of, [c.path for c in (base, *sources) if c is not None]) if t]
         template = Counter(found).most_common(1)[0][0] if found else None
     log.info("merging %d tensors (%s) into %s", len(names), recipe.merge_method, out_dir)
+    return write_streamed(
+        out_dir,
+        shapes,
+        merged,
+        list(models.values()),
+        config,
+        copy_from=reference.path,
+        model_card=model_card(recipe, card_extra),
+        max_shard_bytes=max_shard_bytes,
+        overwrite=overwrite,
+        chat_template=template,
+        tokenizer=vocabulary.tokenizer if vocabulary is not None else None,
+    )
+
+
+def write_streamed(
+    out_dir: str | os.PathLike,
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    merged: Callable[[str], torch.Tensor],
+    inputs: list[Checkpoint],
+    config: dict[str, Any],
+    **write_options: Any,
+) -> Path:
+    """An HF model directory whose tensors `merged(name)` makes one at a time from `inputs`: each task vector is
+    merged once (no statistics kept for later candidates), and the inputs' memory maps are dropped after every
+    tensor (their pages read so far would stay in the RSS, every model whole)."""
+
+    def produce(name: str) -> torch.Tensor:
+        try:
+            return merged(name)
+        finally:
+            for c in inputs:
+                c.close()
+
     entries = sum(math.prod(shape) for shape, dtype in shapes.values() if dtype.is_floating_point)
-    with one_shot(entries):  # each task vector is merged once: no statistics kept for later candidates
-        return write_model_dir(
-            out_dir,
-            shapes,
-            produce,
-            config,
-            copy_from=reference.path,
-            model_card=model_card(recipe, card_extra),
-            max_shard_bytes=max_shard_bytes,
-            overwrite=overwrite,
-            chat_template=template,
-            tokenizer=vocabulary.tokenizer if vocabulary is not None else None,
-        )
+    with one_shot(entries):
+        return write_model_dir(out_dir, shapes, produce, config, **write_options)
 
 
 def merge_tensor(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import os
 import re
 from pathlib import Path
@@ -149,7 +148,7 @@ class SlicedRecipe:
         max_shard_bytes: int = 2 * 1024**3,
     ) -> Path:
         """The merge as an HF model directory, one output tensor at a time."""
-        from .checkpoint import Checkpoint, CheckpointError, check_output_dir, write_model_dir
+        from .checkpoint import Checkpoint, CheckpointError, check_output_dir
         from .engine import (
             _load,
             merge_dtypes,
@@ -157,8 +156,8 @@ class SlicedRecipe:
             model_card_text,
             resolve_device,
             set_config_dtype,
+            write_streamed,
         )
-        from .methods.fast import one_shot
 
         check_output_dir(out_dir, overwrite)
         dev = resolve_device(device)
@@ -184,20 +183,13 @@ class SlicedRecipe:
         if mixed:
             log.warning("The models are stored in different dtypes (%s): merged in %s", mixed, work)
 
-        def produce(name: str) -> torch.Tensor:
+        def merged(name: str) -> torch.Tensor:
             piece, inputs, info, _ = plan[name]
             recipe = piece.recipe
-            try:
-                b = (
-                    _load(opened[recipe.base_model], inputs[recipe.base_model], dev, work)
-                    if recipe.base_model
-                    else None
-                )
-                tensors = [_load(opened[e.model], inputs[e.model], dev, work) for e in recipe.source_entries()]
-                return merge_tensor(recipe, recipe.plan(info), name, b, tensors)
-            finally:  # drop the inputs' memory maps (as write_merged does)
-                for c in opened.values():
-                    c.close()
+            base = recipe.base_model
+            b = _load(opened[base], inputs[base], dev, work) if base else None
+            tensors = [_load(opened[e.model], inputs[e.model], dev, work) for e in recipe.source_entries()]
+            return merge_tensor(recipe, recipe.plan(info), name, b, tensors)
 
         kinds = {like: reference.get(like).dtype for *_, like in plan.values()}
         shapes = {}
@@ -220,18 +212,17 @@ class SlicedRecipe:
         )
         card = f"## Slices\n\n{self.num_layers} layers.\n\n| output layers | sources (layers) |\n|---|---|\n{table}\n"
         log.info("merging %d slices (%s) into %s", len(self.slices), first.merge_method, out_dir)
-        entries = sum(math.prod(shape) for shape, dtype in shapes.values() if dtype.is_floating_point)
-        with one_shot(entries):  # each task vector is merged once: no statistics kept for later candidates
-            return write_model_dir(
-                out_dir,
-                shapes,
-                produce,
-                config,
-                copy_from=Path(reference.path),
-                model_card=model_card_text(self.config.get("name") or "Sliced merge", paths, card, self.to_yaml()),
-                max_shard_bytes=max_shard_bytes,
-                overwrite=overwrite,
-            )
+        return write_streamed(
+            out_dir,
+            shapes,
+            merged,
+            list(opened.values()),
+            config,
+            copy_from=Path(reference.path),
+            model_card=model_card_text(self.config.get("name") or "Sliced merge", paths, card, self.to_yaml()),
+            max_shard_bytes=max_shard_bytes,
+            overwrite=overwrite,
+        )
 
     def _tensor_plan(
         self, layout: Layout, names: list[str]
