@@ -114,9 +114,14 @@ def test_magnitude_index_follows_in_place_changes():
     np.testing.assert_allclose(after.edges, before.edges * 3, rtol=1e-6)
 
 
-def test_row_rank_fractions_are_stable_ranks_within_each_row():
-    delta = torch.randn(300, 77)
+@pytest.mark.parametrize("host_numpy", [True, False])  # numpy's keyed sort on the CPU; torch's stable sort
+def test_row_rank_fractions_are_stable_ranks_within_each_row(monkeypatch, host_numpy):
+    monkeypatch.setattr(fused, "HOST_NUMPY", host_numpy)
+    delta = torch.randn(700, 77)  # several blocks of rows
     delta[:, ::5] = 0.5  # ties, broken by position
+    delta[:, 1::7] = -0.5
+    delta[:, 2::9] = torch.tensor([0.0, -0.0]).repeat(700, 5)[:, : delta[:, 2::9].shape[1]]
+    delta[:, 3] = torch.nextafter(torch.tensor(0.5), torch.tensor(1.0))  # one ulp above a tie: after it
     expected = delta.abs().argsort(dim=1, stable=True).argsort(dim=1)
     stored = fused.row_rank_fractions(delta)
     assert stored.dtype == torch.float16

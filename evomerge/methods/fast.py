@@ -39,6 +39,13 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> 
     return buf[:numel]
 
 
+def drop_scratch(slot: int) -> None:
+    """Free this thread's buffers of `slot` (one made for a one-off job, sized by its largest tensor)."""
+    cache = getattr(_local, "buffers", {})
+    for key in [k for k in cache if k[2] == slot]:
+        del cache[key]
+
+
 def weighted_sum_into(
     out: torch.Tensor,
     base: torch.Tensor,
@@ -208,6 +215,17 @@ def gram(tensors: Sequence[torch.Tensor]) -> list[list[float]]:
         for j in range(i):
             acc[i][j] = acc[j][i]
     return acc
+
+
+def gram_of_rows(rows: torch.Tensor) -> list[list[float]]:
+    """`gram` of the rows of one [k, n] matrix: a matrix product per chunk instead of k(k+1)/2 dot products
+    (fp32 per chunk, fp64 across chunks, as `gram`)."""
+    k, n = rows.shape
+    acc = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
+    for s in range(0, n, CHUNK):
+        part = rows[:, s : s + CHUNK].float()
+        acc += (part @ part.T).double()
+    return acc.tolist()
 
 
 @cached_while_unmodified

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -392,12 +393,37 @@ def row_rank_fractions(delta: torch.Tensor) -> torch.Tensor:
     steps = (torch.arange(width, device=delta.device, dtype=torch.float32) / max(width - 1, 1)).expand(
         min(rows.shape[0], 256), -1
     )
-    for s in range(0, rows.shape[0], 256):  # a few rows at a time: the sort's scratch stays small
-        order = rows[s : s + 256].abs().float().sort(dim=1, stable=True).indices
+
+    def rank(s: int) -> None:  # a few rows at a time: the sort's scratch stays small
+        order = _row_order(rows[s : s + 256].abs().float())
         fractions[s : s + 256] = torch.empty(order.shape, dtype=torch.float32, device=delta.device).scatter_(
             1, order, steps[: order.shape[0]]
         )
+
+    starts = range(0, rows.shape[0], 256)
+    if delta.device.type == "cpu" and HOST_NUMPY and len(starts) > 1:  # numpy's sort runs on one core
+        with ThreadPoolExecutor(torch.get_num_threads()) as pool:
+            list(pool.map(rank, starts))
+    else:
+        for s in starts:
+            rank(s)
     return fractions.view(delta.shape)
+
+
+def _row_order(magnitudes: torch.Tensor) -> torch.Tensor:
+    """Each row's positions in ascending order of its (non-negative fp32) values, ties by position. On the CPU,
+    numpy sorts int64 keys — the value's bits (ordered as the floats are), then the position: unique, so its
+    unstable SIMD sort keeps ties by position — 16 ns per entry, where torch's stable row sort takes 38–54."""
+    if magnitudes.device.type != "cpu" or not HOST_NUMPY:
+        return magnitudes.sort(dim=1, stable=True).indices
+    width = magnitudes.shape[1]
+    bits = max(1, (width - 1).bit_length())
+    keys = magnitudes.numpy().view(np.int32).astype(np.int64)
+    keys <<= bits
+    keys |= np.arange(width)
+    keys.sort(axis=1)
+    keys &= (1 << bits) - 1
+    return torch.from_numpy(keys)
 
 
 @fast.cached_while_unmodified
