@@ -441,29 +441,43 @@ def _chunk_by_chunk(plan: TensorPlan, base: torch.Tensor, tensors: list[torch.Te
 
 def _two_passes(plan: TensorPlan, base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
     """SLERP and Model Stock: the Gram matrix their coefficients come from (base and δ for SLERP, the δs for Model
-    Stock), then the weighted sum, over whole task vectors made once into one reused buffer (the rows of a matrix:
-    the Gram matrix is one matrix product per chunk, and the fp32 sum one matrix-vector product)."""
+    Stock), then the weighted sum. The task vectors are made ELEMENTWISE_CHUNK entries at a time into one reused
+    matrix (its Gram matrix one matrix product per chunk, the fp32 sum one matrix-vector product); a tensor of one
+    chunk keeps them for the sum, a larger one makes them again (an embedding's whole task vectors would be fresh
+    memory the size of the sources' tables)."""
     spec = get_method(plan.method)
     slerp = spec.family == "slerp"
     tensors = tensors[:1] if slerp else tensors
-    b = base.reshape(-1)
-    rows = _task_vectors(base, tensors, lead=int(slerp))
-    if slerp:
-        rows[0].copy_(b)
-    deltas = rows[int(slerp) :]
-    g = gram_of_rows(rows)
+    b, flats = base.reshape(-1), [t.reshape(-1) for t in tensors]
+    n = b.numel()
+    spans = [(s, min(n, s + ELEMENTWISE_CHUNK)) for s in range(0, max(n, 1), ELEMENTWISE_CHUNK)]
+
+    def rows_of(s: int, e: int) -> torch.Tensor:  # [b,] δ₁ … δₖ over entries s..e
+        rows = _task_vectors(b[s:e], [f[s:e] for f in flats], lead=int(slerp))
+        if slerp:
+            rows[0].copy_(b[s:e])
+        return rows
+
+    g = torch.zeros((), dtype=torch.float64)
+    for s, e in spans:
+        rows = rows_of(s, e)
+        g = g + gram_of_rows(rows)
     if slerp:
         _, params = resolve_params(spec, 1, [{}], dict(plan.global_params))
-        base_coeff, s1 = kernels.slerp_delta_coefficients(float(params["t"]), g)
+        base_coeff, s1 = kernels.slerp_delta_coefficients(float(params["t"]), g.tolist())
         coeffs = [s1]
     else:
-        base_coeff, coeffs = 1.0, kernels.model_stock_coefficients(g)
+        base_coeff, coeffs = 1.0, kernels.model_stock_coefficients(g.tolist())
     out = torch.empty_like(base)
-    if out.dtype in (torch.float32, torch.float64):
-        c = torch.tensor(coeffs, dtype=out.dtype, device=out.device)
-        torch.addmv(b, deltas.T, c, beta=base_coeff, out=out.view(-1))
-    else:  # 16-bit: accumulated in fp32
-        weighted_sum_into(out.view(-1), b, list(deltas), coeffs, base_coeff=base_coeff)
+    o = out.view(-1)
+    wide = out.dtype in (torch.float32, torch.float64)
+    c = torch.tensor(coeffs, dtype=out.dtype, device=out.device) if wide else None
+    for s, e in spans:
+        deltas = (rows if len(spans) == 1 else rows_of(s, e))[int(slerp) :]
+        if wide:
+            torch.addmv(b[s:e], deltas.T, c, beta=base_coeff, out=o[s:e])
+        else:  # 16-bit: accumulated in fp32
+            weighted_sum_into(o[s:e], b[s:e], list(deltas), coeffs, base_coeff=base_coeff)
     return out
 
 

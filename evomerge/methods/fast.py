@@ -217,15 +217,15 @@ def gram(tensors: Sequence[torch.Tensor]) -> list[list[float]]:
     return acc
 
 
-def gram_of_rows(rows: torch.Tensor) -> list[list[float]]:
-    """`gram` of the rows of one [k, n] matrix: a matrix product per chunk instead of k(k+1)/2 dot products
-    (fp32 per chunk, fp64 across chunks, as `gram`)."""
+def gram_of_rows(rows: torch.Tensor) -> torch.Tensor:
+    """`gram` of the rows of one [k, n] matrix, as a [k, k] fp64 tensor on the CPU: a matrix product per chunk
+    instead of k(k+1)/2 dot products (fp32 per chunk, fp64 across chunks, as `gram`)."""
     k, n = rows.shape
     acc = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
     for s in range(0, n, CHUNK):
         part = rows[:, s : s + CHUNK].float()
         acc += (part @ part.T).double()
-    return acc.tolist()
+    return acc.cpu()
 
 
 @cached_while_unmodified
