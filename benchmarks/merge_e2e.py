@@ -39,9 +39,10 @@ METHODS = {
     "della": ({"weight": 0.5, "density": 0.5, "epsilon": 0.1}, {}),
 }
 
-# each tool runs in a child that reports its own peak RSS (ru_maxrss, KiB on Linux) on its last line
+# each tool runs in a child that reports its own peak RSS on its last line: VmHWM (KiB), not ru_maxrss, which
+# Linux starts at the parent's RSS at the fork (this parent generated the models: ~1.7 GB at 297M parameters)
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 tool, config, out = sys.argv[1:4]
 started = time.perf_counter()
 if tool == "evomerge":
@@ -50,7 +51,7 @@ if tool == "evomerge":
 else:
     from mergekit.scripts.run_yaml import main
     code = main([config, out, "--no-copy-tokenizer", "--lazy-unpickle"], standalone_mode=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"seconds": time.perf_counter() - started, "rss_kib": peak, "code": code or 0}))
 """
 

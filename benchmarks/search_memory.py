@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,12 +26,18 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: Linux carries a parent's RSS at the fork into its
+    child's ru_maxrss, so a child of the process that generated the models reported at least that."""
+    return rss_mb("VmHWM")
 
 
 def make_models(root: Path, params: float, sources: int, dtype: str = "float32") -> tuple[str, list[str], int]:
@@ -80,14 +85,14 @@ def child(base: str, sources: list[str], delta_dtype: str | None) -> None:
     engine = Engine(base, sources, delta_dtype=delta_dtype)
     after_engine = rss_mb()
     print(
-        json.dumps({"engine peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline}),
+        json.dumps({"engine peak": peak_rss_mb() - baseline}),
         file=sys.stderr,
     )
     model = engine.load_target_model()
     target = engine.bind(model)
     steps = {
         "target": rss_mb() - baseline,
-        "peak so far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline,
+        "peak so far": peak_rss_mb() - baseline,
     }
     for method, params in (
         ("ties", {"weight": 0.5, "density": 0.4}),
@@ -107,7 +112,7 @@ def child(base: str, sources: list[str], delta_dtype: str | None) -> None:
             model(torch.randint(0, 1000, (4, 64)))
         steps[method + "+forward"] = rss_mb() - baseline
     print(json.dumps(steps), file=sys.stderr)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(
         json.dumps(
             {
