@@ -137,6 +137,15 @@ class NativeEvaluator(ItemEvaluator):
         self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         self._whole: dict[str, list[_GenBatch]] = {}
         self._prepared = {t.name: self._prepare(t) for t in self.tasks}
+        # a static cache holds the longest prompt and answer of the generation tasks
+        self._longest = max(
+            (
+                max(map(len, self._prepared[t.name]["encoded"].values()), default=0) + t.spec.max_new_tokens
+                for t in self.tasks
+                if t.spec.kind == "generate"
+            ),
+            default=0,
+        )
         # one static cache serves one batch at a time
         if self.decoder != "dynamic":
             self.workers = 1
@@ -314,12 +323,8 @@ class NativeEvaluator(ItemEvaluator):
         """A dynamic cache per batch, or the model's static cache, which holds the longest prompt and answer."""
         if self.decoder == "dynamic":
             return Growing(self.model, self._cache, self._last_logits)
-        generation = [t for t in self.tasks if t.spec.kind == "generate"]
-        longest = max(
-            max(map(len, self._prepared[t.name]["encoded"].values())) + t.spec.max_new_tokens for t in generation
-        )
         compiled = self.decoder == "graphs"
-        return Static.for_model(self.model, self._cache, self._last_logits, self.batch_size, longest, compiled)
+        return Static.for_model(self.model, self._cache, self._last_logits, self.batch_size, self._longest, compiled)
 
     def _answered_rows(
         self,
