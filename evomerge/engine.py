@@ -27,7 +27,7 @@ from .checkpoint import (
 from .evaluate.heads import auto_class, load_model, model_head
 from .layers import Layout
 from .methods import get_method, kernels, merge_deltas, merge_tensors
-from .methods.fast import drop_scratch, gram_of_rows, one_shot, return_freed_memory, scratch
+from .methods.fast import SELECTION_SLOTS, drop_scratch, gram_of_rows, one_shot, return_freed_memory, scratch
 from .methods.fused import weighted_sum_into
 from .methods.registry import resolve_params
 from .names import checkpoint_views
@@ -359,7 +359,7 @@ def write_streamed(
         with one_shot(entries):
             return write_model_dir(out_dir, shapes, produce, config, **write_options)
     finally:
-        drop_scratch(DELTA_SLOT)
+        drop_scratch(DELTA_SLOT, *SELECTION_SLOTS)
 
 
 def merge_tensor(

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from evomerge.methods import fast, fused, merge_deltas
 from evomerge.methods.sparsify import magnitude
@@ -32,7 +33,7 @@ def keep_mask(delta: torch.Tensor, t: float, cut: int) -> torch.Tensor:
 @pytest.mark.parametrize("n", [1000, 100_001, 3_000_001])
 @pytest.mark.parametrize("host_numpy", [True, False])  # False: the torch code a GPU runs
 def test_keep_largest_is_an_exact_top_k_with_positional_ties(dtype, n, host_numpy, monkeypatch):
-    monkeypatch.setattr(fused, "HOST_NUMPY", host_numpy)
+    monkeypatch.setattr(fast, "HOST_NUMPY", host_numpy)
     g = torch.Generator().manual_seed(n)
     delta = (torch.randn(n, generator=g) * 0.01).to(dtype)
     delta[::7] = 0.0  # a block of exact ties at zero
@@ -44,18 +45,20 @@ def test_keep_largest_is_an_exact_top_k_with_positional_ties(dtype, n, host_nump
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n", [100_001, 3_000_001])
-def test_a_one_shot_merge_selects_the_same_top_k_without_an_index(dtype, n):
-    """`evomerge merge` uses each task vector once: the bracketed selection replaces the bin index, same result."""
+@pytest.mark.parametrize("n,host_numpy", [(100_001, True), (3_000_001, True), (100_001, False)])
+def test_a_one_shot_merge_selects_the_same_top_k_without_an_index(dtype, n, host_numpy, monkeypatch):
+    """`evomerge merge` uses each task vector once: the bracketed selection replaces the bin index, same result
+    (its passes in numpy on the CPU, in torch as on a GPU)."""
+    monkeypatch.setattr(fast, "HOST_NUMPY", host_numpy)
     g = torch.Generator().manual_seed(n + 1)
     delta = (torch.randn(n, generator=g) * 0.01).to(dtype)
     delta[::7] = 0.0
     ks = [int(d * n) for d in (0.001, 0.3, 0.5, 0.9, 0.95)]
     with fast.one_shot():
         found = fused.keep_largest(delta, ks)
-    assert found == fused.keep_largest(delta, ks)  # the index path of a search
-    for k, (t, cut) in zip(ks, found):
+    for k, (t, cut), indexed in zip(ks, found, fused.keep_largest(delta, ks)):  # and the index path of a search
         assert torch.equal(keep_mask(delta, t, cut), reference_top_k(delta.abs().float(), k))
+        assert torch.equal(keep_mask(delta, *indexed), keep_mask(delta, t, cut))
     a = delta.abs().float()
     t, cut = fast.kth_largest(a, ks[2])
     assert fast.kth_largest_bracketed(a, ks[2], sample=1) == (float(t), cut)  # a bracket that misses: the fallback
@@ -67,7 +70,7 @@ def test_tie_cut_scans_from_either_end_in_chunks(scan, host_numpy, monkeypatch):
     (numpy on the CPU, torch as on a GPU), or, in a stretch longer than SCAN, block by block from the nearer
     end."""
     monkeypatch.setattr(fused, "SCAN", scan)
-    monkeypatch.setattr(fused, "HOST_NUMPY", host_numpy)
+    monkeypatch.setattr(fast, "HOST_NUMPY", host_numpy)
     g = torch.Generator().manual_seed(1)
     delta = (torch.randn(100_003, generator=g) * 0.01).to(torch.bfloat16)
     ks = [int(d * delta.numel()) for d in (0.05, 0.3, 0.5, 0.7, 0.95)] + [77_777, 100_002]
@@ -116,7 +119,7 @@ def test_magnitude_index_follows_in_place_changes():
 
 @pytest.mark.parametrize("host_numpy", [True, False])  # numpy's keyed sort on the CPU; torch's stable sort
 def test_row_rank_fractions_are_stable_ranks_within_each_row(monkeypatch, host_numpy):
-    monkeypatch.setattr(fused, "HOST_NUMPY", host_numpy)
+    monkeypatch.setattr(fast, "HOST_NUMPY", host_numpy)
     delta = torch.randn(700, 77)  # several blocks of rows
     delta[:, ::5] = 0.5  # ties, broken by position
     delta[:, 1::7] = -0.5
@@ -365,18 +368,20 @@ def test_compiled_kernels_match_eager(method, dtype, monkeypatch):
 @pytest.mark.slow
 def test_small_tensors_reuse_kernels_compiled_for_large_ones(monkeypatch):
     """Below COMPILE_MIN_NUMEL a fused merge runs code compiled already for a larger tensor (one call instead of
-    ~100 eager ops of a few µs); a one-entry tensor stays eager (inductor would compile again for size 1)."""
+    ~100 eager ops of a few µs); a one-entry tensor stays eager (inductor would compile again for size 1).
+    The large tensor is a matrix, the small ones vectors: their flattened views must not compile again."""
     monkeypatch.setenv("EVOMERGE_COMPILE", "auto")
     monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 1 << 16)  # a smaller "large" tensor: a quicker test
     g = torch.Generator().manual_seed(11)
     params = [{"weight": 0.6, "density": 0.4, "epsilon": 0.1}, {"weight": 0.8, "density": 0.6, "epsilon": 0.1}]
 
-    def inputs(n):
-        return torch.randn(n, generator=g), [torch.randn(n, generator=g) * 0.01 for _ in range(2)]
+    def inputs(*shape):
+        return torch.randn(shape, generator=g), [torch.randn(shape, generator=g) * 0.01 for _ in range(2)]
 
-    large = inputs(1 << 17)
+    large = inputs(1 << 9, 1 << 8)
     merge_deltas("della", *large, params, seed=3, key="k")  # compiles the merge and the kept-norm pass
     assert not fused._compile_failed
+    graphs = counters["stats"]["unique_graphs"]
     eager_chunks = []
     body = fused._merge_body
     monkeypatch.setattr(fused, "_merge_body", lambda *a, **kw: (eager_chunks.append(1), body(*a, **kw))[1])
@@ -390,6 +395,7 @@ def test_small_tensors_reuse_kernels_compiled_for_large_ones(monkeypatch):
             got, merge_deltas("della", base, deltas, params, seed=3, key="k"), rtol=1e-6, atol=1e-7
         )
         monkeypatch.setenv("EVOMERGE_COMPILE", "auto")
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled again
 
 
 @pytest.mark.slow

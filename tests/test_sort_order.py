@@ -47,7 +47,7 @@ def test_equal_values_are_not_kept_by_position():
 
 def test_a_path_that_would_turn_to_heapsort_sorts_for_real(monkeypatch):
     a = (torch.randn(3000) * 0.05).to(torch.bfloat16).abs()
-    monkeypatch.setattr(sort_order, "_slice_mask", lambda v, pos, lo, hi: None)
+    monkeypatch.setattr(sort_order, "_replay", lambda items, lo, hi: None)
     assert torch.equal(sort_order.sorted_slice(a, 10, 2000, False), torch_slice(a, 10, 2000, False))
 
 
@@ -66,3 +66,69 @@ def test_the_engine_keeps_a_recipes_tie_order(config):
     by_position = engine.merged(Recipe.from_dict({**data, "tie_order": "position"}))
     assert all(torch.equal(mergekit_order[n], want[n]) for n in want)
     assert sum(int((by_position[n] != want[n]).sum()) for n in want) > 0
+
+
+@pytest.mark.parametrize("method,gamma", [("ties", None), ("breadcrumbs_ties", 0.05)])
+def test_a_merge_patched_where_mergekit_keeps_other_ties_equals_one_with_whole_masks(method, gamma, monkeypatch):
+    """A TIES/breadcrumbs merge runs by the (t, cut) rules and is merged again only at the positions where
+    mergekit's sort order keeps other tied entries (`where_mergekit_keeps_others`). Merging every position
+    again, each source keeping its slice of torch's own sort, must give the same tensor."""
+    from evomerge.methods import fused, kernels
+    from evomerge.methods.registry import METHODS, resolve_params
+    from evomerge.methods.sparsify import breadcrumbs_window, magnitude_k
+
+    torch.manual_seed(3)
+    base = torch.randn(300, 200).bfloat16()
+    deltas = [(torch.randn(300, 200) * 0.01).bfloat16() for _ in range(3)]  # bf16 |δ|: long runs of ties
+    given = [{"weight": w, "density": d} | ({"gamma": gamma} if gamma else {}) for w, d in ((0.5, 0.3), (0.7, 0.5))]
+    spec = METHODS[method]
+    source_params, global_params = resolve_params(spec, 3, given + [{"weight": 0.9, "density": 0.7}], {})
+    patches = []
+    only_where_needed = fused.where_mergekit_keeps_others
+
+    def everywhere(kind, deltas, densities, gammas, fp, ip):
+        patches.append(only_where_needed(kind, deltas, densities, gammas, fp, ip))
+        masks = []
+        for delta, d, g in zip(deltas, densities, gammas):
+            n = delta.numel()
+            if kind == "magnitude":  # mergekit: the first k of a descending sort
+                lo, hi, descending = 0, magnitude_k(n, d), True
+            else:  # a window of an ascending one
+                keep_top, drop_top = breadcrumbs_window(n, d, g)
+                lo, hi, descending = n - keep_top, n - drop_top, False
+            masks.append(torch_slice(delta.abs(), lo, hi, descending).reshape(-1))
+        return torch.arange(deltas[0].numel()), masks
+
+    patched = kernels.task_arithmetic(spec, base, deltas, source_params, global_params)
+    monkeypatch.setattr(fused, "where_mergekit_keeps_others", everywhere)
+    whole = kernels.task_arithmetic(spec, base, deltas, source_params, global_params)
+    assert patches[0] is not None and patches[0][0].numel() > 0  # the rules alone would keep other entries
+    assert torch.equal(patched, whole)
+
+
+def test_ties_with_an_l1_rescale_keeps_mergekits_tied_entries():
+    """With an l1 rescale each source's kept norm counts: mergekit's tied entries and the rules' weigh the same.
+    Against TIES written out from torch's own sort, on fp32 task vectors with long runs of equal |δ|."""
+    from evomerge.methods import kernels
+    from evomerge.methods.registry import METHODS, resolve_params
+    from evomerge.methods.sparsify import magnitude_k, rescale_factor
+
+    torch.manual_seed(4)
+    base = torch.randn(400, 50)
+    deltas = [torch.randint(-20, 21, (400, 50)).float() * 1e-3 for _ in range(3)]
+    weights, densities = (0.5, 0.7, 0.9), (0.3, 0.5, 0.7)
+    spec = METHODS["ties"]
+    source_params, global_params = resolve_params(
+        spec, 3, [{"weight": w, "density": d} for w, d in zip(weights, densities)], {"rescale": True}
+    )
+    got = kernels.task_arithmetic(spec, base, deltas, source_params, global_params)
+    kept = []
+    for delta, w, d in zip(deltas, weights, densities):
+        mask = torch_slice(delta.abs(), 0, magnitude_k(delta.numel(), d), descending=True)
+        k = delta * mask
+        kept.append(w * k * rescale_factor(k, float(delta.abs().sum(dtype=torch.float64)), "l1", d))
+    total = sum(kept)
+    agree = [torch.where(total >= 0, k > 0, k < 0) for k in kept]
+    mixed = sum(torch.where(a, k, 0.0) for a, k in zip(agree, kept))
+    div = sum(torch.where(a, w, 0.0) for a, w in zip(agree, weights))
+    torch.testing.assert_close(got, base + mixed / torch.where(div == 0, 1.0, div), rtol=1e-6, atol=1e-7)

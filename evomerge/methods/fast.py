@@ -15,6 +15,7 @@ import threading
 import weakref
 from typing import Sequence
 
+import numpy as np
 import torch
 
 CHUNK = 1 << 18  # 256K elements: 1 MiB of fp32, comfortably inside L2
@@ -39,10 +40,16 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> 
     return buf[:numel]
 
 
-def drop_scratch(slot: int) -> None:
-    """Free this thread's buffers of `slot` (one made for a one-off job, sized by its largest tensor)."""
+HOST_NUMPY = True  # on the CPU, index work runs in numpy (tests switch it off to run the GPU's torch code)
+MASK_SLOTS = (71, 72)  # `_above_and_within`'s masks
+MAGNITUDE_SLOT = 73  # |δ| of a one-off merge's k-th largest selection (`fused.keep_largest`)
+SELECTION_SLOTS = (*MASK_SLOTS, MAGNITUDE_SLOT)
+
+
+def drop_scratch(*slots: int) -> None:
+    """Free this thread's buffers of these slots (made for a one-off job, sized by its largest tensor)."""
     cache = getattr(_local, "buffers", {})
-    for key in [k for k in cache if k[2] == slot]:
+    for key in [k for k in cache if k[2] in slots]:
         del cache[key]
 
 
@@ -160,14 +167,13 @@ def kth_largest_bracketed(a: torch.Tensor, k: int, sample: int = 1 << 16) -> tup
     `kth_largest` when the bracket misses (rare: ≈ 6·10⁻⁵)."""
     n = a.numel()
     g = torch.Generator(device="cpu").manual_seed(n * 31 + k)
-    picks = a[torch.randint(0, n, (min(sample, n),), generator=g).to(a.device)].sort().values
-    m = picks.numel()
+    picks = np.sort(a[torch.randint(0, n, (min(sample, n),), generator=g).to(a.device)].cpu().numpy())
+    m = picks.size
     q = 1.0 - k / n
     spread = 4.0 * math.sqrt(m * q * (1.0 - q)) + 1.0
-    lo = picks[max(0, int(q * m - spread))]
-    hi = picks[min(m - 1, int(q * m + spread))]
-    above = int(torch.count_nonzero(a > hi))
-    band = ((a >= lo) & (a <= hi)).nonzero().view(-1)
+    lo = picks[max(0, int(q * m - spread))].item()
+    hi = picks[min(m - 1, int(q * m + spread))].item()
+    above, band = _above_and_within(a, lo, hi)
     need = k - above
     if need < 1 or need > band.numel():
         t, cut = kth_largest(a, k)
@@ -176,6 +182,18 @@ def kth_largest_bracketed(a: torch.Tensor, k: int, sample: int = 1 << 16) -> tup
     t = values.kthvalue(band.numel() - need + 1).values
     ties = band[values == t]  # positions ascending: ties broken by position, first positions first
     return float(t), int(ties[need - int(torch.count_nonzero(values > t)) - 1]) + 1
+
+
+def _above_and_within(a: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
+    """(#entries > hi, the positions of those in [lo, hi]) of a flat tensor. On the CPU in numpy, into a kept
+    mask: torch's comparisons allocate a fresh mask each and its nonzero is ~3× slower."""
+    if a.device.type != "cpu" or not HOST_NUMPY:
+        return int(torch.count_nonzero(a > hi)), ((a >= lo) & (a <= hi)).nonzero().view(-1)
+    values = a.numpy()
+    mask, below_hi = (scratch(a.numel(), torch.bool, a.device, slot).numpy() for slot in MASK_SLOTS)
+    above = np.count_nonzero(np.greater(values, hi, out=mask))
+    np.logical_and(np.greater_equal(values, lo, out=mask), np.less_equal(values, hi, out=below_hi), out=mask)
+    return above, torch.from_numpy(np.flatnonzero(mask))
 
 
 def kth_largest(a: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:

@@ -41,7 +41,6 @@ RANDOM_BITS = 24  # random bits per position (DELLA's keep probabilities resolve
 DENSITY_BITS = 14  # DARE densities are applied on a grid of 2⁻¹⁴ (see density_threshold)
 COMPILE_MIN_NUMEL = 1 << 20  # on the CPU, below this compiled code gains little and chunked eager is used
 CODED = ("coded", "dare_coded", "listed")  # keep kinds that read a stored value per entry instead of positions
-HOST_NUMPY = True  # on the CPU, small index work runs in numpy (tests switch it off to run the GPU's torch code)
 
 
 # ---- counter-based random keep (DARE) ------------------------------------------------------------
@@ -245,7 +244,8 @@ def keep_largest(
             result[i] = (float(t), cut)
         return result  # type: ignore[return-value]
     if index is None and fast.in_one_shot():  # used once: an index would cost more than it saves
-        a = flat.abs().to(fast.work_dtype(flat))
+        a = fast.scratch(n, fast.work_dtype(flat), flat.device, slot=fast.MAGNITUDE_SLOT)
+        torch.abs(flat, out=a) if flat.dtype == a.dtype else a.copy_(flat).abs_()
         for i in todo:
             result[i] = fast.kth_largest_bracketed(a, ks[i])
         return result  # type: ignore[return-value]
@@ -261,7 +261,7 @@ def keep_largest(
         for i, (j, lo, _, need, size) in zip(todo, bins):
             result[i] = (lo, n if need >= size else _nth_tie(delta, j - 1, int(index.patterns[j - 1]), need, size) + 1)
         return result  # type: ignore[return-value]
-    if flat.device.type == "cpu" and HOST_NUMPY:
+    if flat.device.type == "cpu" and fast.HOST_NUMPY:
         for i, found in zip(todo, _nth_in_bins(flat, [(lo, hi, need) for _, lo, hi, need, _ in bins])):
             result[i] = found
         return result  # type: ignore[return-value]
@@ -368,7 +368,7 @@ def _nth_tie(delta: torch.Tensor, value: int, pattern: int, nth: int, total: int
     if stretch.numel() > SCAN:  # a rare value's last stretch: counted block by block
         value = float(torch.tensor(pattern, dtype=torch.int16).view(flat.dtype))
         return begin + _nth_position(stretch, value, nth, min(TIE_STRIDE, total - j * TIE_STRIDE))
-    if stretch.device.type == "cpu" and HOST_NUMPY:  # numpy: ~15 µs on a typical stretch, torch's small-tensor ops ~70
+    if stretch.device.type == "cpu" and fast.HOST_NUMPY:  # numpy: ~15 µs a typical stretch, torch ~70
         return begin + int(np.flatnonzero((stretch.detach().view(torch.int16).numpy() & 0x7FFF) == pattern)[nth - 1])
     return begin + int((_abs_patterns(stretch) == pattern).nonzero()[nth - 1])  # a GPU's scan
 
@@ -401,7 +401,7 @@ def row_rank_fractions(delta: torch.Tensor) -> torch.Tensor:
         )
 
     starts = range(0, rows.shape[0], 256)
-    if delta.device.type == "cpu" and HOST_NUMPY and len(starts) > 1:  # numpy's sort runs on one core
+    if delta.device.type == "cpu" and fast.HOST_NUMPY and len(starts) > 1:  # numpy's sort runs on one core
         with ThreadPoolExecutor(torch.get_num_threads()) as pool:
             list(pool.map(rank, starts))
     else:
@@ -414,7 +414,7 @@ def _row_order(magnitudes: torch.Tensor) -> torch.Tensor:
     """Each row's positions in ascending order of its (non-negative fp32) values, ties by position. On the CPU,
     numpy sorts int64 keys — the value's bits (ordered as the floats are), then the position: unique, so its
     unstable SIMD sort keeps ties by position — 16 ns per entry, where torch's stable row sort takes 38–54."""
-    if magnitudes.device.type != "cpu" or not HOST_NUMPY:
+    if magnitudes.device.type != "cpu" or not fast.HOST_NUMPY:
         return magnitudes.sort(dim=1, stable=True).indices
     width = magnitudes.shape[1]
     bits = max(1, (width - 1).bit_length())
@@ -618,7 +618,7 @@ def _keep(
         return _della_margin(random_bits(idx, ip[i, 2]), rank, fp, i) < fp[i, 0]
     if kind == "coded":  # DELLA with margin codes (`della_inputs`): fp[i, 0] is the code threshold
         return rank.to(fp.dtype) < fp[i, 0]
-    if kind == "listed":  # the keep mask itself (`listed_where_ties_straddle`)
+    if kind == "listed":  # the keep mask itself (`merge_at`)
         return rank
     keep = (a > fp[i, 0]) | ((a == fp[i, 0]) & (idx < ip[i, 0]))
     if kind == "window":  # minus the top outliers
@@ -803,12 +803,24 @@ def _compiled_call(t: torch.Tensor, compiled: Callable[[], Callable], *args: Any
         if not use and fn not in _ran:
             return EAGER
         with _tile_by_16bit_lanes() if t.device.type == "cpu" else contextlib.nullcontext():
-            result = fn(*args)
+            result = fn(*(_unviewed(a) for a in args))
         _ran.add(fn)
         return result
     except Exception as err:
         _fallback(err)
         return EAGER
+
+
+def _unviewed(arg: Any) -> Any:
+    """A tensor argument (or list of them) as a plain tensor on the same memory, not a view: dynamo guards on
+    a view's base, so the flattened views of matrices and of vectors would compile the same kernel twice
+    (~1 s each time, even from inductor's cache)."""
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(_unviewed(a) for a in arg)
+    if not isinstance(arg, torch.Tensor) or arg._base is None:
+        return arg
+    plain = torch.empty(0, dtype=arg.dtype, device=arg.device)
+    return plain.set_(arg.untyped_storage(), arg.storage_offset(), arg.shape, arg.stride())
 
 
 @contextlib.contextmanager
@@ -886,42 +898,67 @@ def source_params(
     return torch.tensor(fp, dtype=work), torch.tensor(ip, dtype=torch.int64)
 
 
-def listed_where_ties_straddle(
+def where_mergekit_keeps_others(
     kind: str,
     deltas: Sequence[torch.Tensor],
     densities: Sequence[float],
     gammas: Sequence[float],
     fp: torch.Tensor,
     ip: torch.Tensor,
-) -> tuple[tuple[str, ...], list[torch.Tensor]]:
-    """Each source's keep kind and input for TIES ("magnitude") and breadcrumbs ("window") as mergekit keeps
-    them: where a source's cut falls inside a run of equal |δ| — most 16-bit task vectors, and fp32 ones whose
-    |δ| are quantized by the weights' own rounding — its (t, cut) rule, which keeps the first positions of the
-    run, cannot say which of them mergekit keeps: the exact set comes from `sort_order.sorted_slice` (TIES the
-    first k of a descending sort, breadcrumbs a window of an ascending one). Then every source of the tensor is
-    "listed" (its keep mask, the others' from their rule), so a tensor compiles one kernel variant, not one per
-    mix of kinds. Without a straddled cut, the kinds are returned as they were (and no inputs)."""
+) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+    """The positions where TIES ("magnitude") or breadcrumbs ("window") as mergekit keeps them differ from
+    each source's (t, cut) rule, and every source's keep mask there; None where they agree everywhere. The
+    merge is elementwise, so a tensor merged by the rules is right but at these positions (`merge_at`): the
+    tied entries of a straddled cut (`_straddled`) that mergekit's sort order keeps and the rule does not,
+    or the other way round — a few per tensor in fp32, a few % of a 16-bit one. The entries exchanged have
+    equal |δ|, so what a source keeps weighs the same by either choice: an l1 rescale is the rules' (up to fp32
+    rounding for fp64 task vectors, whose |δ| mergekit sorts in fp32)."""
     flats = [d.reshape(-1) for d in deltas]
+    straddled = _straddled(kind, flats, densities, fp, ip)
+    if not any(straddled):
+        return None
+    wanted, differing = {}, []
+    for i in (i for i, s in enumerate(straddled) if s):
+        absval = flats[i].abs()
+        wanted[i] = _mergekit_mask(kind, absval, densities[i], gammas[i])
+        ties = absval == fp[i, 0]
+        if kind == "window":
+            ties |= absval == fp[i, 1]
+        tied = ties.nonzero().view(-1)
+        by_rule = _keep(kind, absval[tied].to(fp.dtype), tied, fp, ip, i)
+        differing.append(tied[wanted[i][tied] != by_rule])
+    positions = torch.cat(differing).unique()
+    if positions.numel() == 0:
+        return None
+    masks = [
+        wanted[i][positions] if i in wanted else _keep(kind, a[positions].abs().to(fp.dtype), positions, fp, ip, i)
+        for i, a in enumerate(flats)
+    ]
+    return positions, masks
+
+
+def _straddled(
+    kind: str, flats: Sequence[torch.Tensor], densities: Sequence[float], fp: torch.Tensor, ip: torch.Tensor
+) -> list[bool]:
+    """Whether each source's cut falls inside a run of equal |δ| — most 16-bit task vectors, and fp32 ones whose
+    |δ| are quantized by the weights' own rounding: then its (t, cut) rule, which keeps the first positions of
+    the run, cannot say which of them mergekit keeps."""
     straddled = []
     for i, (a, d) in enumerate(zip(flats, densities)):
         cuts = [(float(fp[i, 0]), int(ip[i, 0]))] + ([(float(fp[i, 1]), int(ip[i, 1]))] if kind == "window" else [])
         rounded = a.dtype == torch.float64  # mergekit sorts |δ|.float(): new ties may appear
         straddled.append(d < 1.0 and (rounded or any(bool((a[c:].abs() == t).any()) for t, c in cuts if c < a.numel())))
-    if not any(straddled):
-        return (kind,) * len(deltas), []
-    masks = []
-    for i, (a, d, g) in enumerate(zip(flats, densities, gammas)):
-        n, absval = a.numel(), a.abs()
-        if not straddled[i]:  # its own rule, as a mask
-            idx = _positions(n, 0, a.device)
-            masks.append(_keep(kind, absval.to(fp.dtype), idx, fp, ip, i).view(deltas[i].shape))
-        elif kind == "magnitude":
-            masks.append(sort_order.sorted_slice(absval, 0, magnitude_k(n, d), descending=True).view(deltas[i].shape))
-        else:
-            keep_top, drop_top = breadcrumbs_window(n, d, g)
-            mask = sort_order.sorted_slice(absval, n - keep_top, n - drop_top, descending=False)
-            masks.append(mask.view(deltas[i].shape))
-    return ("listed",) * len(deltas), masks
+    return straddled
+
+
+def _mergekit_mask(kind: str, absval: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """The entries mergekit keeps of a flat |δ|, from its sort order (`sort_order.sorted_slice`): TIES the first
+    k of a descending sort, breadcrumbs a window of an ascending one."""
+    n = absval.numel()
+    if kind == "magnitude":
+        return sort_order.sorted_slice(absval, 0, magnitude_k(n, density), descending=True)
+    keep_top, drop_top = breadcrumbs_window(n, density, gamma)
+    return sort_order.sorted_slice(absval, n - keep_top, n - drop_top, descending=False)
 
 
 def _per_source(kind: str | Sequence[str], n: int) -> tuple[str, ...]:
@@ -1001,6 +1038,44 @@ def merge_into(
             normalize,
             work,
         )
+    return out
+
+
+def merge_at(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    positions: torch.Tensor,
+    masks: Sequence[torch.Tensor],
+    fp: torch.Tensor,
+    ip: torch.Tensor,
+    lam: float,
+    consensus: bool,
+    normalize: bool,
+) -> torch.Tensor:
+    """Merge `out` again at these flat positions, each source keeping what its mask there says (the fused
+    merge's arithmetic, eager, on the gathered entries): `where_mergekit_keeps_others`'s fix of a merge."""
+    o, b = out.view(-1), base.reshape(-1)
+    work = fast.work_dtype(base)
+    lam_t = fast.to_device(torch.tensor(float(lam), dtype=work), base.device)
+    fp, ip = fast.to_device(fp, base.device), fast.to_device(ip, base.device)
+    part = torch.empty(positions.numel(), dtype=o.dtype, device=o.device)
+    gathered = [d.reshape(-1)[positions] for d in deltas]
+    _merge_body(
+        part,
+        b[positions],
+        gathered,
+        fp,
+        ip,
+        lam_t,
+        list(masks),
+        0,
+        ("listed",) * len(deltas),
+        consensus,
+        normalize,
+        work,
+    )
+    o[positions] = part
     return out
 
 

@@ -50,14 +50,15 @@ def task_arithmetic(
     gammas = [float(p.get("gamma", 0.0)) for p in source_params]
     epsilons = [float(p.get("epsilon", 0.0)) for p in source_params]
     fp, ip = fused.source_params(kind, deltas, densities, gammas, seeds or [0] * len(deltas), work, epsilons)
+    fixes = None  # (positions, masks) where mergekit's tie order keeps other entries than the rules
     if kind == "rank":
         kinds, ranks = fused.della_inputs(deltas, fp, ip)
     elif kind == "random":
         kinds, ranks = fused.dare_inputs(deltas, ip)
-    elif tie_order == "mergekit":
-        kinds, ranks = fused.listed_where_ties_straddle(kind, deltas, densities, gammas, fp, ip)
     else:
         kinds, ranks = (kind,) * len(deltas), []
+        if tie_order == "mergekit":  # merged by the rules, then again where mergekit keeps other tied entries
+            fixes = fused.where_mergekit_keeps_others(kind, deltas, densities, gammas, fp, ip)
     rescaled = [i for i, d in enumerate(densities) if mode is not None and d < 1.0]
     after: dict[int, float] = {}  # ‖δ ⊙ keep‖₁, with ‖δ‖₁ the l1 rescale's only inputs
     if mode == "l1" and rescaled:
@@ -88,7 +89,10 @@ def task_arithmetic(
             )
         fp[i, 2] = w * scale * (1.0 if spec.consensus else lam / divisor)
         fp[i, 3] = w
-    return fused.merge_into(out, base, deltas, kinds, fp, ip, lam, spec.consensus == "sum", normalize, ranks)
+    fused.merge_into(out, base, deltas, kinds, fp, ip, lam, spec.consensus == "sum", normalize, ranks)
+    if fixes is not None:
+        fused.merge_at(out, base, deltas, *fixes, fp, ip, lam, spec.consensus == "sum", normalize)
+    return out
 
 
 ZERO_SUM = "linear merge: the weights sum to zero, so they cannot be normalized; change them or set normalize: false"

@@ -11,12 +11,16 @@ whole sort, in a few vectorized passes (`tests/test_sort_order.py` checks this a
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
 RUN = 16  # std::sort leaves runs of at most this many entries to its final insertion sort
+LOW = (1 << 32) - 1  # an item is (key << 32) | position: its low 32 bits
 
 
+PAIR_MIN = 1 << 16  # entries from which a partition's two scans (and its swaps' two halves) run on two threads
 _scratch: dict[str, np.ndarray] = {}  # work arrays kept between calls: a fresh one costs its page faults each time
 
 
@@ -28,6 +32,21 @@ def _buffer(name: str, dtype, n: int) -> np.ndarray:
     return buf[:n]
 
 
+_helper: ThreadPoolExecutor | None = None
+
+
+def _both(size: int, first, second):
+    """(first(), second()), on two threads when `size` entries make it pay: numpy releases the GIL in these
+    passes, and on two cores the two scans of a partition then take ~0.6 of the time."""
+    global _helper
+    if size < PAIR_MIN:
+        return first(), second()
+    if _helper is None:
+        _helper = ThreadPoolExecutor(1, thread_name_prefix="evomerge-sort-order")
+    later = _helper.submit(second)
+    return first(), later.result()
+
+
 def sorted_slice(absval: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:
     """Boolean mask (absval's shape) of the entries that `torch.sort(absval.float(), descending=...)` on the
     CPU places at positions lo ≤ i < hi. `absval` holds finite values ≥ 0."""
@@ -37,12 +56,13 @@ def sorted_slice(absval: torch.Tensor, lo: int, hi: int, descending: bool) -> to
     n = flat.numel()
     # the bit patterns of floats ≥ 0 order as the floats do; ~key reverses the order exactly
     bits = flat.contiguous().view({2: torch.int16, 4: torch.int32}[flat.element_size()]).numpy()
-    key = _buffer(f"key{bits.dtype}", bits.dtype, n)
-    np.copyto(key, bits) if descending else np.invert(bits, out=key)
-    index = np.int32 if n < 2**31 else np.int64
-    pos = _buffer("positions", index, n)
-    np.copyto(pos, _buffer("arange", index, n))
-    mask = _slice_mask(key, pos, lo, hi)
+    mask = None
+    if n < 2**31 and lo < hi:
+        items = _buffer("items", np.int64, n)  # one array, so each swap of the replay moves key and position at once
+        np.copyto(items, bits) if descending else np.invert(bits, out=items, dtype=np.int64)
+        items <<= 32
+        items |= _buffer("arange", np.int64, n)
+        mask = _slice_mask(items, lo, hi, bits, descending)
     if mask is None:  # the introsort fell back to heapsort on this path (adversarial data): sort for real
         order = torch.sort(flat.float(), descending=descending).indices[lo:hi]
         mask = np.zeros(n, dtype=bool)
@@ -50,60 +70,83 @@ def sorted_slice(absval: torch.Tensor, lo: int, hi: int, descending: bool) -> to
     return torch.from_numpy(mask).view(absval.shape).to(absval.device)
 
 
-def _slice_mask(v: np.ndarray, pos: np.ndarray, lo: int, hi: int) -> np.ndarray | None:
-    """Mask of the entries a descending `std::sort` of (v, position) places in [lo, hi), or None where the
-    sort would switch to heapsort (its depth limit, 2·⌊log₂ n⌋ partitions on one path). v and pos are worked
-    on in place; each partition makes only the swaps of the parts that hold lo or hi, and a part wholly inside
-    the slice is marked, whatever its order within."""
-    n = v.size
-    mask = np.zeros(n, dtype=bool)
+def _slice_mask(items: np.ndarray, lo: int, hi: int, bits: np.ndarray, descending: bool) -> np.ndarray | None:
+    """Mask of the entries a descending `std::sort` of the items' keys places in [lo, hi) (`bits`: the keys
+    as the caller gave them, reversed when not `descending`), or None where the sort would switch to heapsort
+    (its depth limit, 2·⌊log₂ n⌋ partitions on one path). `items` is worked on in place; a partition makes
+    only the swaps of the parts that hold the slice, and stops at a part wholly inside it. Then every key
+    strictly between the slice's least and greatest is in it, whatever the order; only the entries equal to
+    one of those two need their places, found in the parts that were kept."""
+    kept = _replay(items, lo, hi)
+    if kept is None:
+        return None
+    ranges = [(int(part.min()) >> 32, int(part.max()) >> 32) for part in kept]  # items order by key first
+    least, greatest = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    if descending:
+        mask = (bits > least) & (bits < greatest)
+    else:  # key = ~bits
+        mask = (bits < ~least) & (bits > ~greatest)
+    for part, (low, high) in zip(kept, ranges):
+        if low == least or high == greatest:  # only the parts at the slice's ends can hold those keys
+            key = part >> 32
+            mask[part[(key == least) | (key == greatest)] & LOW] = True
+    return mask
+
+
+def _replay(items: np.ndarray, lo: int, hi: int) -> list[np.ndarray] | None:
+    """The items the sort places in [lo, hi), as views of `items` and arrays of the final runs, or None where
+    the introsort would turn to heapsort."""
+    n = items.size
+    kept: list[np.ndarray] = []
     todo = [(0, n, 2 * (n.bit_length() - 1))]
     while todo:
         first, last, depth = todo.pop()
         if last - first <= RUN:  # the final insertion sort: stable within the run
-            run = np.argsort(-v[first:last].astype(np.int64), kind="stable")
-            mask[pos[first:last][run[max(lo, first) - first : min(hi, last) - first]]] = True
+            run = items[first:last]
+            order = np.argsort(-(run >> 32), kind="stable")
+            kept.append(run[order[max(lo, first) - first : min(hi, last) - first]])
             continue
         if depth == 0:
             return None
-        cut, left, right = _partition(v[first:last], pos[first:last])
+        cut, left, right = _partition(items[first:last])
         left, right = left + first, right + first
         parts = [(first, first + cut, left, right), (first + cut, last, right, left)]  # (a, b, moved in, moved out)
-        needed = [p for p in parts if not (hi <= p[0] or p[1] <= lo)]
-        for a, b, into, out_of in needed:
-            if lo <= a and b <= hi:  # wholly inside: marked as it is after the swaps
-                mask[pos[a:b]] = True
-                mask[pos[into]] = False
-                mask[pos[out_of]] = True
-        descend = [p for p in needed if not (lo <= p[0] and p[1] <= hi)]
-        if len(descend) == 2:  # both parts hold a boundary: the whole swap
-            v_l, v_r, p_l, p_r = v[left], v[right], pos[left], pos[right]
-            v[left], v[right], pos[left], pos[right] = v_r, v_l, p_r, p_l
-        elif descend:  # one part: only its entries need their new values
-            _, _, into, out_of = descend[0]
-            v[into], pos[into] = v[out_of], pos[out_of]
-        todo += [(a, b, depth - 1) for a, b, _, _ in descend]
-    return mask
+        needed = [p for p in parts if p[0] < p[1] and not (hi <= p[0] or p[1] <= lo)]
+        if len(needed) == 2:  # both parts hold some of the slice: the whole swap
+            from_right, from_left = _both(left.size, lambda: items[right], lambda: items[left])
+            _both(left.size, lambda: items.__setitem__(left, from_right), lambda: items.__setitem__(right, from_left))
+        elif needed:  # one part: only its entries need their new values
+            _, _, into, out_of = needed[0]
+            items[into] = items[out_of]
+        for a, b, _, _ in needed:
+            if lo <= a and b <= hi:  # wholly inside: kept, whatever its order within
+                kept.append(items[a:b])
+            else:
+                todo.append((a, b, depth - 1))
+    return kept
 
 
-def _partition(v: np.ndarray, pos: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """libstdc++'s `__unguarded_partition_pivot` on v: the median of (1, middle, last) is swapped to 0 (in place,
-    pos alike), then two scans swap the entries on the wrong side of it. Scanning from the left stops at entries
-    ≤ pivot, from the right at entries ≥ pivot; the i-th swap exchanges the i-th stop of each scan while they have
-    not crossed. Returns the cut (where the left scan stopped last) and the swapped positions, left and right,
-    without making the swaps: the caller builds only the parts it needs."""
-    last = v.size
+def _partition(items: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """libstdc++'s `__unguarded_partition_pivot` on the items' keys: the median of (1, middle, last) is swapped
+    to 0 (in place), then two scans swap the entries on the wrong side of it. Scanning from the left stops at
+    keys ≤ pivot, from the right at keys ≥ pivot; the i-th swap exchanges the i-th stop of each scan while they
+    have not crossed. Returns the cut (where the left scan stopped last) and the swapped positions, left and
+    right, without making the swaps: the caller makes only those of the parts it needs."""
+    last = items.size
     a, b, c = 1, last // 2, last - 1
-    va, vb, vc = v[a], v[b], v[c]
+    va, vb, vc = int(items[a]) >> 32, int(items[b]) >> 32, int(items[c]) >> 32
     if va > vb:
         pick = b if vb > vc else (c if va > vc else a)
     else:
         pick = a if va > vc else (c if vb > vc else b)
-    v[0], v[pick] = v[pick], v[0]
-    pos[0], pos[pick] = pos[pick], pos[0]
-    pivot = v[0]
-    left = np.flatnonzero(v[1:] <= pivot) + 1
-    right = np.flatnonzero(v >= pivot)[::-1]  # the pivot itself stops it at 0
+    items[0], items[pick] = items[pick], items[0]
+    pivot = int(items[0]) >> 32
+    stops, stops_right = _buffer("stops", np.bool_, last), _buffer("stops right", np.bool_, last)
+    left, right = _both(
+        last,
+        lambda: np.flatnonzero(np.less_equal(items[1:], (pivot << 32) | LOW, out=stops[1:])) + 1,
+        lambda: np.flatnonzero(np.greater_equal(items, pivot << 32, out=stops_right))[::-1],  # the pivot stops it
+    )
     lo, hi = 0, min(left.size, right.size)  # swaps happen while left[i] < right[i]: find the first i without
     while lo < hi:
         mid = (lo + hi) // 2
