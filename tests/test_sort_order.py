@@ -22,7 +22,12 @@ def torch_slice(a: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Te
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, "few values"])
-def test_the_replayed_partitions_keep_what_torchs_sort_keeps(dtype):
+@pytest.mark.parametrize("small_spans", [False, True])
+def test_the_replayed_partitions_keep_what_torchs_sort_keeps(dtype, small_spans, monkeypatch):
+    """small_spans: positions written in many spans, and partitions from 64 entries on two threads."""
+    if small_spans:
+        monkeypatch.setattr(sort_order, "POSITIONS", 1000)
+        monkeypatch.setattr(sort_order, "PAIR_MIN", 64)
     rng = random.Random(0)
     torch.manual_seed(0)
     for _ in range(60):

@@ -41,9 +41,10 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> 
 
 
 HOST_NUMPY = True  # on the CPU, index work runs in numpy (tests switch it off to run the GPU's torch code)
-MASK_SLOTS = (71, 72)  # `_above_and_within`'s masks
-MAGNITUDE_SLOT = 73  # |δ| of a one-off merge's k-th largest selection (`fused.keep_largest`)
-SELECTION_SLOTS = (*MASK_SLOTS, MAGNITUDE_SLOT)
+MASK_SLOTS = (71, 72)  # two n-entry masks: the k-th largest selection's, then the tie replay's (`sort_order`)
+MAGNITUDE_SLOT = 73  # |δ| for the k-th largest selection of a one-off merge and for the tie replay
+ITEMS_SLOT = 74  # the tie replay's (key, position) items
+SELECTION_SLOTS = (*MASK_SLOTS, MAGNITUDE_SLOT, ITEMS_SLOT)  # freed when a merge is done (`drop_scratch`)
 
 
 def drop_scratch(*slots: int) -> None:

@@ -919,7 +919,8 @@ def where_mergekit_keeps_others(
         return None
     wanted, differing = {}, []
     for i in (i for i, s in enumerate(straddled) if s):
-        absval = flats[i].abs()
+        a = flats[i]
+        absval = torch.abs(a, out=fast.scratch(a.numel(), a.dtype, a.device, fast.MAGNITUDE_SLOT))
         wanted[i] = _mergekit_mask(kind, absval, densities[i], gammas[i])
         ties = absval == fp[i, 0]
         if kind == "window":
@@ -927,6 +928,8 @@ def where_mergekit_keeps_others(
         tied = ties.nonzero().view(-1)
         by_rule = _keep(kind, absval[tied].to(fp.dtype), tied, fp, ip, i)
         differing.append(tied[wanted[i][tied] != by_rule])
+    if not fast.in_one_shot():  # a search's engine: its buffers sized by this tensor are not kept
+        fast.drop_scratch(*fast.SELECTION_SLOTS)
     positions = torch.cat(differing).unique()
     if positions.numel() == 0:
         return None

@@ -16,20 +16,20 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from . import fast
+
 RUN = 16  # std::sort leaves runs of at most this many entries to its final insertion sort
 LOW = (1 << 32) - 1  # an item is (key << 32) | position: its low 32 bits
 
 
 PAIR_MIN = 1 << 16  # entries from which a partition's two scans (and its swaps' two halves) run on two threads
-_scratch: dict[str, np.ndarray] = {}  # work arrays kept between calls: a fresh one costs its page faults each time
+POSITIONS = 1 << 20  # positions are written in spans of this many: no n-entry arange kept
+CPU = torch.device("cpu")
 
 
-def _buffer(name: str, dtype, n: int) -> np.ndarray:
-    """A kept work array of at least n entries (the one named "arange" holds 0, 1, 2, …)."""
-    buf = _scratch.get(name)
-    if buf is None or buf.dtype != dtype or buf.size < n:
-        buf = _scratch[name] = np.arange(n, dtype=dtype) if name == "arange" else np.empty(n, dtype=dtype)
-    return buf[:n]
+def _mask_buffers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two n-entry work masks, kept (`fast.MASK_SLOTS`, idle while this runs): a fresh one costs its page faults."""
+    return tuple(fast.scratch(n, torch.bool, CPU, slot).numpy() for slot in fast.MASK_SLOTS)
 
 
 _helper: ThreadPoolExecutor | None = None
@@ -58,10 +58,14 @@ def sorted_slice(absval: torch.Tensor, lo: int, hi: int, descending: bool) -> to
     bits = flat.contiguous().view({2: torch.int16, 4: torch.int32}[flat.element_size()]).numpy()
     mask = None
     if n < 2**31 and lo < hi:
-        items = _buffer("items", np.int64, n)  # one array, so each swap of the replay moves key and position at once
+        # one array of (key << 32) | position, so each swap of the replay moves both at once
+        items = fast.scratch(n, torch.int64, CPU, fast.ITEMS_SLOT).numpy()
         np.copyto(items, bits) if descending else np.invert(bits, out=items, dtype=np.int64)
         items <<= 32
-        items |= _buffer("arange", np.int64, n)
+        span = np.arange(min(n, POSITIONS), dtype=np.int64)
+        for s in range(0, n, POSITIONS):  # the low 32 bits: keys start at bit 32, positions < 2³¹
+            part = items[s : s + POSITIONS]
+            part |= span[: part.size] + s
         mask = _slice_mask(items, lo, hi, bits, descending)
     if mask is None:  # the introsort fell back to heapsort on this path (adversarial data): sort for real
         order = torch.sort(flat.float(), descending=descending).indices[lo:hi]
@@ -82,10 +86,11 @@ def _slice_mask(items: np.ndarray, lo: int, hi: int, bits: np.ndarray, descendin
         return None
     ranges = [(int(part.min()) >> 32, int(part.max()) >> 32) for part in kept]  # items order by key first
     least, greatest = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    mask, other = np.empty(bits.size, dtype=bool), _mask_buffers(bits.size)[0]
     if descending:
-        mask = (bits > least) & (bits < greatest)
+        np.logical_and(np.greater(bits, least, out=mask), np.less(bits, greatest, out=other), out=mask)
     else:  # key = ~bits
-        mask = (bits < ~least) & (bits > ~greatest)
+        np.logical_and(np.less(bits, ~least, out=mask), np.greater(bits, ~greatest, out=other), out=mask)
     for part, (low, high) in zip(kept, ranges):
         if low == least or high == greatest:  # only the parts at the slice's ends can hold those keys
             key = part >> 32
@@ -109,7 +114,8 @@ def _replay(items: np.ndarray, lo: int, hi: int) -> list[np.ndarray] | None:
         if depth == 0:
             return None
         cut, left, right = _partition(items[first:last])
-        left, right = left + first, right + first
+        left += first
+        right += first
         parts = [(first, first + cut, left, right), (first + cut, last, right, left)]  # (a, b, moved in, moved out)
         needed = [p for p in parts if p[0] < p[1] and not (hi <= p[0] or p[1] <= lo)]
         if len(needed) == 2:  # both parts hold some of the slice: the whole swap
@@ -141,10 +147,10 @@ def _partition(items: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
         pick = a if va > vc else (c if vb > vc else b)
     items[0], items[pick] = items[pick], items[0]
     pivot = int(items[0]) >> 32
-    stops, stops_right = _buffer("stops", np.bool_, last), _buffer("stops right", np.bool_, last)
+    stops, stops_right = _mask_buffers(last)
     left, right = _both(
         last,
-        lambda: np.flatnonzero(np.less_equal(items[1:], (pivot << 32) | LOW, out=stops[1:])) + 1,
+        lambda: _plus_one(np.flatnonzero(np.less_equal(items[1:], (pivot << 32) | LOW, out=stops[1:]))),
         lambda: np.flatnonzero(np.greater_equal(items, pivot << 32, out=stops_right))[::-1],  # the pivot stops it
     )
     lo, hi = 0, min(left.size, right.size)  # swaps happen while left[i] < right[i]: find the first i without
@@ -157,3 +163,8 @@ def _partition(items: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     swaps = lo
     cut = min(int(left[swaps]) if swaps < left.size else last, int(right[swaps - 1]) if swaps else last)
     return cut, left[:swaps], right[:swaps]
+
+
+def _plus_one(positions: np.ndarray) -> np.ndarray:
+    positions += 1  # in place: at the first partition this array has n/2 entries
+    return positions
