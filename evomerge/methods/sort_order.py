@@ -20,8 +20,6 @@ from . import fast
 
 RUN = 16  # std::sort leaves runs of at most this many entries to its final insertion sort
 LOW = (1 << 32) - 1  # an item is (key << 32) | position: its low 32 bits
-
-
 PAIR_MIN = 1 << 16  # entries from which a partition's two scans (and its swaps' two halves) run on two threads
 POSITIONS = 1 << 20  # positions are written in spans of this many: no n-entry arange kept
 CPU = torch.device("cpu")
