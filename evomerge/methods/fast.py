@@ -47,6 +47,12 @@ ITEMS_SLOT = 74  # the tie replay's (key, position) items
 SELECTION_SLOTS = (*MASK_SLOTS, MAGNITUDE_SLOT, ITEMS_SLOT)  # freed when a merge is done (`drop_scratch`)
 
 
+def kept_magnitudes(flat: torch.Tensor) -> torch.Tensor:
+    """|flat| in the work dtype, in this thread's kept MAGNITUDE_SLOT buffer (valid until its next use)."""
+    a = scratch(flat.numel(), work_dtype(flat), flat.device, MAGNITUDE_SLOT)
+    return torch.abs(flat, out=a) if flat.dtype == a.dtype else a.copy_(flat).abs_()
+
+
 def drop_scratch(*slots: int) -> None:
     """Free this thread's buffers of these slots (made for a one-off job, sized by its largest tensor)."""
     cache = getattr(_local, "buffers", {})

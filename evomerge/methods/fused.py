@@ -244,8 +244,7 @@ def keep_largest(
             result[i] = (float(t), cut)
         return result  # type: ignore[return-value]
     if index is None and fast.in_one_shot():  # used once: an index would cost more than it saves
-        a = fast.scratch(n, fast.work_dtype(flat), flat.device, slot=fast.MAGNITUDE_SLOT)
-        torch.abs(flat, out=a) if flat.dtype == a.dtype else a.copy_(flat).abs_()
+        a = fast.kept_magnitudes(flat)
         for i in todo:
             result[i] = fast.kth_largest_bracketed(a, ks[i])
         return result  # type: ignore[return-value]
@@ -919,8 +918,7 @@ def where_mergekit_keeps_others(
         return None
     wanted, differing = {}, []
     for i in (i for i, s in enumerate(straddled) if s):
-        a = flats[i]
-        absval = torch.abs(a, out=fast.scratch(a.numel(), a.dtype, a.device, fast.MAGNITUDE_SLOT))
+        absval = fast.kept_magnitudes(flats[i])  # keep_largest's buffer, idle now
         wanted[i] = _mergekit_mask(kind, absval, densities[i], gammas[i])
         ties = absval == fp[i, 0]
         if kind == "window":
