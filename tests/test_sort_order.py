@@ -24,10 +24,14 @@ def torch_slice(a: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Te
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, "few values"])
 @pytest.mark.parametrize("small_spans", [False, True])
 def test_the_replayed_partitions_keep_what_torchs_sort_keeps(dtype, small_spans, monkeypatch):
-    """small_spans: positions written in many spans, and partitions from 64 entries on two threads."""
+    """small_spans: positions written in many spans, partitions from 64 entries on two threads, and their swaps
+    found in windows of 16-entry blocks."""
     if small_spans:
         monkeypatch.setattr(sort_order, "POSITIONS", 1000)
         monkeypatch.setattr(sort_order, "PAIR_MIN", 64)
+        monkeypatch.setattr(sort_order, "WINDOW_BLOCK", 16)
+    replay = sort_order._replay  # the real sort, where the replay gives up, would pass this test whatever it did
+    monkeypatch.setattr(sort_order, "_replay", lambda *args: replay(*args) or pytest.fail("the replay gave up"))
     rng = random.Random(0)
     torch.manual_seed(0)
     for _ in range(60):
@@ -39,6 +43,19 @@ def test_the_replayed_partitions_keep_what_torchs_sort_keeps(dtype, small_spans,
         for descending in (True, False):
             got = sort_order.sorted_slice(a, lo, hi, descending)
             assert torch.equal(got, torch_slice(a, lo, hi, descending)), (n, lo, hi, descending)
+
+
+def test_a_swap_window_that_misses_stops_falls_back_to_the_whole_scans(monkeypatch):
+    """`_swap_window` bounds where a partition's swaps lie; a window too small must not change the result (nor
+    send it to the real sort, which a wrong partition would, by running out of depth)."""
+    monkeypatch.setattr(sort_order, "_swap_window", lambda stops, right: (min(stops.size, 40), max(0, stops.size - 40)))
+    replay = sort_order._replay
+    monkeypatch.setattr(sort_order, "_replay", lambda *args: replay(*args) or pytest.fail("the replay gave up"))
+    torch.manual_seed(5)
+    for a in (torch.randn(5000).abs(), torch.randint(0, 4, (5000,)).float()):
+        for lo, hi in ((0, 2500), (100, 4000)):
+            for descending in (True, False):
+                assert torch.equal(sort_order.sorted_slice(a, lo, hi, descending), torch_slice(a, lo, hi, descending))
 
 
 def test_equal_values_are_not_kept_by_position():

@@ -22,6 +22,7 @@ RUN = 16  # std::sort leaves runs of at most this many entries to its final inse
 LOW = (1 << 32) - 1  # an item is (key << 32) | position: its low 32 bits
 PAIR_MIN = 1 << 16  # entries from which a partition's two scans (and its swaps' two halves) run on two threads
 POSITIONS = 1 << 20  # positions are written in spans of this many: no n-entry arange kept
+WINDOW_BLOCK = 1 << 14  # block of a partition's scans counted to find where its swaps lie (`_swap_window`)
 CPU = torch.device("cpu")
 
 
@@ -146,23 +147,53 @@ def _partition(items: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     items[0], items[pick] = items[pick], items[0]
     pivot = int(items[0]) >> 32
     stops, stops_right = _mask_buffers(last)
-    left, right = _both(
+    _both(  # stops[i]: the left scan stops at i; stops_right[i]: the right one does (the pivot stops it at 0)
         last,
-        lambda: _plus_one(np.flatnonzero(np.less_equal(items[1:], (pivot << 32) | LOW, out=stops[1:]))),
-        lambda: np.flatnonzero(np.greater_equal(items, pivot << 32, out=stops_right))[::-1],  # the pivot stops it
+        lambda: np.less_equal(items[1:], (pivot << 32) | LOW, out=stops[1:]),
+        lambda: np.greater_equal(items, pivot << 32, out=stops_right),
     )
-    lo, hi = 0, min(left.size, right.size)  # swaps happen while left[i] < right[i]: find the first i without
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if left[mid] < right[mid]:
-            lo = mid + 1
-        else:
-            hi = mid
-    swaps = lo
+    stops[0] = False
+    left_end, right_start = _swap_window(stops, stops_right)
+    while True:
+        left, right = _both(
+            last,
+            lambda: np.flatnonzero(stops[:left_end]),
+            lambda: _plus(np.flatnonzero(stops_right[right_start:]), right_start)[::-1],
+        )
+        lo, hi = 0, min(left.size, right.size)  # swaps happen while left[i] < right[i]: find the first i without
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if left[mid] < right[mid]:
+                lo = mid + 1
+            else:
+                hi = mid
+        swaps = lo
+        if (swaps < left.size or left_end == last) and (swaps < right.size or right_start == 0):
+            break
+        left_end, right_start = last, 0  # the window missed a stop it needs (rare): the whole scans
     cut = min(int(left[swaps]) if swaps < left.size else last, int(right[swaps - 1]) if swaps else last)
     return cut, left[:swaps], right[:swaps]
 
 
-def _plus_one(positions: np.ndarray) -> np.ndarray:
-    positions += 1  # in place: at the first partition this array has n/2 entries
+def _swap_window(stops: np.ndarray, stops_right: np.ndarray) -> tuple[int, int]:
+    """(left_end, right_start): the left scan's swapped stops lie before left_end, the right scan's at or after
+    right_start, so only those are listed — about half of each scan's stops. From block counts: with A(p) the
+    left stops before p and B(p) the right stops at or after p, the i-th left stop L is swapped iff
+    A(L + 1) ≤ B(L + 1), and A − B only grows; so swapped left stops lie before the first block edge where
+    A > B, and the swapped right stops at or after the edge before it. One block more on the left holds the
+    stop where the left scan ends; the caller checks that it was listed."""
+    last = stops.size
+    blocks = last // WINDOW_BLOCK
+    if blocks < 8:
+        return last, 0
+    per_block = [s[: blocks * WINDOW_BLOCK].reshape(blocks, WINDOW_BLOCK).sum(axis=1) for s in (stops, stops_right)]
+    before = np.concatenate(([0], np.cumsum(per_block[0])))  # A at each block edge
+    right_total = int(per_block[1].sum()) + np.count_nonzero(stops_right[blocks * WINDOW_BLOCK :])
+    at_or_after = right_total - np.concatenate(([0], np.cumsum(per_block[1])))  # B at each block edge
+    first = int(np.searchsorted(before - at_or_after, 0, side="right"))  # the first edge where A > B (≥ 1)
+    return min(last, (first + 1) * WINDOW_BLOCK), (first - 1) * WINDOW_BLOCK
+
+
+def _plus(positions: np.ndarray, offset: int) -> np.ndarray:
+    positions += offset  # in place: at the first partition this array has up to n/2 entries
     return positions
