@@ -404,15 +404,12 @@ DELTA_SLOT = 200  # the `fast.scratch` slot of a file-to-file merge's task vecto
 
 
 def _delta_chunks(base: torch.Tensor, tensors: list[torch.Tensor]):
-    """(start, end, task vectors of those entries) over the flattened tensors, ELEMENTWISE_CHUNK entries at a time,
-    each made in a buffer reused from chunk to chunk (valid until the next chunk): fresh memory per chunk costs its
-    page faults every time."""
+    """(start, end, task vectors of those entries) over the flattened tensors, ELEMENTWISE_CHUNK entries at a time
+    (`_task_vectors`: valid until the next chunk)."""
     b, flats = base.reshape(-1), [t.reshape(-1) for t in tensors]
-    size = min(b.numel(), ELEMENTWISE_CHUNK)
-    rows = scratch(len(flats) * size, b.dtype, b.device, slot=DELTA_SLOT).view(len(flats), size)
     for s in range(0, b.numel(), ELEMENTWISE_CHUNK):
         e = min(b.numel(), s + ELEMENTWISE_CHUNK)
-        yield s, e, [torch.sub(t[s:e], b[s:e], out=row[: e - s]) for t, row in zip(flats, rows)]
+        yield s, e, list(_task_vectors(b[s:e], [f[s:e] for f in flats]))
 
 
 def _task_vectors(base: torch.Tensor, tensors: list[torch.Tensor], lead: int = 0) -> torch.Tensor:
