@@ -53,6 +53,11 @@ def kept_magnitudes(flat: torch.Tensor) -> torch.Tensor:
     return torch.abs(flat, out=a) if flat.dtype == a.dtype else a.copy_(flat).abs_()
 
 
+def kept_masks(n: int, device: torch.device) -> tuple:
+    """The two n-entry MASK_SLOTS masks of this thread, as numpy arrays (a CPU `device`)."""
+    return tuple(scratch(n, torch.bool, device, slot).numpy() for slot in MASK_SLOTS)
+
+
 def drop_scratch(*slots: int) -> None:
     """Free this thread's buffers of these slots (made for a one-off job, sized by its largest tensor)."""
     cache = getattr(_local, "buffers", {})
@@ -197,7 +202,7 @@ def _above_and_within(a: torch.Tensor, lo: float, hi: float) -> tuple[int, torch
     if a.device.type != "cpu" or not HOST_NUMPY:
         return int(torch.count_nonzero(a > hi)), ((a >= lo) & (a <= hi)).nonzero().view(-1)
     values = a.numpy()
-    mask, below_hi = (scratch(a.numel(), torch.bool, a.device, slot).numpy() for slot in MASK_SLOTS)
+    mask, below_hi = kept_masks(a.numel(), a.device)
     above = np.count_nonzero(np.greater(values, hi, out=mask))
     np.logical_and(np.greater_equal(values, lo, out=mask), np.less_equal(values, hi, out=below_hi), out=mask)
     return above, torch.from_numpy(np.flatnonzero(mask))

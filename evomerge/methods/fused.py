@@ -996,6 +996,15 @@ def kept_l1(
     return l1.tolist()
 
 
+def _on_device(device: torch.device, work: torch.dtype, lam: float, fp: torch.Tensor, ip: torch.Tensor):
+    """The fused merge's scalar inputs on the merge's device: λ in the work dtype, the source parameter rows."""
+    return (
+        fast.to_device(torch.tensor(float(lam), dtype=work), device),
+        fast.to_device(fp, device),
+        fast.to_device(ip, device),
+    )
+
+
 def merge_into(
     out: torch.Tensor,
     base: torch.Tensor,
@@ -1015,8 +1024,7 @@ def merge_into(
     rs = [r.reshape(-1) for r in ranks]
     kinds = _per_source(kind, len(ds))
     work = fast.work_dtype(base)
-    lam_t = fast.to_device(torch.tensor(float(lam), dtype=work), base.device)
-    fp, ip = fast.to_device(fp, base.device), fast.to_device(ip, base.device)
+    lam_t, fp, ip = _on_device(base.device, work, lam, fp, ip)
     variant = (kinds, consensus, normalize, work, tuple(d.dtype for d in ds) + (b.dtype, o.dtype), b.device.type)
     if (
         _compiled_call(b, lambda: _compiled_merge(*variant), o, b, ds, fp, ip, lam_t, rs, reuse_for_small=True)
@@ -1058,8 +1066,7 @@ def merge_at(
     merge's arithmetic, eager, on the gathered entries): `where_mergekit_keeps_others`'s fix of a merge."""
     o, b = out.view(-1), base.reshape(-1)
     work = fast.work_dtype(base)
-    lam_t = fast.to_device(torch.tensor(float(lam), dtype=work), base.device)
-    fp, ip = fast.to_device(fp, base.device), fast.to_device(ip, base.device)
+    lam_t, fp, ip = _on_device(base.device, work, lam, fp, ip)
     part = torch.empty(positions.numel(), dtype=o.dtype, device=o.device)
     gathered = [d.reshape(-1)[positions] for d in deltas]
     _merge_body(

@@ -26,11 +26,6 @@ WINDOW_BLOCK = 1 << 14  # block of a partition's scans counted to find where its
 CPU = torch.device("cpu")
 
 
-def _mask_buffers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two n-entry work masks, kept (`fast.MASK_SLOTS`, idle while this runs): a fresh one costs its page faults."""
-    return tuple(fast.scratch(n, torch.bool, CPU, slot).numpy() for slot in fast.MASK_SLOTS)
-
-
 _helper: ThreadPoolExecutor | None = None
 
 
@@ -85,7 +80,7 @@ def _slice_mask(items: np.ndarray, lo: int, hi: int, bits: np.ndarray, descendin
         return None
     ranges = [(int(part.min()) >> 32, int(part.max()) >> 32) for part in kept]  # items order by key first
     least, greatest = min(r[0] for r in ranges), max(r[1] for r in ranges)
-    mask, other = np.empty(bits.size, dtype=bool), _mask_buffers(bits.size)[0]
+    mask, other = np.empty(bits.size, dtype=bool), fast.kept_masks(bits.size, CPU)[0]  # `other`: kept, idle now
     if descending:
         np.logical_and(np.greater(bits, least, out=mask), np.less(bits, greatest, out=other), out=mask)
     else:  # key = ~bits
@@ -146,7 +141,7 @@ def _partition(items: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
         pick = a if va > vc else (c if vb > vc else b)
     items[0], items[pick] = items[pick], items[0]
     pivot = int(items[0]) >> 32
-    stops, stops_right = _mask_buffers(last)
+    stops, stops_right = fast.kept_masks(last, CPU)  # the k-th largest selection's, idle now
     _both(  # stops[i]: the left scan stops at i; stops_right[i]: the right one does (the pivot stops it at 0)
         last,
         lambda: np.less_equal(items[1:], (pivot << 32) | LOW, out=stops[1:]),
