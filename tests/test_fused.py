@@ -419,7 +419,7 @@ def test_16bit_merges_compile_with_16bit_lanes(monkeypatch):
     monkeypatch.setattr(inductor_config, "force_disable_caches", True)  # generate code, do not load it
     monkeypatch.setenv("EVOMERGE_COMPILE", "on")
     torch._dynamo.reset()
-    fused._compiled_merge.cache_clear()
+    monkeypatch.setattr(fused, "_dynamo_kernels", {})
     base = torch.randn(1 << 20).bfloat16()
     deltas = [(torch.randn(1 << 20) * 0.01).bfloat16() for _ in range(3)]  # 3 sources: one fused body is fp32-only
     merge_deltas("ties", base, deltas, [{"weight": 1.0, "density": 0.5}] * 3, seed=0, key="k")
@@ -436,9 +436,8 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
     def broken(*_args, **_kw):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(fused, "_compiled_merge", broken)
-    monkeypatch.setattr(fused, "_compiled_block_counts", broken)
-    monkeypatch.setattr(fused, "_compiled_kept_l1", broken)
+    monkeypatch.setattr(fused, "_compile", broken)
+    monkeypatch.setattr(fused, "_dynamo_kernels", {})
     monkeypatch.setattr(fused, "_compile_failed", False)
     base, delta = torch.randn(4000), torch.randn(4000)
     got = merge_deltas("dare_ties", base, [delta], [{"weight": 1.0, "density": 0.5}], seed=1, key="k")

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from . import fast, sort_order
+from . import fast, precompiled, sort_order
 from .sparsify import breadcrumbs_window, magnitude_k
 
 log = logging.getLogger(__name__)
@@ -576,7 +576,8 @@ def _block_counts_into(flat: torch.Tensor, bounds: torch.Tensor, part_of: torch.
         full == 0
         or _compiled_call(
             flat if part_of is None else part_of,
-            lambda: _compiled_block_counts(flat.dtype, flat.device.type, tuple(bounds.shape), bounds.dtype),
+            ("block_counts", flat.dtype, flat.device.type, tuple(bounds.shape), bounds.dtype),
+            _block_counts,
             flat[:full],
             bounds,
             whole,
@@ -716,8 +717,9 @@ ONE_SHOT_COMPILE_MIN = 50_000_000  # entries a one-off CPU merge must write befo
 
 def _use_compiled(t: torch.Tensor) -> bool:
     """Compiled code for `t`? On the CPU a one-off merge (`fast.one_shot`) compiles only when it writes at least
-    ONE_SHOT_COMPILE_MIN entries: each kernel variant costs ~2.7 s to trace, and the compiled TIES/DARE pass
-    saves ~70–85 ns per entry over the eager one (16M entries, 3 sources: 20 vs 92 ns, 3 vs 88 ns)."""
+    ONE_SHOT_COMPILE_MIN entries: its kernels are built ahead of time once (`precompiled`, ~7 s per variant,
+    then loaded in milliseconds), and the compiled TIES/DARE pass saves ~70–85 ns per entry over the eager one
+    (16M entries, 3 sources: 20 vs 92 ns, 3 vs 88 ns)."""
     if not _compiling_allowed():
         return False
     if compile_mode() == "on" or t.device.type != "cpu":
@@ -758,23 +760,8 @@ def _cache_key_pass():
     return TilingVersion()
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_merge(
-    kinds: tuple[str, ...], consensus: bool, normalize: bool, work: torch.dtype, dtypes: tuple, device: str
-):
-    return _compile(
-        functools.partial(_merge_body, offset=0, kinds=kinds, consensus=consensus, normalize=normalize, work=work)
-    )
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_kept_l1(kinds: tuple[str, ...], dtype: torch.dtype, device: str):
-    return _compile(functools.partial(_kept_l1_body, offset=0, kinds=kinds))
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_block_counts(dtype: torch.dtype, device: str, bounds_shape: tuple, bounds_dtype: torch.dtype):
-    return _compile(_block_counts)
+def _merge_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, work: torch.dtype) -> Callable:
+    return functools.partial(_merge_body, offset=0, kinds=kinds, consensus=consensus, normalize=normalize, work=work)
 
 
 def _fallback(err: Exception) -> None:
@@ -786,28 +773,44 @@ def _fallback(err: Exception) -> None:
 EAGER = object()  # `_compiled_call`'s answer when the caller should run its eager code
 
 
-_ran: set = set()  # compiled functions that have run: their code exists (dynamic shapes: for every size)
+_ran: set = set()  # keys of compiled kernels that have run: their code exists (dynamic shapes: for every size)
+_dynamo_kernels: dict[tuple, Callable] = {}  # torch.compile'd kernel bodies by key
+AHEAD_OF_TIME = True  # one-off CPU merges run kernels compiled ahead of time (`precompiled`), not through dynamo
+_aot_failed: set = set()  # keys whose ahead-of-time build failed: they run through dynamo
 
 
-def _compiled_call(t: torch.Tensor, compiled: Callable[[], Callable], *args: Any, reuse_for_small: bool = False) -> Any:
-    """compiled()(*args) when compiled code is in use for tensors like `t`; EAGER when it is not (mode,
-    size) or the compiler failed — a broken toolchain must not stop a merge, so that only warns, once.
-    `reuse_for_small`: a tensor below the size that pays for compiling still runs code compiled already for a
-    larger one — a fused merge is ~100 eager ops of ~4 µs each, one compiled call ~80 µs."""
+def _compiled_call(t: torch.Tensor, key: tuple, body: Callable, *args: Any, reuse_for_small: bool = False) -> Any:
+    """body(*args) compiled, when compiled code is in use for tensors like `t`; EAGER when it is not (mode,
+    size) or the compiler failed — a broken toolchain must not stop a merge, so that only warns, once. `key`
+    names body's variant (one compiled kernel per key). `reuse_for_small`: a tensor below the size that pays
+    for compiling still runs code compiled already for a larger one — a fused merge is ~100 eager ops of ~4 µs
+    each, one compiled call ~80 µs."""
     use = _use_compiled(t)
     if not use and not (reuse_for_small and t.numel() > 1 and _compiling_allowed()):
         return EAGER  # (one entry: inductor specializes sizes 0 and 1, so it would compile again)
+    if not use and key not in _ran:
+        return EAGER
     try:
-        fn = compiled()
-        if not use and fn not in _ran:
-            return EAGER
-        with _tile_by_16bit_lanes() if t.device.type == "cpu" else contextlib.nullcontext():
-            result = fn(*(_unviewed(a) for a in args))
-        _ran.add(fn)
-        return result
+        result = _run_compiled(t, key, body, args)
     except Exception as err:
         _fallback(err)
         return EAGER
+    _ran.add(key)
+    return result
+
+
+def _run_compiled(t: torch.Tensor, key: tuple, body: Callable, args: tuple) -> Any:
+    tiling = _tile_by_16bit_lanes if t.device.type == "cpu" else contextlib.nullcontext
+    if AHEAD_OF_TIME and t.device.type == "cpu" and fast.in_one_shot() and key not in _aot_failed:
+        try:
+            return precompiled.call(key, body, args, compiling=tiling)
+        except Exception as err:  # an export this torch cannot do: the same kernel through dynamo
+            _aot_failed.add(key)
+            log.info("no ahead-of-time kernel for %s (%s); compiling it with torch.compile", key[0], err)
+    if key not in _dynamo_kernels:
+        _dynamo_kernels[key] = _compile(body)
+    with tiling():
+        return _dynamo_kernels[key](*(_unviewed(a) for a in args))
 
 
 def _unviewed(arg: Any) -> Any:
@@ -979,9 +982,9 @@ def kept_l1(
     rs = [r.reshape(-1) for r in ranks]
     kinds = _per_source(kind, len(ds))
     fp, ip = fast.to_device(fp, ds[0].device), fast.to_device(ip, ds[0].device)
-    l1 = _compiled_call(
-        ds[0], lambda: _compiled_kept_l1(kinds, ds[0].dtype, ds[0].device.type), ds, fp, ip, rs, reuse_for_small=True
-    )
+    key = ("kept_l1", kinds, ds[0].dtype, ds[0].device.type)
+    body = functools.partial(_kept_l1_body, offset=0, kinds=kinds)
+    l1 = _compiled_call(ds[0], key, body, ds, fp, ip, rs, reuse_for_small=True)
     if l1 is EAGER:
         n = ds[0].numel()
         l1 = sum(
@@ -1025,11 +1028,9 @@ def merge_into(
     kinds = _per_source(kind, len(ds))
     work = fast.work_dtype(base)
     lam_t, fp, ip = _on_device(base.device, work, lam, fp, ip)
-    variant = (kinds, consensus, normalize, work, tuple(d.dtype for d in ds) + (b.dtype, o.dtype), b.device.type)
-    if (
-        _compiled_call(b, lambda: _compiled_merge(*variant), o, b, ds, fp, ip, lam_t, rs, reuse_for_small=True)
-        is not EAGER
-    ):
+    key = ("merge", kinds, consensus, normalize, work, tuple(d.dtype for d in ds) + (b.dtype, o.dtype), b.device.type)
+    body = _merge_kernel(kinds, consensus, normalize, work)
+    if _compiled_call(b, key, body, o, b, ds, fp, ip, lam_t, rs, reuse_for_small=True) is not EAGER:
         return out
     for s in range(0, b.numel(), fast.CHUNK):
         e = min(b.numel(), s + fast.CHUNK)
@@ -1095,11 +1096,6 @@ def _weighted_sum_body(out, base, deltas, coeffs, work: torch.dtype) -> None:
     out.copy_(acc)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_weighted_sum(n: int, work: torch.dtype, dtypes: tuple, device: str):
-    return _compile(functools.partial(_weighted_sum_body, work=work))
-
-
 def weighted_sum_into(
     out: torch.Tensor,
     base: torch.Tensor,
@@ -1110,14 +1106,15 @@ def weighted_sum_into(
     """out = base_coeff·base + Σ cᵢ·δᵢ in one fused pass when compiled (fp32 accumulation for 16-bit
     tensors without a round trip through a scratch buffer); `fast.weighted_sum_into` otherwise."""
     b = base.reshape(-1)
-    # a one-off merge (`evomerge merge`) runs the plain sum eagerly: tracing and loading the compiled kernel
-    # (~4 s a process) costs more than fusing saves on one pass; the sparsifying kernels stay compiled
+    # a one-off merge (`evomerge merge`) runs the plain sum eagerly: fusing saves nothing measurable on one pass
+    # (297M fp32 task arithmetic with a precompiled kernel: 3.36 s, eager 3.50 s) and the first one builds it
     one_off = fast.in_one_shot() and compile_mode() != "on"
     if _use_compiled(b) and not one_off:  # the tensors below are only needed for compiled code
         work = fast.work_dtype(base)
         c = fast.to_device(torch.tensor([float(x) for x in coeffs] + [float(base_coeff)], dtype=work), base.device)
         ds = [d.reshape(-1) for d in deltas]
-        variant = (len(ds), work, tuple(d.dtype for d in ds) + (b.dtype, out.dtype), b.device.type)
-        if _compiled_call(b, lambda: _compiled_weighted_sum(*variant), out.view(-1), b, ds, c) is not EAGER:
+        key = ("weighted_sum", len(ds), work, tuple(d.dtype for d in ds) + (b.dtype, out.dtype), b.device.type)
+        body = functools.partial(_weighted_sum_body, work=work)
+        if _compiled_call(b, key, body, out.view(-1), b, ds, c) is not EAGER:
             return out
     return fast.weighted_sum_into(out, base, deltas, coeffs, base_coeff)
