@@ -1,5 +1,6 @@
 """One-pass TIES / DARE / breadcrumbs / DELLA merges on resident task vectors, compiled with torch.compile
-(inductor: C++/OpenMP on CPU, Triton on GPU) and the same code run chunk by chunk in eager mode.
+(inductor: C++/OpenMP on CPU, Triton on GPU; a one-off CPU merge loads the same kernels built ahead of time,
+`precompiled`) and the same code run chunk by chunk in eager mode.
 
 Why: done op by op, a TIES or DARE candidate makes ~10 passes over every task vector (masks, copies,
 rescale sums, the sign election). Here every source's keep rule is an elementwise predicate, so the whole
@@ -773,7 +774,7 @@ def _fallback(err: Exception) -> None:
 EAGER = object()  # `_compiled_call`'s answer when the caller should run its eager code
 
 
-_ran: set = set()  # keys of compiled kernels that have run: their code exists (dynamic shapes: for every size)
+_ran: set = set()  # (key, ahead of time) of compiled kernels that have run: their code exists (for every size)
 _dynamo_kernels: dict[tuple, Callable] = {}  # torch.compile'd kernel bodies by key
 AHEAD_OF_TIME = True  # one-off CPU merges run kernels compiled ahead of time (`precompiled`), not through dynamo
 _aot_failed: set = set()  # keys whose ahead-of-time build failed: they run through dynamo
@@ -788,20 +789,25 @@ def _compiled_call(t: torch.Tensor, key: tuple, body: Callable, *args: Any, reus
     use = _use_compiled(t)
     if not use and not (reuse_for_small and t.numel() > 1 and _compiling_allowed()):
         return EAGER  # (one entry: inductor specializes sizes 0 and 1, so it would compile again)
-    if not use and key not in _ran:
+    ran = (key, _ahead_of_time(t, key))  # (a small tensor reuses only the kind of code that ran: no new build)
+    if not use and ran not in _ran:
         return EAGER
     try:
         result = _run_compiled(t, key, body, args)
     except Exception as err:
         _fallback(err)
         return EAGER
-    _ran.add(key)
+    _ran.add(ran)
     return result
+
+
+def _ahead_of_time(t: torch.Tensor, key: tuple) -> bool:
+    return AHEAD_OF_TIME and t.device.type == "cpu" and fast.in_one_shot() and key not in _aot_failed
 
 
 def _run_compiled(t: torch.Tensor, key: tuple, body: Callable, args: tuple) -> Any:
     tiling = _tile_by_16bit_lanes if t.device.type == "cpu" else contextlib.nullcontext
-    if AHEAD_OF_TIME and t.device.type == "cpu" and fast.in_one_shot() and key not in _aot_failed:
+    if _ahead_of_time(t, key):
         try:
             return precompiled.call(key, body, args, compiling=tiling)
         except Exception as err:  # an export this torch cannot do: the same kernel through dynamo
