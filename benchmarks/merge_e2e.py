@@ -4,7 +4,8 @@ Writes a generated Llama-shaped base and N sources (base + noise; `search_memory
 bf16 with `--dtype bfloat16`: then the configs give no dtype and both tools compute as mergekit does), then for
 each method merges them with both command-line tools, each run in a fresh child process (wall time, peak RSS),
 interleaved over the repeats (the page cache holds the inputs for both alike). The floor is the time to read every
-input file once from the page cache and write one model's bytes: what any streaming merge must move.
+input file once from the page cache and write one model's bytes: what any streaming merge must move. "start" is
+the time to start Python and import torch, which any such command line (mergekit's too) pays besides.
 
     python benchmarks/merge_e2e.py [--params 100e6] [--sources 3] [--repeats 3] [--methods ties slerp] [--dtype D]
     PYTHONPATH=/path/to/mergekit-0.1.5 python benchmarks/merge_e2e.py   # mergekit side (else evomerge only)
@@ -98,6 +99,13 @@ def floor_seconds(inputs: list[str], out_bytes: int, scratch: Path) -> float:
     return elapsed
 
 
+def start_seconds() -> float:
+    """Wall time of a fresh `python -c "import torch"`."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    return time.perf_counter() - started
+
+
 def largest_tensor_bytes(model: str, itemsize: int) -> int:
     from safetensors import safe_open
 
@@ -139,8 +147,9 @@ def main() -> None:
     print(f"peak RSS target: 2 × model + largest tensor × sources = {bound / 2**20:.0f} MiB")
     times: dict[tuple[str, str], list[float]] = {}
     rss: dict[tuple[str, str], list[float]] = {}
-    floors = []
+    floors, starts = [], []
     for rep in range(args.repeats):
+        starts.append(start_seconds())
         for method in args.methods:
             path = root / f"{method}.yml"
             path.write_text(yaml.safe_dump(config(method, base, sources, args.dtype)))
@@ -158,16 +167,19 @@ def main() -> None:
                 rss.setdefault((method, tool), []).append(r["rss_kib"] / 1024)
             print(f"  repeat {rep + 1}/{args.repeats}: {method} done", flush=True)
     floor = {m: statistics.median(s for k, s in floors if k == m) for m in args.methods}
-    head = "| method | evomerge s | × floor | peak RSS MB |" + (" tie_order: position s |" if args.tie_order else "")
+    start = statistics.median(starts)
+    head = "| method | evomerge s | × floor | × (floor + start) | peak RSS MB |"
+    head += " tie_order: position s |" if args.tie_order else ""
     if "mergekit" in tools:
         head += " mergekit s | peak RSS MB | mergekit / evomerge |"
-    print(f"\nmedian of {args.repeats}; floor = read the inputs + write one model from the page cache\n")
+    print(f"\nmedian of {args.repeats}; floor = read the inputs + write one model from the page cache;")
+    print(f"start = python -c 'import torch': {start:.2f} s (median)\n")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for m in args.methods:
         e = statistics.median(times[(m, "evomerge")])
         peak = statistics.median(rss[(m, "evomerge")])
-        row = f"| {m} | {e:.2f} | {e / floor[m]:.1f}× ({floor[m]:.2f} s) | {peak:.0f} |"
+        row = f"| {m} | {e:.2f} | {e / floor[m]:.1f}× ({floor[m]:.2f} s) | {e / (floor[m] + start):.1f}× | {peak:.0f} |"
         if args.tie_order:
             row += f" {statistics.median(times[(m, 'position')]):.2f} |" if (m, "position") in times else " – |"
         if "mergekit" in tools:
