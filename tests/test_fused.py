@@ -416,13 +416,14 @@ def test_16bit_merges_compile_with_16bit_lanes(monkeypatch):
         return result
 
     monkeypatch.setattr(cpp.TilingSelect, "select_tiling", spy)
-    monkeypatch.setattr(inductor_config, "force_disable_caches", True)  # generate code, do not load it
     monkeypatch.setenv("EVOMERGE_COMPILE", "on")
     torch._dynamo.reset()
     monkeypatch.setattr(fused, "_dynamo_kernels", {})
     base = torch.randn(1 << 20).bfloat16()
     deltas = [(torch.randn(1 << 20) * 0.01).bfloat16() for _ in range(3)]  # 3 sources: one fused body is fp32-only
-    merge_deltas("ties", base, deltas, [{"weight": 1.0, "density": 0.5}] * 3, seed=0, key="k")
+    # generate code, do not load it (config.patch: an alias setting that monkeypatch would leave broken behind it)
+    with inductor_config.patch(force_disable_caches=True):
+        merge_deltas("ties", base, deltas, [{"weight": 1.0, "density": 0.5}] * 3, seed=0, key="k")
     assert not fused._compile_failed
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 

@@ -36,6 +36,7 @@ def kernels(tmp_path, monkeypatch):
     monkeypatch.setattr(fused, "_dynamo_kernels", {})
     monkeypatch.setattr(fused, "_aot_failed", set())
     monkeypatch.setattr(fused, "_ran", set())
+    monkeypatch.setattr(fused, "_compile_failed", False)
     monkeypatch.setenv("EVOMERGE_COMPILE", "auto")
     return tmp_path
 
