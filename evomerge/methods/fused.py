@@ -925,6 +925,10 @@ def where_mergekit_keeps_others(
     straddled = _straddled(kind, flats, densities, fp, ip)
     if not any(straddled):
         return None
+
+    def by_rule(i: int, at: torch.Tensor) -> torch.Tensor:  # source i's (t, cut) rule at flat positions `at`
+        return _keep(kind, flats[i][at].abs().to(fp.dtype), at, fp, ip, i)
+
     wanted, differing = {}, []
     for i in (i for i, s in enumerate(straddled) if s):
         absval = fast.kept_magnitudes(flats[i])  # keep_largest's buffer, idle now
@@ -933,18 +937,13 @@ def where_mergekit_keeps_others(
         if kind == "window":
             ties |= absval == fp[i, 1]
         tied = ties.nonzero().view(-1)
-        by_rule = _keep(kind, absval[tied].to(fp.dtype), tied, fp, ip, i)
-        differing.append(tied[wanted[i][tied] != by_rule])
+        differing.append(tied[wanted[i][tied] != by_rule(i, tied)])
     if not fast.in_one_shot():  # a search's engine: its buffers sized by this tensor are not kept
         fast.drop_scratch(*fast.SELECTION_SLOTS)
     positions = torch.cat(differing).unique()
     if positions.numel() == 0:
         return None
-    masks = [
-        wanted[i][positions] if i in wanted else _keep(kind, a[positions].abs().to(fp.dtype), positions, fp, ip, i)
-        for i, a in enumerate(flats)
-    ]
-    return positions, masks
+    return positions, [wanted[i][positions] if i in wanted else by_rule(i, positions) for i in range(len(flats))]
 
 
 def _straddled(
