@@ -59,9 +59,11 @@ def test_a_one_shot_merge_selects_the_same_top_k_without_an_index(dtype, n, host
     for k, (t, cut), indexed in zip(ks, found, fused.keep_largest(delta, ks)):  # and the index path of a search
         assert torch.equal(keep_mask(delta, t, cut), reference_top_k(delta.abs().float(), k))
         assert torch.equal(keep_mask(delta, *indexed), keep_mask(delta, t, cut))
+        magnitudes = delta.abs().to(fast.work_dtype(delta))  # the ties it met on the way: every |δ| == t
+        assert torch.equal(fused.ties_found(delta)[t], (magnitudes == t).nonzero().view(-1))
     a = delta.abs().float()
     t, cut = fast.kth_largest(a, ks[2])
-    assert fast.kth_largest_bracketed(a, ks[2], sample=1) == (float(t), cut)  # a bracket that misses: the fallback
+    assert fast.kth_largest_bracketed(a, ks[2], sample=1) == (float(t), cut, None)  # a bracket that misses: the fallback
 
 
 @pytest.mark.parametrize("scan,host_numpy", [(fused.BLOCK * 3, True), (fused.SCAN, True), (fused.SCAN, False)])

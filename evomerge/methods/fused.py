@@ -247,7 +247,10 @@ def keep_largest(
     if index is None and fast.in_one_shot():  # used once: an index would cost more than it saves
         a = fast.kept_magnitudes(flat)
         for i in todo:
-            result[i] = fast.kth_largest_bracketed(a, ks[i])
+            t, cut, ties = fast.kth_largest_bracketed(a, ks[i])
+            result[i] = (t, cut)
+            if ties is not None:
+                ties_found(delta)[t] = ties
         return result  # type: ignore[return-value]
     index = index or magnitude_index(delta)
     above, edges = index.at_or_above, index.edges
@@ -277,6 +280,13 @@ def keep_largest(
         cut = n if ties_needed >= ties.numel() else int(ties[ties_needed - 1]) + 1
         result[i] = (float(t), cut)
     return result  # type: ignore[return-value]
+
+
+@fast.cached_while_unmodified
+def ties_found(delta: torch.Tensor) -> dict[float, torch.Tensor]:
+    """t → the positions (ascending) of every entry with |δ| == t (in the work dtype), where a selection of δ
+    had them at hand: mergekit's tie order then needs no pass over δ to find a cut's ties."""
+    return {}
 
 
 def _nth_in_bins(flat: torch.Tensor, bins: Sequence[tuple[float, float, int]]) -> list[tuple[float, int]]:
@@ -922,22 +932,23 @@ def where_mergekit_keeps_others(
     equal |δ|, so what a source keeps weighs the same by either choice: an l1 rescale is the rules' (up to fp32
     rounding for fp64 task vectors, whose |δ| mergekit sorts in fp32)."""
     flats = [d.reshape(-1) for d in deltas]
-    straddled = _straddled(kind, flats, densities, fp, ip)
-    if not any(straddled):
-        return None
 
     def by_rule(i: int, at: torch.Tensor) -> torch.Tensor:  # source i's (t, cut) rule at flat positions `at`
         return _keep(kind, flats[i][at].abs().to(fp.dtype), at, fp, ip, i)
 
     wanted, differing = {}, []
-    for i in (i for i, s in enumerate(straddled) if s):
+    for i, (delta, density) in enumerate(zip(deltas, densities)):
+        cuts = [(float(fp[i, 0]), int(ip[i, 0]))] + ([(float(fp[i, 1]), int(ip[i, 1]))] if kind == "window" else [])
+        found = ties_found(delta)
+        if density >= 1.0 or not _straddled(flats[i], cuts, found):
+            continue
         absval = fast.kept_magnitudes(flats[i])  # keep_largest's buffer, idle now
-        wanted[i] = _mergekit_mask(kind, absval, densities[i], gammas[i])
-        ties = absval == fp[i, 0]
-        if kind == "window":
-            ties |= absval == fp[i, 1]
-        tied = ties.nonzero().view(-1)
+        wanted[i] = _mergekit_mask(kind, absval, density, gammas[i])
+        ties = [found[t] if t in found else (absval == t).nonzero().view(-1) for t, _ in cuts]
+        tied = ties[0] if len(ties) == 1 else torch.cat(ties).unique()
         differing.append(tied[wanted[i][tied] != by_rule(i, tied)])
+    if not wanted:
+        return None
     if not fast.in_one_shot():  # a search's engine: its buffers sized by this tensor are not kept
         fast.drop_scratch(*fast.SELECTION_SLOTS)
     positions = torch.cat(differing).unique()
@@ -946,18 +957,20 @@ def where_mergekit_keeps_others(
     return positions, [wanted[i][positions] if i in wanted else by_rule(i, positions) for i in range(len(flats))]
 
 
-def _straddled(
-    kind: str, flats: Sequence[torch.Tensor], densities: Sequence[float], fp: torch.Tensor, ip: torch.Tensor
-) -> list[bool]:
-    """Whether each source's cut falls inside a run of equal |δ| — most 16-bit task vectors, and fp32 ones whose
+def _straddled(flat: torch.Tensor, cuts: Sequence[tuple[float, int]], found: dict[float, torch.Tensor]) -> bool:
+    """Whether a source's cut falls inside a run of equal |δ| — most 16-bit task vectors, and fp32 ones whose
     |δ| are quantized by the weights' own rounding: then its (t, cut) rule, which keeps the first positions of
-    the run, cannot say which of them mergekit keeps."""
-    straddled = []
-    for i, (a, d) in enumerate(zip(flats, densities)):
-        cuts = [(float(fp[i, 0]), int(ip[i, 0]))] + ([(float(fp[i, 1]), int(ip[i, 1]))] if kind == "window" else [])
-        rounded = a.dtype == torch.float64  # mergekit sorts |δ|.float(): new ties may appear
-        straddled.append(d < 1.0 and (rounded or any(bool((a[c:].abs() == t).any()) for t, c in cuts if c < a.numel())))
-    return straddled
+    the run, cannot say which of them mergekit keeps. `found`: ties the selection found (`ties_found`)."""
+    if flat.dtype == torch.float64:  # mergekit sorts |δ|.float(): new ties may appear
+        return True
+    for t, cut in cuts:
+        if t in found:
+            ties = found[t]
+            if ties.numel() and int(ties[-1]) >= cut:
+                return True
+        elif cut < flat.numel() and bool((flat[cut:].abs() == t).any()):
+            return True
+    return False
 
 
 def _mergekit_mask(kind: str, absval: torch.Tensor, density: float, gamma: float) -> torch.Tensor:

@@ -22,7 +22,7 @@ RUN = 16  # std::sort leaves runs of at most this many entries to its final inse
 LOW = (1 << 32) - 1  # an item is (key << 32) | position: its low 32 bits
 PAIR_MIN = 1 << 16  # entries from which a partition's two scans (and its swaps' two halves) run on two threads
 POSITIONS = 1 << 20  # positions are written in spans of this many: no n-entry arange kept
-WINDOW_BLOCK = 1 << 14  # block of a partition's scans counted to find where its swaps lie (`_swap_window`)
+WINDOW_BLOCK = 1 << 14  # block of a partition's scans counted to find where its swaps lie (`_swap_window`; < 2¹⁶)
 CPU = torch.device("cpu")
 
 
@@ -181,10 +181,13 @@ def _swap_window(stops: np.ndarray, stops_right: np.ndarray) -> tuple[int, int]:
     blocks = last // WINDOW_BLOCK
     if blocks < 8:
         return last, 0
-    per_block = [s[: blocks * WINDOW_BLOCK].reshape(blocks, WINDOW_BLOCK).sum(axis=1) for s in (stops, stops_right)]
-    before = np.concatenate(([0], np.cumsum(per_block[0])))  # A at each block edge
-    right_total = int(per_block[1].sum()) + np.count_nonzero(stops_right[blocks * WINDOW_BLOCK :])
-    at_or_after = right_total - np.concatenate(([0], np.cumsum(per_block[1])))  # B at each block edge
+    per_block = [  # summed in uint16, which holds a block's count: the default int64 sum widens every entry first
+        s[: blocks * WINDOW_BLOCK].view(np.uint8).reshape(blocks, WINDOW_BLOCK).sum(axis=1, dtype=np.uint16)
+        for s in (stops, stops_right)
+    ]
+    before = np.concatenate(([0], np.cumsum(per_block[0], dtype=np.int64)))  # A at each block edge
+    right_total = int(per_block[1].sum(dtype=np.int64)) + np.count_nonzero(stops_right[blocks * WINDOW_BLOCK :])
+    at_or_after = right_total - np.concatenate(([0], np.cumsum(per_block[1], dtype=np.int64)))  # B at each edge
     first = int(np.searchsorted(before - at_or_after, 0, side="right"))  # the first edge where A > B (≥ 1)
     return min(last, (first + 1) * WINDOW_BLOCK), (first - 1) * WINDOW_BLOCK
 
