@@ -138,6 +138,24 @@ def test_row_rank_fractions_are_stable_ranks_within_each_row(monkeypatch, host_n
     assert (got - ranks / 39_999).abs().max() <= 2**-12
 
 
+@pytest.mark.parametrize("width", [1, 2, 3, 17, 1024, 2816, 5000, 40_000])
+def test_row_order_is_a_stable_sort_of_each_row(width):
+    """The CPU row sort keys on a value's top bits and the position, then orders again the runs whose values
+    share those top bits (`_reorder_runs`): the result is torch's stable sort, for fp32 values (many such runs,
+    some with exact ties), values one ulp apart, ties at zero, and 16-bit values, whose low bits need no look."""
+    g = torch.Generator().manual_seed(width)
+    rows = 3 if width > 5000 else 40
+    gaussian = torch.randn(rows, width, generator=g).abs() * 1e-3
+    near = torch.full((rows, width), 0.25)  # one top-bits run: values a few ulps apart, ties among them
+    near.view(torch.int32).add_(torch.randint(0, 4, (rows, width), generator=g, dtype=torch.int32))
+    quantized = torch.randint(0, 5, (rows, width), generator=g).float() * 0.125  # exact ties, zeros
+    cases = [(gaussian, 23), (near, 23), (quantized, 23), (gaussian.bfloat16().float(), 23)]
+    cases += [(gaussian.bfloat16().float(), 7), (gaussian.half().float(), 10)]
+    for values, mantissa in cases:
+        expected = values.sort(dim=1, stable=True).indices
+        assert torch.equal(fused._row_order(values.contiguous(), mantissa), expected)
+
+
 def test_della_keep_probability_rises_with_rank():
     g = torch.Generator().manual_seed(2)
     delta = torch.randn(2000, 500, generator=g)
