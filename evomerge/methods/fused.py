@@ -723,15 +723,13 @@ def _merge_body(
 
 def _kept_l1_body(deltas, fp, ip, ranks, offset: int, kinds: tuple[str, ...]) -> torch.Tensor:
     idx = _positions(deltas[0].numel(), offset, deltas[0].device) if set(kinds) - set(CODED) else None
-    sums = []
+    kept, whole = [], []
     for i, d in enumerate(deltas):
         a = d.to(fast.work_dtype(d)).abs()
-        sums.append(
-            torch.where(_keep(kinds[i], a, idx, fp, ip, i, ranks[i] if ranks else None), a, 0.0).sum(
-                dtype=torch.float64
-            )
-        )
-    return torch.stack(sums)
+        keep = _keep(kinds[i], a, idx, fp, ip, i, ranks[i] if ranks else None)
+        kept.append(torch.where(keep, a, 0.0).sum(dtype=torch.float64))
+        whole.append(a.sum(dtype=torch.float64))
+    return torch.stack(kept + whole)
 
 
 # ---- compiled or eager --------------------------------------------------------------------------
@@ -1035,6 +1033,18 @@ def kept_l1(
 ) -> list[float]:
     """‖δᵢ ⊙ keepᵢ‖₁ for each source (row i of fp/ip is δᵢ's; kind: one for all or one per source), in one
     pass: mergekit's l1 rescale."""
+    return kept_and_whole_l1(kind, deltas, fp, ip, ranks)[0]
+
+
+def kept_and_whole_l1(
+    kind: str | Sequence[str],
+    deltas: Sequence[torch.Tensor],
+    fp: torch.Tensor,
+    ip: torch.Tensor,
+    ranks: Sequence[torch.Tensor] = (),
+) -> tuple[list[float], list[float]]:
+    """(`kept_l1`, ‖δᵢ‖₁ for each source) from the same pass: the rescale's two norms, where ‖δ‖₁ on its own
+    (`fast.delta_l1`, kept for a search's resident task vectors) would cost a one-off merge a pass more."""
     ds = [d.reshape(-1) for d in deltas]
     rs = [r.reshape(-1) for r in ranks]
     kinds = _per_source(kind, len(ds))
@@ -1051,9 +1061,10 @@ def kept_l1(
                 )
                 for s in range(0, n, fast.CHUNK)
             ),
-            torch.zeros(len(ds), dtype=torch.float64, device=ds[0].device),
+            torch.zeros(2 * len(ds), dtype=torch.float64, device=ds[0].device),
         )
-    return l1.tolist()
+    l1 = l1.tolist()
+    return l1[: len(ds)], l1[len(ds) :]
 
 
 def _on_device(device: torch.device, work: torch.dtype, lam: float, fp: torch.Tensor, ip: torch.Tensor):

@@ -60,7 +60,8 @@ def task_arithmetic(
         if tie_order == "mergekit":  # merged by the rules, then again where mergekit keeps other tied entries
             fixes = fused.where_mergekit_keeps_others(kind, deltas, densities, gammas, fp, ip)
     rescaled = [i for i, d in enumerate(densities) if mode is not None and d < 1.0]
-    after: dict[int, float] = {}  # ‖δ ⊙ keep‖₁, with ‖δ‖₁ the l1 rescale's only inputs
+    after: dict[int, float] = {}  # ‖δ ⊙ keep‖₁ and ‖δ‖₁: the l1 rescale's only inputs
+    whole: dict[int, float] = {}
     if mode == "l1" and rescaled:
         after = {
             i: fused.tabled_kept_l1(kinds[i], deltas[i], fp[i : i + 1], ip[i : i + 1], ranks[i] if ranks else None)
@@ -68,24 +69,25 @@ def task_arithmetic(
         }
         direct = [i for i in rescaled if after[i] is None]  # no table: one pass over these sources
         if direct:
-            after.update(
-                zip(
-                    direct,
-                    fused.kept_l1(
-                        [kinds[i] for i in direct],
-                        [deltas[i] for i in direct],
-                        fp[direct],
-                        ip[direct],
-                        [ranks[i] for i in direct] if ranks else [],
-                    ),
-                )
+            kept, norms = fused.kept_and_whole_l1(
+                [kinds[i] for i in direct],
+                [deltas[i] for i in direct],
+                fp[direct],
+                ip[direct],
+                [ranks[i] for i in direct] if ranks else [],
             )
+            after.update(zip(direct, kept))
+            whole.update(zip(direct, norms))
     for i, (delta, w, d) in enumerate(zip(deltas, weights, densities)):
         scale = 1.0
         if i in rescaled:
             kept_fraction = int(ip[i, 3]) / (1 << fused.RANDOM_BITS) if kind == "random" else d  # DARE's density grid
             scale = rescale_factor(
-                None, fast.delta_l1(delta) if mode == "l1" else 0.0, mode, kept_fraction, after=after.get(i, 0.0)
+                None,
+                (whole[i] if i in whole else fast.delta_l1(delta)) if mode == "l1" else 0.0,
+                mode,
+                kept_fraction,
+                after=after.get(i, 0.0),
             )
         fp[i, 2] = w * scale * (1.0 if spec.consensus else lam / divisor)
         fp[i, 3] = w
