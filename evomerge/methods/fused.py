@@ -430,8 +430,8 @@ def _row_order(magnitudes: torch.Tensor, mantissa_bits: int = 23) -> torch.Tenso
     by position. 32-bit keys (5–9 ns per entry) hold a value's top 32 − b bits and the position (rows of
     ≤ 2ᵇ entries): all of 16-bit task vectors' values up to 2¹⁷ (bf16) or 2¹⁴ (fp16) wide (`mantissa_bits`: 7
     or 10; their low bits are zero); in narrow fp32 rows, the few values that share those top bits are put in
-    order again (`_reorder_runs`: ~1 % of the entries 1024 wide, ~14 % 2816 wide, most 4096 wide). Other rows
-    take 64-bit keys, the whole value (13–19 ns); torch's stable row sort takes 38–54."""
+    order again (`_reorder_runs`: ~1 % of the entries 1024 wide; ~14 % 2816 wide and most 4096 wide, too many).
+    Other rows take 64-bit keys, the whole value (13–19 ns); torch's stable row sort takes 38–54."""
     width = magnitudes.shape[1]
     bits = max(1, (width - 1).bit_length())
     if magnitudes.device.type != "cpu" or not fast.HOST_NUMPY:
@@ -976,8 +976,9 @@ def where_mergekit_keeps_others(
     wanted, differing = {}, []
     for i, (delta, density) in enumerate(zip(deltas, densities)):
         cuts = [(float(fp[i, 0]), int(ip[i, 0]))] + ([(float(fp[i, 1]), int(ip[i, 1]))] if kind == "window" else [])
+        cuts = [(t, cut) for t, cut in cuts if 0.0 <= t < math.inf]  # not "keep all" (−1) or "keep none" (∞)
         found = ties_found(delta)
-        if density >= 1.0 or not _straddled(flats[i], cuts, found):
+        if density >= 1.0 or not cuts or not _straddled(flats[i], cuts, found):
             continue
         absval = fast.kept_magnitudes(flats[i])  # keep_largest's buffer, idle now
         wanted[i] = _mergekit_mask(kind, absval, density, gammas[i])
