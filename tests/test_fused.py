@@ -212,14 +212,14 @@ def test_kept_norm_tables_equal_the_direct_pass(dtype):
         for density in (0.2, 0.3, 0.5, 0.77, 0.85):
             fp, ip = fused.source_params(kind, [delta], [density], [0.0], [42], torch.float32, [0.1])
             rank = fractions if kind == "rank" else None
-            (direct,) = fused.kept_l1(kind, [delta], fp, ip, [rank] if rank is not None else [])
+            (direct,) = fused.kept_and_whole_l1(kind, [delta], fp, ip, [rank] if rank is not None else [])[0]
             fused.tabled_kept_l1(kind, delta, fp, ip, rank)  # DELLA: the first sight of a (seed, ε) is not tabulated
             assert fused.tabled_kept_l1(kind, delta, fp, ip, rank) == pytest.approx(direct, rel=1e-6), (kind, density)
     assert fused.tabled_kept_l1("random", delta[:10], fp, ip) is None  # small tensors: the direct pass
     delta.mul_(2)  # an in-place change rebuilds the table
     fp, ip = fused.source_params("random", [delta], [0.3], [0.0], [42], torch.float32)
     assert fused.tabled_kept_l1("random", delta, fp, ip) == pytest.approx(
-        fused.kept_l1("random", [delta], fp, ip)[0], rel=1e-6
+        fused.kept_and_whole_l1("random", [delta], fp, ip)[0][0], rel=1e-6
     )
 
 
@@ -277,12 +277,12 @@ def test_della_kept_norm_tables_from_codes_equal_the_direct_pass():
     fractions = fused.row_rank_fractions(delta)
     for density in (0.2, 0.5, 0.85):
         fp, ip = fused.source_params("rank", [delta], [density], [0.0], [42], torch.float32, [0.1])
-        (direct,) = fused.kept_l1("rank", [delta], fp.clone(), ip, [fractions])
+        (direct,) = fused.kept_and_whole_l1("rank", [delta], fp.clone(), ip, [fractions])[0]
         kinds, values = fused.della_inputs([delta], fp, ip)
         if kinds == ("rank",):  # first sight of (seed, ε)
             kinds, values = fused.della_inputs([delta], fp, ip)
         assert kinds == ("coded",)
-        assert fused.kept_l1(kinds, [delta], fp, ip, values)[0] == pytest.approx(direct, rel=1e-9)
+        assert fused.kept_and_whole_l1(kinds, [delta], fp, ip, values)[0][0] == pytest.approx(direct, rel=1e-9)
         assert fused.tabled_kept_l1("coded", delta, fp, ip, values[0]) == pytest.approx(direct, rel=1e-6)
 
 
@@ -293,7 +293,9 @@ def test_the_direct_kept_norm_sums_each_sources_mask_in_one_pass():
     for delta, seed, row in zip(deltas, (42, 7), ip):
         mask = fused.random_bits(torch.arange(delta.numel()), fused.seed_word(seed)) < int(row[3])
         expected.append(float(delta.abs().double()[mask].sum()))
-    assert fused.kept_l1("random", deltas, fp, ip) == pytest.approx(expected, rel=1e-9)
+    kept, whole = fused.kept_and_whole_l1("random", deltas, fp, ip)
+    assert kept == pytest.approx(expected, rel=1e-9)
+    assert whole == pytest.approx([fast.delta_l1(d) for d in deltas], rel=1e-9)  # ‖δ‖₁ from the same pass
 
 
 def test_dare_keeps_the_density_and_rescales_each_source():

@@ -930,7 +930,7 @@ def source_params(
     epsilons: Sequence[float] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp, ip): per-source float and int parameter rows for `_keep` (scale and weight left at 1), on the
-    host: callers read and adjust them there, and `merge_into` / `kept_l1` move them to the device."""
+    host: callers read and adjust them there, and `merge_into` / `kept_and_whole_l1` move them to the device."""
     fp, ip = [], []
     for delta, d, g, seed in zip(deltas, densities, gammas, seeds):
         n = delta.numel()
@@ -1025,18 +1025,6 @@ def _per_source(kind: str | Sequence[str], n: int) -> tuple[str, ...]:
     return (kind,) * n if isinstance(kind, str) else tuple(kind)
 
 
-def kept_l1(
-    kind: str | Sequence[str],
-    deltas: Sequence[torch.Tensor],
-    fp: torch.Tensor,
-    ip: torch.Tensor,
-    ranks: Sequence[torch.Tensor] = (),
-) -> list[float]:
-    """‖δᵢ ⊙ keepᵢ‖₁ for each source (row i of fp/ip is δᵢ's; kind: one for all or one per source), in one
-    pass: mergekit's l1 rescale."""
-    return kept_and_whole_l1(kind, deltas, fp, ip, ranks)[0]
-
-
 def kept_and_whole_l1(
     kind: str | Sequence[str],
     deltas: Sequence[torch.Tensor],
@@ -1044,8 +1032,9 @@ def kept_and_whole_l1(
     ip: torch.Tensor,
     ranks: Sequence[torch.Tensor] = (),
 ) -> tuple[list[float], list[float]]:
-    """(`kept_l1`, ‖δᵢ‖₁ for each source) from the same pass: the rescale's two norms, where ‖δ‖₁ on its own
-    (`fast.delta_l1`, kept for a search's resident task vectors) would cost a one-off merge a pass more."""
+    """(‖δᵢ ⊙ keepᵢ‖₁, ‖δᵢ‖₁) for each source (row i of fp/ip is δᵢ's; kind: one for all or one per source), in
+    one pass: mergekit's l1 rescale. ‖δ‖₁ on its own (`fast.delta_l1`, kept for a search's resident task
+    vectors) would cost a one-off merge a pass more."""
     ds = [d.reshape(-1) for d in deltas]
     rs = [r.reshape(-1) for r in ranks]
     kinds = _per_source(kind, len(ds))
