@@ -63,7 +63,7 @@ def test_a_one_shot_merge_selects_the_same_top_k_without_an_index(dtype, n, host
         assert torch.equal(fused.ties_found(delta)[t], (magnitudes == t).nonzero().view(-1))
     a = delta.abs().float()
     t, cut = fast.kth_largest(a, ks[2])
-    assert fast.kth_largest_bracketed(a, ks[2], sample=1) == (float(t), cut, None)  # a bracket that misses: the fallback
+    assert fast.kth_largest_bracketed(a, ks[2], sample=1) == (float(t), cut, None)  # a missed bracket: the fallback
 
 
 @pytest.mark.parametrize("scan,host_numpy", [(fused.BLOCK * 3, True), (fused.SCAN, True), (fused.SCAN, False)])

@@ -172,9 +172,7 @@ def one_shot_entries() -> int:
     return getattr(_local, "one_shot_entries", 0)
 
 
-def kth_largest_bracketed(
-    a: torch.Tensor, k: int, sample: int = 1 << 16
-) -> tuple[float, int, torch.Tensor | None]:
+def kth_largest_bracketed(a: torch.Tensor, k: int, sample: int = 1 << 16) -> tuple[float, int, torch.Tensor | None]:
     """`kth_largest` in a few cheap passes instead of a selection over all of `a`: a seeded sample brackets the
     k-th largest value between two of its quantiles (4 standard errors apart), one pass counts the entries
     above the bracket and collects those inside it, and the k-th is selected among those few. Falls back to
