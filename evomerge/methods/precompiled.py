@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-_loaded: dict[str, Any] = {}  # package path → torch's C++ loader
+_loaded: dict[tuple, Any] = {}  # (key, body's function, layout, signature) → torch's C++ loader of its package
 
 
 def cache_dir() -> Path:
@@ -51,13 +51,15 @@ def call(key: tuple, body: Callable, args: tuple, compiling: Callable[[], Any] =
     flat, layout = _flatten(args)
     if not all(t.is_contiguous() for t in flat):  # the package's code assumes the strides it was built with
         raise TypeError("a precompiled kernel takes contiguous tensors")
-    path = _package_path(key, body, flat, layout)
-    loader = _loaded.get(str(path))
+    # the package's path (a hash of, among others, the kernel's source file) is worked out once, not per tensor
+    loaded = (key, getattr(body, "func", body), layout, _signature(flat))
+    loader = _loaded.get(loaded)
     if loader is None:
+        path = _package_path(key, body, flat, layout)
         if not path.exists():
             with compiling():
                 _build(body, flat, layout, path)
-        loader = _loaded[str(path)] = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        loader = _loaded[loaded] = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
     outputs = loader.run(flat)
     return outputs[0] if outputs else None
 
@@ -85,11 +87,15 @@ def _rebuild(flat: tuple, layout: tuple) -> list:
     return args
 
 
+def _signature(flat: list[torch.Tensor]) -> tuple:
+    """Each tensor's dtype and shape, "n" for a 1-D length the package takes at any size."""
+    return tuple((str(t.dtype), "n" if t.dim() == 1 and len(t) >= 2 else tuple(t.shape)) for t in flat)
+
+
 def _package_path(key: tuple, body: Callable, flat: list[torch.Tensor], layout: tuple) -> Path:
     fn = getattr(body, "func", body)  # a functools.partial of the kernel body
-    signature = [(str(t.dtype), "n" if t.dim() == 1 and len(t) >= 2 else tuple(t.shape)) for t in flat]
     isa = torch.backends.cpu.get_cpu_capability()
-    ident = repr((key, layout, signature, torch.__version__, isa, _digest(inspect.getsourcefile(fn))))
+    ident = repr((key, layout, list(_signature(flat)), torch.__version__, isa, _digest(inspect.getsourcefile(fn))))
     return cache_dir() / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.pt2"
 
 
